@@ -1,0 +1,51 @@
+"""Customer pseudonymisation and the ids built from it."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+from pathlib import Path
+
+from cohortflow.settings import Settings
+
+KEY_BYTES = 32
+
+
+def load_or_create_key(settings: Settings) -> bytes:
+    """Return the HMAC key: configured, or generated once into the data dir with mode 0600."""
+    if settings.pseudonymisation_key is not None:
+        return settings.pseudonymisation_key.get_secret_value().encode()
+    path: Path = settings.key_file
+    if path.exists():
+        return bytes.fromhex(path.read_text().strip())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_bytes(KEY_BYTES)
+    # O_EXCL: two processes starting together must not each write a different key.
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return bytes.fromhex(path.read_text().strip())
+    with os.fdopen(fd, "w") as f:
+        f.write(key.hex())
+    return key
+
+
+class Pseudonymiser:
+    """Turns source customer ids into stable keyed-HMAC customer keys."""
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) < 16:
+            raise ValueError("pseudonymisation key must be at least 16 bytes")
+        self._key = key
+
+    def customer_key(self, source_id: str) -> str:
+        """The customer key for a raw source id: ``c_`` and 24 hex digits of HMAC-SHA256."""
+        digest = hmac.new(self._key, source_id.strip().encode(), hashlib.sha256).hexdigest()
+        return f"c_{digest[:24]}"
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Pseudonymiser:
+        """Build from configuration or the data dir's key file."""
+        return cls(load_or_create_key(settings))

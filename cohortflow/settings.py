@@ -1,0 +1,101 @@
+"""One settings object, read from ``COHORTFLOW_*`` environment variables at entry points."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Runtime configuration. Defaults give the embedded, single-machine setup."""
+
+    model_config = SettingsConfigDict(env_prefix="COHORTFLOW_", extra="ignore")
+
+    data_dir: Path = Field(Path(".cohortflow"), description="Where embedded state lives.")
+    environment: Literal["development", "production"] = "development"
+
+    temporal_address: str | None = Field(
+        None, description="host:port of a Temporal cluster; unset means the embedded dev server."
+    )
+    temporal_namespace: str = "default"
+    temporal_host: str = "127.0.0.1"
+    temporal_port: int = Field(7233, ge=1, le=65535)
+    temporal_ui_port: int = Field(8233, ge=1, le=65535)
+    task_queue: str = "cohortflow-campaigns"
+    crm_task_queue: str = "cohortflow-crm"
+    crm_max_activities_per_second: float = Field(
+        50.0, gt=0, description="Server-side cap on CRM activities, below the CRM's own limit."
+    )
+
+    database_url: str | None = Field(
+        None, description="SQLAlchemy async URL; unset means SQLite in the data directory."
+    )
+
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8000, ge=1, le=65535)
+
+    crm_url: str | None = Field(None, description="Base URL of the CRM; unset means the sandbox.")
+    crm_token: SecretStr | None = None
+    crm_timeout_seconds: float = Field(10.0, gt=0)
+    crm_sandbox_host: str = "127.0.0.1"
+    crm_sandbox_port: int = Field(8100, ge=1, le=65535)
+    crm_sandbox_db: Path | None = None
+    crm_sandbox_rate_limit: int = Field(100, ge=1, description="Requests per rolling window.")
+    crm_sandbox_rate_window_seconds: float = Field(10.0, gt=0)
+    crm_sandbox_error_rate: float = Field(0.0, ge=0, le=1)
+    crm_sandbox_latency_ms: int = Field(0, ge=0)
+
+    pseudonymisation_key: SecretStr | None = Field(
+        None, description="HMAC key for customer keys; unset means a key file in the data dir."
+    )
+    models_dir: Path | None = None
+
+    log_format: Literal["console", "json"] = "console"
+    log_level: str = "INFO"
+    otel_console: bool = Field(False, description="Export OpenTelemetry spans to the console.")
+
+    @cached_property
+    def resolved_database_url(self) -> str:
+        """The database URL, defaulting to a SQLite file in the data directory."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'cohortflow.db').resolve()}"
+
+    @property
+    def resolved_temporal_address(self) -> str:
+        """Where clients and workers connect."""
+        return self.temporal_address or f"{self.temporal_host}:{self.temporal_port}"
+
+    @property
+    def embedded_temporal(self) -> bool:
+        """True when cohortflow runs the Temporal dev server itself."""
+        return self.temporal_address is None
+
+    @property
+    def resolved_crm_url(self) -> str:
+        """Base URL of the CRM the connector talks to."""
+        return self.crm_url or f"http://{self.crm_sandbox_host}:{self.crm_sandbox_port}"
+
+    @property
+    def resolved_crm_sandbox_db(self) -> Path:
+        """The sandbox CRM's own SQLite store."""
+        return self.crm_sandbox_db or self.data_dir / "crm-sandbox.db"
+
+    @property
+    def resolved_models_dir(self) -> Path:
+        """The model registry directory."""
+        return self.models_dir or self.data_dir / "models"
+
+    @property
+    def temporal_db_path(self) -> Path:
+        """The embedded dev server's persistent SQLite file."""
+        return self.data_dir / "temporal.db"
+
+    @property
+    def key_file(self) -> Path:
+        """Where a generated pseudonymisation key is kept."""
+        return self.data_dir / "pseudonymisation.key"

@@ -1,0 +1,169 @@
+"""The relational schema: SQLAlchemy 2 declarative tables, shared by SQLite and PostgreSQL.
+
+Raw customer ids and contact data live only in ``customers``; every other table, the audit
+trail included, holds the pseudonymous ``customer_key``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+KEY_LEN = 40
+# SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets a BIGINT identity.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Base(DeclarativeBase):
+    """Declarative base; ``Base.metadata`` is what Alembic migrates."""
+
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        dict[str, Any]: JSON,
+        datetime: DateTime(timezone=True),
+    }
+
+
+class Customer(Base):
+    """A customer as the source system knows them. The only table with raw ids and contacts."""
+
+    __tablename__ = "customers"
+
+    customer_key: Mapped[str] = mapped_column(String(KEY_LEN), primary_key=True)
+    source_id: Mapped[str] = mapped_column(String(200), unique=True)
+    email: Mapped[str | None] = mapped_column(String(320))
+    timezone: Mapped[str] = mapped_column(String(64), default="UTC")
+    attributes: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime]
+
+
+class CustomerFeatures(Base):
+    """The latest feature vector of a customer (name -> value), as of a point in time."""
+
+    __tablename__ = "customer_features"
+
+    customer_key: Mapped[str] = mapped_column(String(KEY_LEN), primary_key=True)
+    features: Mapped[dict[str, Any]]
+    as_of: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+
+class Consent(Base):
+    """Consent per customer, channel and purpose. No row means no consent (opt-in)."""
+
+    __tablename__ = "consents"
+
+    customer_key: Mapped[str] = mapped_column(String(KEY_LEN), primary_key=True)
+    channel: Mapped[str] = mapped_column(String(32), primary_key=True)
+    purpose: Mapped[str] = mapped_column(String(64), primary_key=True)
+    granted: Mapped[bool] = mapped_column(Boolean)
+    source: Mapped[str] = mapped_column(String(64))
+    updated_at: Mapped[datetime]
+
+
+class Campaign(Base):
+    """A campaign and its operational status (``active``, ``paused``, ``cancelled``)."""
+
+    __tablename__ = "campaigns"
+
+    campaign_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), default="active")
+    latest_version: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[datetime]
+
+
+class CampaignSpecVersion(Base):
+    """One immutable version of a campaign spec (the validated document, as JSON)."""
+
+    __tablename__ = "campaign_specs"
+
+    campaign_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    spec: Mapped[dict[str, Any]]
+    spec_hash: Mapped[str] = mapped_column(String(64))
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime]
+
+
+class CampaignEntry(Base):
+    """A launched campaign: one per (campaign, customer, entry), keyed by its workflow id."""
+
+    __tablename__ = "campaign_entries"
+    __table_args__ = (UniqueConstraint("campaign_id", "customer_key", "entry_id"),)
+
+    workflow_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    campaign_id: Mapped[str] = mapped_column(String(64), index=True)
+    customer_key: Mapped[str] = mapped_column(String(KEY_LEN), index=True)
+    entry_id: Mapped[str] = mapped_column(String(64))
+    cohort_id: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(Integer)
+    launched_at: Mapped[datetime]
+
+
+class Approval(Base):
+    """An approval a campaign asked for; ``status``: pending, approved, rejected, expired."""
+
+    __tablename__ = "approvals"
+
+    approval_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    workflow_id: Mapped[str] = mapped_column(String(200), index=True)
+    step_id: Mapped[str] = mapped_column(String(64))
+    campaign_id: Mapped[str] = mapped_column(String(64), index=True)
+    customer_key: Mapped[str] = mapped_column(String(KEY_LEN))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    scores: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    requested_at: Mapped[datetime]
+    expires_at: Mapped[datetime]
+    decided_by: Mapped[str | None] = mapped_column(String(128))
+    decided_at: Mapped[datetime | None]
+    decision_reason: Mapped[str | None] = mapped_column(Text)
+
+
+class SegmentAssignment(Base):
+    """A customer put in a campaign's safe default segment, and why."""
+
+    __tablename__ = "segment_assignments"
+
+    workflow_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    step_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    campaign_id: Mapped[str] = mapped_column(String(64))
+    customer_key: Mapped[str] = mapped_column(String(KEY_LEN), index=True)
+    segment: Mapped[str] = mapped_column(String(64))
+    reason: Mapped[str] = mapped_column(Text)
+    crm_synced: Mapped[bool] = mapped_column(Boolean, default=False)
+    assigned_at: Mapped[datetime]
+
+
+class AuditRow(Base):
+    """The append-only, hash-chained audit trail. Never updated, never deleted.
+
+    ``hash`` = SHA-256 over ``prev_hash`` and the row's canonical content, so any change,
+    removal or reordering of an earlier row breaks every later hash. (workflow, step, kind)
+    is unique, so a retried activity appends nothing.
+    """
+
+    __tablename__ = "audit_log"
+    __table_args__ = (UniqueConstraint("workflow_id", "step_id", "kind", name="uq_audit_wsk"),)
+
+    seq: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=False)
+    workflow_id: Mapped[str] = mapped_column(String(200))
+    step_id: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(48))
+    campaign_id: Mapped[str] = mapped_column(String(64), index=True)
+    customer_key: Mapped[str] = mapped_column(String(KEY_LEN), index=True)
+    payload: Mapped[str] = mapped_column(Text)  # canonical JSON, hashed as stored
+    created_at: Mapped[str] = mapped_column(String(40))  # ISO-8601 UTC, hashed as stored
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64), unique=True)

@@ -1,0 +1,391 @@
+"""Plain dataclasses exchanged between campaign workflows, their activities and clients.
+
+Only the standard library and the Temporal SDK: workflows import this module, and so do the
+activities, the API and the CLI. One dataclass in, one out, so fields can be added without
+breaking running histories (new fields always get defaults).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from temporalio.common import SearchAttributeKey
+
+CAMPAIGN_WORKFLOW = "CampaignWorkflow"
+
+
+class CampaignState(enum.StrEnum):
+    """Every state a campaign workflow can be in; the terminal ones end the workflow."""
+
+    ENTERED = "entered"
+    SCORING = "scoring"
+    AWAITING_APPROVAL = "awaiting_approval"
+    ACTING = "acting"
+    WAITING = "waiting"
+    COMPLETED = "completed"
+    EXITED = "exited"
+    REJECTED = "rejected"
+    CONSENT_BLOCKED = "consent_blocked"
+    FALLBACK = "fallback"
+    FAILED = "failed"
+
+    @property
+    def terminal(self) -> bool:
+        """True for states a campaign never leaves."""
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset(
+    {
+        CampaignState.COMPLETED,
+        CampaignState.EXITED,
+        CampaignState.REJECTED,
+        CampaignState.CONSENT_BLOCKED,
+        CampaignState.FALLBACK,
+        CampaignState.FAILED,
+    }
+)
+
+# States the demo summary and `temporal workflow count` report on, in that order.
+SUMMARY_STATES = (
+    CampaignState.COMPLETED,
+    CampaignState.AWAITING_APPROVAL,
+    CampaignState.WAITING,
+    CampaignState.CONSENT_BLOCKED,
+    CampaignState.FALLBACK,
+    CampaignState.REJECTED,
+    CampaignState.EXITED,
+    CampaignState.FAILED,
+)
+
+
+class SA:
+    """Search attribute keys every campaign carries (dev server: at most 10 Keyword)."""
+
+    CAMPAIGN_ID = SearchAttributeKey.for_keyword("CampaignId")
+    COHORT_ID = SearchAttributeKey.for_keyword("CohortId")
+    CUSTOMER_KEY = SearchAttributeKey.for_keyword("CustomerKey")
+    CAMPAIGN_STATE = SearchAttributeKey.for_keyword("CampaignState")
+    MODEL_VERSION = SearchAttributeKey.for_keyword("ModelVersion")
+    VARIANT = SearchAttributeKey.for_keyword("Variant")
+    FALLBACK_REASON = SearchAttributeKey.for_keyword("FallbackReason")
+    CAMPAIGN_VERSION = SearchAttributeKey.for_int("CampaignVersion")
+    AWAITING_APPROVAL = SearchAttributeKey.for_bool("AwaitingApproval")
+
+
+# Registered on the server before any campaign starts: name -> indexed value type.
+SEARCH_ATTRIBUTE_TYPES: dict[str, str] = {
+    "CampaignId": "Keyword",
+    "CohortId": "Keyword",
+    "CustomerKey": "Keyword",
+    "CampaignState": "Keyword",
+    "ModelVersion": "Keyword",
+    "Variant": "Keyword",
+    "FallbackReason": "Keyword",
+    "CampaignVersion": "Int",
+    "AwaitingApproval": "Bool",
+}
+
+
+def campaign_workflow_id(campaign_id: str, customer_key: str, entry_id: str) -> str:
+    """The business-keyed workflow id: one per (campaign, customer, entry)."""
+    return f"campaign:{campaign_id}:{customer_key}:{entry_id}"
+
+
+def idempotency_key(workflow_id: str, step_id: str) -> str:
+    """The key every external write carries; stable across retries, resets and replays."""
+    return f"{workflow_id}:{step_id}"
+
+
+# ---------------------------------------------------------------- the campaign spec, as run
+
+
+@dataclass
+class Comparison:
+    """``source.name op value``: source is ``score`` or ``feature``."""
+
+    source: str
+    name: str
+    op: str
+    value: float
+
+
+@dataclass
+class BranchRule:
+    """Go to ``next`` when every comparison in ``all`` holds."""
+
+    all: list[Comparison]
+    next: str
+
+
+@dataclass
+class StepDef:
+    """One step of a spec. ``type`` says which of the optional fields apply."""
+
+    id: str
+    type: str  # score | branch | approval | crm | wait | exit
+    next: str | None = None  # default: the following step; None after the last means done
+    # score
+    models: list[str] = field(default_factory=list)
+    # branch
+    rules: list[BranchRule] = field(default_factory=list)
+    default: str | None = None
+    # approval
+    reason: str = ""
+    # crm
+    action: str = ""  # set_properties | enroll_sequence | add_to_list
+    properties: dict[str, str] = field(default_factory=dict)
+    sequence_id: str = ""
+    list_id: str = ""
+    channel: str = "email"
+    purpose: str = "marketing"
+    # wait
+    seconds: float = 0.0
+    # exit
+    outcome: str = "completed"
+
+
+@dataclass
+class ApprovalPolicy:
+    """Who may approve, how long they have and what happens when nobody answers."""
+
+    timeout_seconds: float = 3 * 24 * 3600.0
+    on_timeout: str = "reject"  # reject | fallback
+    approvers: list[str] = field(default_factory=list)  # empty: any operator
+
+
+@dataclass
+class CampaignSpecDef:
+    """A validated, versioned campaign spec in the plain form the workflow interprets."""
+
+    campaign_id: str
+    version: int
+    name: str
+    owner: str
+    entry_cohort: str
+    safe_default_segment: str
+    steps: list[StepDef]
+    sensitive: bool = False
+    exit_on_cohort_exit: bool = True
+    holdout_percent: float = 0.0
+    approval: ApprovalPolicy = field(default_factory=ApprovalPolicy)
+
+
+# ---------------------------------------------------------------- workflow input and messages
+
+
+@dataclass
+class CampaignInput:
+    """Starts one campaign for one customer entry."""
+
+    campaign_id: str
+    version: int
+    customer_key: str
+    entry_id: str
+    cohort_id: str
+
+
+@dataclass
+class CampaignResult:
+    """How a campaign ended."""
+
+    state: CampaignState
+    reason: str = ""
+    steps_run: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DecideRequest:
+    """An operator's approval decision, sent as the ``decide`` update."""
+
+    approval_id: str
+    approve: bool
+    operator: str
+    reason: str
+
+
+@dataclass
+class DecideResult:
+    """What the workflow did with a decision."""
+
+    approval_id: str
+    decision: str  # approved | rejected
+
+
+@dataclass
+class CohortExited:
+    """Signal: the customer left the campaign's entry cohort."""
+
+    cohort_id: str
+    reason: str = ""
+
+
+@dataclass
+class ConsentChanged:
+    """Signal: a consent record of this customer changed in the store."""
+
+    channel: str
+    purpose: str
+    granted: bool
+
+
+@dataclass
+class PauseChanged:
+    """Signal: an operator paused or resumed the campaign's outbound actions."""
+
+    paused: bool
+    operator: str = ""
+    reason: str = ""
+
+
+@dataclass
+class PendingApproval:
+    """An approval the workflow is waiting for."""
+
+    approval_id: str
+    step_id: str
+    reason: str
+    requested_at: str  # ISO-8601, workflow time
+    expires_at: str
+
+
+@dataclass
+class CampaignStatus:
+    """The ``status`` query's answer."""
+
+    state: CampaignState
+    step_id: str
+    campaign_id: str
+    version: int
+    customer_key: str
+    scores: dict[str, float] = field(default_factory=dict)
+    model_versions: dict[str, str] = field(default_factory=dict)
+    variant: str = ""
+    paused: bool = False
+    pending_approval: PendingApproval | None = None
+    fallback_reason: str = ""
+    transitions: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- activity inputs and outputs
+
+
+@dataclass
+class LoadSpecInput:
+    """Which spec version a campaign runs."""
+
+    campaign_id: str
+    version: int
+
+
+@dataclass
+class ScoreInput:
+    """Score customers with named models; the audit row is keyed by (workflow, step)."""
+
+    workflow_id: str
+    step_id: str
+    campaign_id: str
+    customer_keys: list[str]
+    models: list[str]
+
+
+@dataclass
+class Contribution:
+    """One feature's contribution (SHAP value, log-odds) to a score."""
+
+    feature: str
+    value: float
+
+
+@dataclass
+class CustomerScore:
+    """Scores of one customer, with the features branches may test."""
+
+    customer_key: str
+    scores: dict[str, float]
+    features: dict[str, float]
+    top_contributions: dict[str, list[Contribution]] = field(default_factory=dict)
+
+
+@dataclass
+class ScoreResult:
+    """Scores for every customer asked for, and the model versions that made them."""
+
+    model_versions: dict[str, str]
+    customers: list[CustomerScore]
+
+
+@dataclass
+class CrmWriteInput:
+    """One outbound CRM action, gated by consent and pause right before it is made."""
+
+    workflow_id: str
+    step_id: str
+    campaign_id: str
+    customer_key: str
+    action: str  # set_properties | enroll_sequence | add_to_list
+    channel: str
+    purpose: str
+    properties: dict[str, str] = field(default_factory=dict)
+    sequence_id: str = ""
+    list_id: str = ""
+
+
+class CrmOutcome(enum.StrEnum):
+    """What ``crm_write`` did."""
+
+    WRITTEN = "written"
+    CONSENT_BLOCKED = "consent_blocked"
+    PAUSED = "paused"
+
+
+@dataclass
+class CrmWriteResult:
+    """The outcome and the CRM's record id when written."""
+
+    outcome: CrmOutcome
+    crm_record_id: str = ""
+    detail: str = ""
+
+
+@dataclass
+class AuditInput:
+    """A decision the workflow made itself (branch taken, approval requested or decided)."""
+
+    workflow_id: str
+    step_id: str
+    kind: str
+    campaign_id: str
+    customer_key: str
+    payload: dict[str, object] = field(default_factory=dict)
+    approval: PendingApproval | None = None  # set on approval_requested
+
+
+@dataclass
+class AuditResult:
+    """The audit row's sequence number; ``created`` is False when it already existed."""
+
+    seq: int
+    created: bool
+
+
+@dataclass
+class FallbackInput:
+    """Put a customer into the campaign's safe default segment."""
+
+    workflow_id: str
+    step_id: str
+    campaign_id: str
+    customer_key: str
+    segment: str
+    reason: str
+
+
+@dataclass
+class FallbackResult:
+    """Whether the CRM now carries the safe segment too (the store always does)."""
+
+    segment: str
+    crm_synced: bool
+    detail: str = ""
