@@ -13,13 +13,22 @@ from cohortflow.settings import Settings
 KEY_BYTES = 32
 
 
-def load_or_create_key(settings: Settings) -> bytes:
+class KeyMissing(LookupError):
+    """No key is configured and none was generated yet."""
+
+
+def load_or_create_key(settings: Settings, *, create: bool = True) -> bytes:
     """Return the HMAC key: configured, or generated once into the data dir with mode 0600."""
     if settings.pseudonymisation_key is not None:
         return settings.pseudonymisation_key.get_secret_value().encode()
     path: Path = settings.key_file
     if path.exists():
         return bytes.fromhex(path.read_text().strip())
+    if not create:
+        raise KeyMissing(
+            f"no pseudonymisation key: set COHORTFLOW_PSEUDONYMISATION_KEY or run "
+            f"`cohortflow up --data-dir {settings.data_dir}` once to generate {path}"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     key = secrets.token_bytes(KEY_BYTES)
     # O_EXCL: two processes starting together must not each write a different key.
@@ -46,6 +55,6 @@ class Pseudonymiser:
         return f"c_{digest[:24]}"
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Pseudonymiser:
-        """Build from configuration or the data dir's key file."""
-        return cls(load_or_create_key(settings))
+    def from_settings(cls, settings: Settings, *, create: bool = True) -> Pseudonymiser:
+        """Build from configuration or the data dir's key file (generated if ``create``)."""
+        return cls(load_or_create_key(settings, create=create))

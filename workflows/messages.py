@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from temporalio.common import SearchAttributeKey
 
@@ -184,6 +185,7 @@ class CampaignInput:
     customer_key: str
     entry_id: str
     cohort_id: str
+    crm_task_queue: str = "cohortflow-crm"
 
 
 @dataclass
@@ -358,7 +360,7 @@ class AuditInput:
     kind: str
     campaign_id: str
     customer_key: str
-    payload: dict[str, object] = field(default_factory=dict)
+    payload: dict[str, Any] = field(default_factory=dict)
     approval: PendingApproval | None = None  # set on approval_requested
 
 

@@ -1,0 +1,1 @@
+"""Persistence: SQLAlchemy 2 async over SQLite (embedded) or PostgreSQL, Alembic migrations."""

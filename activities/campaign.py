@@ -1,0 +1,316 @@
+"""The campaign activities: every side effect a CampaignWorkflow has.
+
+Each is idempotent. Writes to our database carry their audit row in the same transaction;
+CRM writes carry the idempotency key ``{workflow_id}:{step_id}`` and append their audit row
+once the CRM has answered, under the unique (workflow, step, kind), so a retry adds nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import asdict
+from datetime import datetime, timedelta
+from typing import Any
+
+import structlog
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from cohortflow.crm.client import ContactUpsert, CrmClient
+from cohortflow.crm.errors import CrmError, CrmRateLimited, CrmRejected
+from cohortflow.spec import parse_spec
+from cohortflow.storage import approvals, audit, campaigns, consent, customers, segments
+from cohortflow.storage.db import Database
+from scoring.scorer import Scorer, ScoringError
+from workflows.messages import (
+    AuditInput,
+    AuditResult,
+    CampaignSpecDef,
+    Contribution,
+    CrmOutcome,
+    CrmWriteInput,
+    CrmWriteResult,
+    CustomerScore,
+    FallbackInput,
+    FallbackResult,
+    LoadSpecInput,
+    ScoreInput,
+    ScoreResult,
+    idempotency_key,
+)
+
+log = structlog.get_logger(__name__)
+
+SEGMENT_PROPERTY = "cohortflow_segment"
+
+
+class CampaignActivities:
+    """Activities bound to their dependencies (database, scorer, CRM client)."""
+
+    def __init__(self, db: Database, scorer: Scorer, crm: CrmClient) -> None:
+        self._db = db
+        self._scorer = scorer
+        self._crm = crm
+
+    @activity.defn(name="load_spec")
+    async def load_spec(self, inp: LoadSpecInput) -> CampaignSpecDef:
+        """Load one stored spec version, so the history records exactly what ran."""
+        async with self._db.transaction() as session:
+            document = await campaigns.get_spec(session, inp.campaign_id, inp.version)
+        if document is None:
+            raise ApplicationError(
+                f"campaign {inp.campaign_id} has no version {inp.version}", non_retryable=True
+            )
+        return parse_spec(document).to_definition(inp.version)
+
+    @activity.defn(name="score_customer")
+    async def score_customer(self, inp: ScoreInput) -> ScoreResult:
+        """Score customers with the champion of each model and audit scores and reasons."""
+        _bind(inp.workflow_id, inp.customer_keys[0] if inp.customer_keys else "")
+        async with self._db.transaction() as session:
+            features = await customers.get_features(session, inp.customer_keys)
+        missing = [k for k in inp.customer_keys if k not in features]
+        if missing:
+            raise ApplicationError(
+                f"no features stored for {len(missing)} customer(s)",
+                type="ScoringError",
+                non_retryable=True,
+            )
+        rows = [features[k] for k in inp.customer_keys]
+        try:
+            batches = await asyncio.to_thread(
+                lambda: [self._scorer.score(model, rows) for model in inp.models]
+            )
+        except ScoringError as exc:
+            raise ApplicationError(
+                f"{type(exc).__name__}: {exc}", type="ScoringError", non_retryable=True
+            ) from exc
+        result = ScoreResult(
+            model_versions={b.model: b.version for b in batches},
+            customers=[
+                CustomerScore(
+                    customer_key=key,
+                    scores={b.model: float(b.scores[i]) for b in batches},
+                    features={n: float(v) for n, v in rows[i].items() if v is not None},
+                    top_contributions={
+                        b.model: [Contribution(f, float(v)) for f, v in b.contributions[i]]
+                        for b in batches
+                    },
+                )
+                for i, key in enumerate(inp.customer_keys)
+            ],
+        )
+        async with self._db.transaction() as session:
+            for customer in result.customers:
+                await audit.append_audit(
+                    session,
+                    audit.AuditEvent(
+                        workflow_id=inp.workflow_id,
+                        step_id=inp.step_id,
+                        kind="scored",
+                        campaign_id=inp.campaign_id,
+                        customer_key=customer.customer_key,
+                        payload={
+                            "scores": customer.scores,
+                            "model_versions": result.model_versions,
+                            "top_contributions": {
+                                m: [asdict(c) for c in cs]
+                                for m, cs in customer.top_contributions.items()
+                            },
+                        },
+                    ),
+                )
+        log.info("scored", models=result.model_versions)
+        return result
+
+    @activity.defn(name="crm_write")
+    async def crm_write(self, inp: CrmWriteInput) -> CrmWriteResult:
+        """Check pause and consent right before writing, then write once to the CRM."""
+        _bind(inp.workflow_id, inp.customer_key)
+        gate = await self._gate(inp)
+        if gate is not None:
+            return gate
+        key = idempotency_key(inp.workflow_id, inp.step_id)
+        try:
+            record_id = await self._send(inp, key)
+        except CrmRateLimited as exc:
+            log.warning("crm rate limited", retry_after=exc.retry_after)
+            raise ApplicationError(
+                "CRM rate limit",
+                type="CrmRateLimited",
+                next_retry_delay=timedelta(seconds=exc.retry_after),
+            ) from exc
+        except CrmRejected as exc:
+            raise ApplicationError(
+                f"CRM rejected {exc.field or 'request'}: {exc.detail}",
+                type="CrmRejected",
+                non_retryable=True,
+            ) from exc
+        except CrmError as exc:
+            raise ApplicationError(f"CRM unavailable: {exc}", type="CrmUnavailable") from exc
+        async with self._db.transaction() as session:
+            await audit.append_audit(
+                session,
+                _event(inp.workflow_id, inp.step_id, "crm_written", inp, {"action": inp.action}),
+            )
+        log.info("crm written", action=inp.action, attempt=activity.info().attempt)
+        return CrmWriteResult(outcome=CrmOutcome.WRITTEN, crm_record_id=record_id)
+
+    async def _gate(self, inp: CrmWriteInput) -> CrmWriteResult | None:
+        async with self._db.transaction() as session:
+            campaign = await campaigns.get_campaign(session, inp.campaign_id)
+            if campaign is not None and campaign.status == "paused":
+                return CrmWriteResult(outcome=CrmOutcome.PAUSED, detail="campaign paused")
+            allowed = await consent.has_consent(session, inp.customer_key, inp.channel, inp.purpose)
+            kind = "consent_allowed" if allowed else "consent_blocked"
+            await audit.append_audit(
+                session,
+                _event(
+                    inp.workflow_id,
+                    inp.step_id,
+                    kind,
+                    inp,
+                    {"channel": inp.channel, "purpose": inp.purpose},
+                ),
+            )
+        if allowed:
+            return None
+        return CrmWriteResult(
+            outcome=CrmOutcome.CONSENT_BLOCKED,
+            detail=f"no consent for {inp.channel}/{inp.purpose}",
+        )
+
+    async def _send(self, inp: CrmWriteInput, key: str) -> str:
+        contact_id = inp.customer_key
+        if inp.action == "set_properties":
+            properties = dict(inp.properties)
+            async with self._db.transaction() as session:
+                customer = await customers.get_customer(session, inp.customer_key)
+            # Contact data is resolved here, inside the activity, never in workflow history.
+            if customer is not None and customer.email:
+                properties["email"] = customer.email
+            results = await self._crm.upsert_contacts([ContactUpsert(contact_id, key, properties)])
+            return results[0].contact_id
+        if inp.action == "enroll_sequence":
+            enrolment = await self._crm.enroll_in_sequence(contact_id, inp.sequence_id, key)
+            return f"{enrolment.sequence_id}:{enrolment.contact_id}"
+        if inp.action == "add_to_list":
+            membership = await self._crm.add_to_list(contact_id, inp.list_id, key)
+            return f"{membership.list_id}:{membership.contact_id}"
+        raise ApplicationError(f"unknown CRM action {inp.action!r}", non_retryable=True)
+
+    @activity.defn(name="record_audit")
+    async def record_audit(self, inp: AuditInput) -> AuditResult:
+        """Append a decision the workflow made; approval rows change in the same transaction."""
+        async with self._db.transaction() as session:
+            appended = await audit.append_audit(
+                session, _event(inp.workflow_id, inp.step_id, inp.kind, inp, inp.payload)
+            )
+            await self._approval_row(session, inp)
+        return AuditResult(seq=appended.seq, created=appended.created)
+
+    async def _approval_row(self, session: Any, inp: AuditInput) -> None:
+        pending = inp.approval
+        if pending is None:
+            return
+        if inp.kind == "approval_requested":
+            scores = inp.payload.get("scores", {})
+            await approvals.add_pending(
+                session,
+                approval_id=pending.approval_id,
+                workflow_id=inp.workflow_id,
+                step_id=inp.step_id,
+                campaign_id=inp.campaign_id,
+                customer_key=inp.customer_key,
+                reason=pending.reason,
+                scores=scores if isinstance(scores, dict) else {},
+                requested_at=datetime.fromisoformat(pending.requested_at),
+                expires_at=datetime.fromisoformat(pending.expires_at),
+            )
+            return
+        decided = {
+            "approval_decided": "approved" if inp.payload.get("approve") else "rejected",
+            "approval_expired": "expired",
+            "approval_withdrawn": "expired",
+        }.get(inp.kind)
+        if decided is not None:
+            operator = inp.payload.get("operator")
+            reason = inp.payload.get("reason") or inp.payload.get("why")
+            try:
+                await approvals.mark_decided(
+                    session,
+                    pending.approval_id,
+                    status=decided,  # type: ignore[arg-type]
+                    operator=str(operator) if operator else None,
+                    reason=str(reason) if reason else None,
+                    decided_at=activity.info().current_attempt_scheduled_time,
+                )
+            except (approvals.ApprovalAlreadyDecided, approvals.ApprovalNotFound) as exc:
+                raise ApplicationError(str(exc), non_retryable=True) from exc
+
+    @activity.defn(name="resolve_fallback")
+    async def resolve_fallback(self, inp: FallbackInput) -> FallbackResult:
+        """Put the customer in the safe default segment: in our store always, in the CRM if it can.
+
+        The segment label is not an outbound message, so it is not consent-gated: it is what
+        keeps the customer out of the campaign's riskier paths.
+        """
+        _bind(inp.workflow_id, inp.customer_key)
+        synced, detail = True, ""
+        try:
+            await self._crm.upsert_contacts(
+                [
+                    ContactUpsert(
+                        inp.customer_key,
+                        idempotency_key(inp.workflow_id, f"{inp.step_id}:fallback"),
+                        {SEGMENT_PROPERTY: inp.segment},
+                    )
+                ]
+            )
+        except CrmError as exc:
+            synced, detail = False, f"{type(exc).__name__}: {exc}"
+        async with self._db.transaction() as session:
+            await segments.assign_segment(
+                session,
+                workflow_id=inp.workflow_id,
+                step_id=inp.step_id,
+                campaign_id=inp.campaign_id,
+                customer_key=inp.customer_key,
+                segment=inp.segment,
+                reason=inp.reason,
+                crm_synced=synced,
+            )
+            await audit.append_audit(
+                session,
+                _event(
+                    inp.workflow_id,
+                    inp.step_id,
+                    "fallback",
+                    inp,
+                    {"segment": inp.segment, "reason": inp.reason, "crm_synced": synced},
+                ),
+            )
+        log.warning("fallback", segment=inp.segment, reason=inp.reason, crm_synced=synced)
+        return FallbackResult(segment=inp.segment, crm_synced=synced, detail=detail)
+
+
+def _event(
+    workflow_id: str,
+    step_id: str,
+    kind: str,
+    source: CrmWriteInput | AuditInput | FallbackInput,
+    payload: dict[str, Any],
+) -> audit.AuditEvent:
+    return audit.AuditEvent(
+        workflow_id=workflow_id,
+        step_id=step_id,
+        kind=kind,
+        campaign_id=source.campaign_id,
+        customer_key=source.customer_key,
+        payload=payload,
+    )
+
+
+def _bind(workflow_id: str, customer_key: str) -> None:
+    """Every log line of this activity carries the workflow id and the (pseudonymous) key."""
+    structlog.contextvars.bind_contextvars(workflow_id=workflow_id, customer_key=customer_key)

@@ -1,0 +1,291 @@
+"""The embedded stack behind ``cohortflow up`` and ``cohortflow demo``.
+
+Dev server (persistent SQLite, Web UI) first, then the sandbox CRM, the HTTP API and the
+worker as children that die with us; SIGINT or SIGTERM stops them in reverse order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from temporalio.api.enums.v1 import TaskQueueType
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
+from temporalio.client import Client
+
+from cohortflow.demo import (
+    DemoOptions,
+    DemoSummary,
+    launch_all,
+    prepare,
+    wait_until_settled,
+)
+from cohortflow.ids import Pseudonymiser
+from cohortflow.launcher import Launcher
+from cohortflow.runtime.devserver import DevServer
+from cohortflow.runtime.ports import ensure_free
+from cohortflow.runtime.supervisor import (
+    Child,
+    Supervisor,
+    alive_for,
+    child_env,
+    cohortflow_command,
+    http_ok,
+)
+from cohortflow.settings import Settings
+from cohortflow.storage.db import Database, migrate
+from cohortflow.temporal_client import connect, ensure_search_attributes
+from workflows.messages import CampaignState
+
+T = TypeVar("T")
+Announce = Callable[[str], None]
+
+
+class Stopped(Exception):
+    """SIGINT or SIGTERM arrived while a step was running."""
+
+
+@dataclass(frozen=True)
+class Urls:
+    """Where each part of the stack answers."""
+
+    temporal: str
+    temporal_ui: str
+    api: str
+    crm: str
+
+
+def urls(settings: Settings) -> Urls:
+    """The URLs of the embedded stack for ``settings``."""
+    return Urls(
+        temporal=settings.resolved_temporal_address,
+        temporal_ui=f"http://{settings.temporal_host}:{settings.temporal_ui_port}",
+        api=f"http://{settings.api_host}:{settings.api_port}",
+        crm=settings.resolved_crm_url,
+    )
+
+
+def _children(settings: Settings) -> list[Child]:
+    u = urls(settings)
+    return [
+        Child("crm-sandbox", cohortflow_command("crm-sandbox"), http_ok(f"{u.crm}/healthz")),
+        Child("api", cohortflow_command("api"), http_ok(f"{u.api}/healthz")),
+        Child("worker", cohortflow_command("worker"), alive_for(2.0)),
+    ]
+
+
+class EmbeddedStack:
+    """Starts and stops the stack; the caller runs its own work in between."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.devserver = DevServer(settings) if settings.embedded_temporal else None
+        self.supervisor = Supervisor(
+            settings.data_dir / "logs", env=child_env(settings), devserver=self.devserver
+        )
+
+    def start(self, announce: Announce) -> Urls:
+        """Check ports, prepare the data dir and database, start every part, print URLs."""
+        s = self.settings
+        ensure_free(s.api_host, s.api_port, "COHORTFLOW_API_PORT")
+        if s.crm_url is None:
+            ensure_free(s.crm_sandbox_host, s.crm_sandbox_port, "COHORTFLOW_CRM_SANDBOX_PORT")
+        s.data_dir.mkdir(parents=True, exist_ok=True)
+        Pseudonymiser.from_settings(s)  # generates the key file (0600) on first run
+        self.supervisor.install_signal_handlers()
+        asyncio.run(migrate(s.resolved_database_url))
+        if self.devserver is not None:
+            announce(f"starting Temporal dev server ({s.temporal_db_path})")
+            asyncio.run(self.devserver.start())
+        asyncio.run(self._prepare_namespace())
+        announce("starting sandbox CRM, HTTP API and worker")
+        self.supervisor.start(_children(s))
+        if self.supervisor.stopping:
+            raise Stopped
+        u = urls(s)
+        announce(f"Temporal        {u.temporal} (namespace {s.temporal_namespace})")
+        announce(f"Temporal Web UI {u.temporal_ui}")
+        announce(f"HTTP API        {u.api}  (health: {u.api}/healthz, docs: {u.api}/docs)")
+        announce(f"Sandbox CRM     {u.crm}")
+        announce(f"Data            {s.data_dir.resolve()}  (logs in {s.data_dir / 'logs'})")
+        return u
+
+    async def _prepare_namespace(self) -> None:
+        client = await connect(self.settings, tracing=False)
+        await ensure_search_attributes(client, self.settings.temporal_namespace)
+
+    def run(self, work: Callable[[], Awaitable[T]]) -> T:
+        """Run ``work`` on an event loop, cancelling it if SIGINT or SIGTERM arrives."""
+
+        async def guarded() -> T:
+            task = asyncio.ensure_future(work())
+            while not task.done():
+                await asyncio.wait({task}, timeout=0.2)
+                if self.supervisor.stopping and not task.done():
+                    task.cancel()
+                    raise Stopped
+            return task.result()
+
+        return asyncio.run(guarded())
+
+    def wait(self) -> None:
+        """Serve until SIGINT or SIGTERM (or a child dies)."""
+        self.supervisor.wait()
+
+    def stop(self) -> None:
+        """Stop every child, then the dev server."""
+        self.supervisor.stop()
+
+
+def serve_forever(settings: Settings, announce: Announce) -> None:
+    """``cohortflow up``: start everything, serve until Ctrl-C, stop everything."""
+    stack = EmbeddedStack(settings)
+    try:
+        stack.start(announce)
+        announce("ready; Ctrl-C stops everything")
+        stack.wait()
+    except Stopped:
+        pass
+    finally:
+        stack.stop()
+        announce("stopped")
+
+
+def run_demo(
+    settings: Settings,
+    options: DemoOptions,
+    *,
+    serve: bool,
+    as_json: bool,
+    out: Console,
+    err: Console,
+) -> None:
+    """``cohortflow demo``: the stack, the data and model, the launches, the summary."""
+    stack = EmbeddedStack(settings)
+    try:
+        stack.start(lambda line: err.print(line, soft_wrap=True))
+        summary = stack.run(lambda: _demo(settings, options, err))
+        if as_json:
+            out.print(json.dumps(summary.as_json()), markup=False, highlight=False, soft_wrap=True)
+        else:
+            _print_summary(summary, urls(settings), out)
+        if serve:
+            err.print("serving; Ctrl-C stops everything")
+            stack.wait()
+    except Stopped:
+        pass
+    finally:
+        stack.stop()
+
+
+async def _demo(settings: Settings, options: DemoOptions, err: Console) -> DemoSummary:
+    started = time.monotonic()
+    db = Database(settings.resolved_database_url)
+    client = await connect(settings)
+    try:
+        await _wait_for_worker(client, settings.task_queue)
+        prepared = await prepare(
+            settings, db, options, lambda line: err.print(f"· {line}", soft_wrap=True)
+        )
+        launcher = Launcher(client, db, settings)
+        launch_started = time.monotonic()
+        with Progress(
+            TextColumn("launching campaigns"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err,
+        ) as bar:
+            task = bar.add_task("launch", total=len(prepared.entrants))
+            new = await launch_all(launcher, prepared, lambda: bar.advance(task))
+        if new < len(prepared.entrants):
+            err.print(
+                f"{len(prepared.entrants) - new} of {len(prepared.entrants)} campaigns were "
+                "launched by an earlier run on this data directory; not launched again"
+            )
+        with Progress(
+            TextColumn("running campaigns"),
+            TextColumn("{task.description}"),
+            TimeElapsedColumn(),
+            console=err,
+        ) as bar:
+            task = bar.add_task("", total=None)
+            counts, total = await wait_until_settled(
+                client,
+                prepared.spec.campaign_id,
+                len(prepared.entrants),
+                options.settle_timeout_seconds,
+                lambda text: bar.update(task, description=text),
+            )
+        finished = time.monotonic()
+    finally:
+        await db.dispose()
+    return DemoSummary(
+        counts=counts,
+        entered=total,
+        launched_new=new,
+        already_launched=len(prepared.entrants) - new,
+        campaign_id=prepared.spec.campaign_id,
+        version=prepared.version,
+        model_version=prepared.model_version,
+        wall_seconds=finished - started,
+        temporal_address=settings.resolved_temporal_address,
+        namespace=settings.temporal_namespace,
+        extra={
+            "sample_size": prepared.sample_size,
+            "campaigns_per_second": round(new / (finished - launch_started), 2),
+            "temporal_ui": urls(settings).temporal_ui,
+        },
+    )
+
+
+async def _wait_for_worker(client: Client, task_queue: str, limit_seconds: float = 60.0) -> None:
+    """Launching before a worker polls works, but the progress would look stuck."""
+    deadline = time.monotonic() + limit_seconds
+    while time.monotonic() < deadline:
+        response = await client.workflow_service.describe_task_queue(
+            DescribeTaskQueueRequest(
+                namespace=client.namespace,
+                task_queue=TaskQueue(name=task_queue),
+                task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
+            )
+        )
+        if response.pollers:
+            return
+        await asyncio.sleep(0.5)
+    raise RuntimeError(f"no worker polled {task_queue!r} within {limit_seconds:g}s")
+
+
+def _print_summary(summary: DemoSummary, u: Urls, out: Console) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"Campaign {summary.campaign_id} v{summary.version}")
+    table.add_column("state")
+    table.add_column("campaigns", justify="right")
+    for state, count in summary.counts.items():
+        table.add_row(state, str(count))
+    table.add_row("entered", str(summary.entered), style="bold")
+    out.print(table)
+    out.print(
+        f"{summary.launched_new} launched now, {summary.already_launched} by earlier runs; "
+        f"{summary.wall_seconds:.1f}s wall time, "
+        f"{summary.extra['campaigns_per_second']} campaigns/s once launched."
+    )
+    if summary.counts.get(CampaignState.AWAITING_APPROVAL.value):
+        out.print(
+            "Approve from the CLI:\n"
+            "  cohortflow approvals list\n"
+            "  cohortflow approve APPROVAL_ID --operator alice --reason 'offer is fine'"
+        )
+    out.print(
+        f"Temporal UI: {u.temporal_ui}/namespaces/{summary.namespace}/workflows?query="
+        f"CampaignId%3D%22{summary.campaign_id}%22  (columns: CampaignState, AwaitingApproval, "
+        "FallbackReason; each workflow shows what it is doing and waiting for)"
+    )

@@ -1,0 +1,65 @@
+"""The long-running parts, one per process: worker, HTTP API, sandbox CRM."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import structlog
+import uvicorn
+
+from cohortflow.settings import Settings
+from cohortflow.temporal_client import connect, ensure_search_attributes, wait_for_server
+
+log = structlog.get_logger(__name__)
+
+# A worker started next to a server that is still coming up waits this long for it.
+SERVER_WAIT_SECONDS = 120.0
+
+
+async def run_worker(settings: Settings) -> None:
+    """Run the campaign and CRM workers until SIGINT or SIGTERM."""
+    from workers.campaign_worker import serve
+
+    await wait_for_server(
+        settings.resolved_temporal_address, settings.temporal_namespace, SERVER_WAIT_SECONDS
+    )
+    client = await connect(settings)
+    await ensure_search_attributes(client, settings.temporal_namespace)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await serve(settings, client, stop)
+    log.info("worker stopped")
+
+
+def run_api(settings: Settings) -> None:
+    """Serve the HTTP API until SIGINT or SIGTERM."""
+    from cohortflow.api.app import create_app
+
+    uvicorn.run(
+        create_app(settings),
+        host=settings.api_host,
+        port=settings.api_port,
+        log_config=None,
+        access_log=False,
+    )
+
+
+def run_crm_sandbox(settings: Settings) -> None:
+    """Serve the sandbox CRM until SIGINT or SIGTERM."""
+    from cohortflow.crm.sandbox.app import SandboxConfig, serve
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    serve(
+        SandboxConfig(
+            db_path=settings.resolved_crm_sandbox_db,
+            rate_limit=settings.crm_sandbox_rate_limit,
+            window_seconds=settings.crm_sandbox_rate_window_seconds,
+            error_rate=settings.crm_sandbox_error_rate,
+            latency_ms=settings.crm_sandbox_latency_ms,
+        ),
+        settings.crm_sandbox_host,
+        settings.crm_sandbox_port,
+    )

@@ -1,0 +1,163 @@
+"""Campaigns, their immutable spec versions and the entries launched for them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime
+from typing import Any, Literal, get_args
+
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from cohortflow.storage._sql import canonical_json, upsert, utc
+from cohortflow.storage.tables import Campaign, CampaignEntry, CampaignSpecVersion
+
+CampaignStatus = Literal["active", "paused", "cancelled"]
+CAMPAIGN_STATUSES: frozenset[str] = frozenset(get_args(CampaignStatus))
+
+
+async def save_spec_version(
+    session: AsyncSession,
+    campaign_id: str,
+    spec: dict[str, Any],
+    created_by: str,
+    *,
+    now: datetime | None = None,
+) -> tuple[int, bool]:
+    """Store ``spec`` as the campaign's next version unless it equals the latest one.
+
+    Specs compare by the SHA-256 of their canonical JSON, so key order does not matter.
+    Returns ``(version, created)``. The first version also creates the campaign, active.
+    Concurrent saves for one campaign queue on its row, so versions never collide.
+    """
+    at = utc(now)
+    document = canonical_json(spec)
+    digest = hashlib.sha256(document.encode("utf-8")).hexdigest()
+    await session.execute(
+        upsert(session, Campaign)
+        .values(campaign_id=campaign_id, status="active", latest_version=0, updated_at=at)
+        .on_conflict_do_nothing(index_elements=[Campaign.campaign_id])
+    )
+    latest = (
+        await session.execute(
+            select(Campaign.latest_version)
+            .where(Campaign.campaign_id == campaign_id)
+            .with_for_update()
+        )
+    ).scalar_one()
+    if latest > 0:
+        latest_digest = await session.scalar(
+            select(CampaignSpecVersion.spec_hash).where(
+                CampaignSpecVersion.campaign_id == campaign_id,
+                CampaignSpecVersion.version == latest,
+            )
+        )
+        if latest_digest == digest:
+            return latest, False
+    version = latest + 1
+    await session.execute(
+        insert(CampaignSpecVersion).values(
+            campaign_id=campaign_id,
+            version=version,
+            # Exactly the hashed document, not the caller's dict, which may change later.
+            spec=json.loads(document),
+            spec_hash=digest,
+            created_by=created_by,
+            created_at=at,
+        )
+    )
+    await session.execute(
+        update(Campaign)
+        .where(Campaign.campaign_id == campaign_id)
+        .values(latest_version=version, updated_at=at)
+    )
+    return version, True
+
+
+async def get_spec(session: AsyncSession, campaign_id: str, version: int) -> dict[str, Any] | None:
+    """The spec document of one version, or None."""
+    return await session.scalar(
+        select(CampaignSpecVersion.spec).where(
+            CampaignSpecVersion.campaign_id == campaign_id,
+            CampaignSpecVersion.version == version,
+        )
+    )
+
+
+async def get_campaign(session: AsyncSession, campaign_id: str) -> Campaign | None:
+    """The campaign, or None."""
+    return await session.get(Campaign, campaign_id)
+
+
+async def set_campaign_status(
+    session: AsyncSession,
+    campaign_id: str,
+    status: CampaignStatus,
+    *,
+    now: datetime | None = None,
+) -> bool:
+    """Set the campaign's status; True if it changed. Unknown campaigns raise LookupError."""
+    if status not in CAMPAIGN_STATUSES:
+        raise ValueError(f"unknown campaign status {status!r}")
+    changed = await session.execute(
+        update(Campaign)
+        .where(Campaign.campaign_id == campaign_id, Campaign.status != status)
+        .values(status=status, updated_at=utc(now))
+        .returning(Campaign.campaign_id)
+    )
+    if changed.first() is not None:
+        return True
+    exists = await session.scalar(
+        select(Campaign.campaign_id).where(Campaign.campaign_id == campaign_id)
+    )
+    if exists is None:
+        raise LookupError(f"no campaign {campaign_id!r}")
+    return False
+
+
+async def record_entry(
+    session: AsyncSession,
+    *,
+    workflow_id: str,
+    campaign_id: str,
+    customer_key: str,
+    entry_id: str,
+    cohort_id: str,
+    version: int,
+    launched_at: datetime | None = None,
+) -> bool:
+    """Record a launched campaign entry; False if the workflow or the entry already exists.
+
+    A plain ``ON CONFLICT DO NOTHING``, so concurrent launchers of one entry never fail.
+    """
+    inserted = await session.execute(
+        upsert(session, CampaignEntry)
+        .values(
+            workflow_id=workflow_id,
+            campaign_id=campaign_id,
+            customer_key=customer_key,
+            entry_id=entry_id,
+            cohort_id=cohort_id,
+            version=version,
+            launched_at=utc(launched_at),
+        )
+        .on_conflict_do_nothing()
+        .returning(CampaignEntry.workflow_id)
+    )
+    return inserted.first() is not None
+
+
+async def count_entries(session: AsyncSession, campaign_id: str) -> int:
+    """How many entries the campaign has launched."""
+    count = await session.scalar(
+        select(func.count())
+        .select_from(CampaignEntry)
+        .where(CampaignEntry.campaign_id == campaign_id)
+    )
+    return int(count or 0)
+
+
+async def list_campaigns(session: AsyncSession) -> list[Campaign]:
+    """Every campaign, by id."""
+    return list(await session.scalars(select(Campaign).order_by(Campaign.campaign_id)))

@@ -1,0 +1,132 @@
+"""Customers (the only raw ids and contacts) and their latest feature vectors."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from cohortflow.storage._sql import chunked, rows_per_statement, upsert, utc
+from cohortflow.storage.tables import Customer, CustomerFeatures
+
+FeatureRow = tuple[str, Mapping[str, float | None], datetime]
+
+
+@dataclass
+class CustomerRecord:
+    """A customer as imported from the source system."""
+
+    customer_key: str
+    source_id: str
+    email: str | None
+    timezone: str = "UTC"
+    attributes: dict[str, Any] = field(default_factory=dict)
+
+
+async def upsert_customers(
+    session: AsyncSession, records: Sequence[CustomerRecord], *, now: datetime | None = None
+) -> int:
+    """Insert or update customers by ``customer_key``; returns how many distinct keys.
+
+    ``created_at`` is set on insert only. When one key appears several times, the last
+    record wins.
+    """
+    created_at = utc(now)
+    latest = {record.customer_key: record for record in records}
+    rows = [
+        {
+            "customer_key": r.customer_key,
+            "source_id": r.source_id,
+            "email": r.email,
+            "timezone": r.timezone,
+            "attributes": r.attributes,
+            "created_at": created_at,
+        }
+        for r in latest.values()
+    ]
+    for chunk in chunked(rows, rows_per_statement(session, 6)):
+        stmt = upsert(session, Customer).values(list(chunk))
+        await session.execute(
+            stmt.on_conflict_do_update(
+                index_elements=[Customer.customer_key],
+                set_={
+                    "source_id": stmt.excluded.source_id,
+                    "email": stmt.excluded.email,
+                    "timezone": stmt.excluded.timezone,
+                    "attributes": stmt.excluded.attributes,
+                },
+            )
+        )
+    return len(rows)
+
+
+async def get_customer(session: AsyncSession, customer_key: str) -> Customer | None:
+    """The customer with this key, or None."""
+    return await session.get(Customer, customer_key)
+
+
+def _clean_features(features: Mapping[str, float | None]) -> dict[str, float | None]:
+    # JSON has no NaN or infinity; a non-finite feature is as good as missing.
+    cleaned: dict[str, float | None] = {}
+    for name, value in features.items():
+        number = None if value is None else float(value)
+        cleaned[name] = number if number is not None and math.isfinite(number) else None
+    return cleaned
+
+
+async def upsert_features(
+    session: AsyncSession, rows: Sequence[FeatureRow], *, now: datetime | None = None
+) -> int:
+    """Store each customer's feature vector as of a time; returns how many were written.
+
+    A vector older than the one stored (an earlier ``as_of``) is skipped, so late or
+    replayed batches never roll features back. Non-finite values are stored as None.
+    """
+    updated_at = utc(now)
+    newest: dict[str, tuple[dict[str, float | None], datetime]] = {}
+    for key, features, as_of in rows:
+        as_of_utc = utc(as_of)
+        current = newest.get(key)
+        if current is None or as_of_utc >= current[1]:
+            newest[key] = (_clean_features(features), as_of_utc)
+    values = [
+        {"customer_key": key, "features": features, "as_of": as_of, "updated_at": updated_at}
+        for key, (features, as_of) in newest.items()
+    ]
+    written = 0
+    for chunk in chunked(values, rows_per_statement(session, 4)):
+        stmt = upsert(session, CustomerFeatures).values(list(chunk))
+        result = await session.execute(
+            stmt.on_conflict_do_update(
+                index_elements=[CustomerFeatures.customer_key],
+                set_={
+                    "features": stmt.excluded.features,
+                    "as_of": stmt.excluded.as_of,
+                    "updated_at": stmt.excluded.updated_at,
+                },
+                where=CustomerFeatures.as_of <= stmt.excluded.as_of,
+            ).returning(CustomerFeatures.customer_key)
+        )
+        written += len(result.all())
+    return written
+
+
+async def get_features(
+    session: AsyncSession, keys: Sequence[str]
+) -> dict[str, dict[str, float | None]]:
+    """Feature vectors by customer key; keys without features are absent."""
+    found: dict[str, dict[str, float | None]] = {}
+    for chunk in chunked(list(dict.fromkeys(keys)), rows_per_statement(session, 1)):
+        result = await session.execute(
+            select(CustomerFeatures.customer_key, CustomerFeatures.features).where(
+                CustomerFeatures.customer_key.in_(chunk)
+            )
+        )
+        for key, features in result:
+            found[key] = dict(features)
+    return found

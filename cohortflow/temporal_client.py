@@ -1,0 +1,117 @@
+"""Connecting to Temporal and preparing a namespace for campaigns."""
+
+from __future__ import annotations
+
+import asyncio
+
+from temporalio.api.enums.v1 import IndexedValueType
+from temporalio.api.operatorservice.v1 import (
+    AddSearchAttributesRequest,
+    ListSearchAttributesRequest,
+)
+from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest
+from temporalio.client import Client, Interceptor
+from temporalio.contrib.opentelemetry import TracingInterceptor
+from temporalio.service import RPCError, RPCStatusCode
+
+from cohortflow.settings import Settings
+from workflows.messages import SEARCH_ATTRIBUTE_TYPES
+
+_INDEXED_VALUE_TYPES: dict[str, IndexedValueType.ValueType] = {
+    "Text": IndexedValueType.INDEXED_VALUE_TYPE_TEXT,
+    "Keyword": IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD,
+    "Int": IndexedValueType.INDEXED_VALUE_TYPE_INT,
+    "Double": IndexedValueType.INDEXED_VALUE_TYPE_DOUBLE,
+    "Bool": IndexedValueType.INDEXED_VALUE_TYPE_BOOL,
+    "Datetime": IndexedValueType.INDEXED_VALUE_TYPE_DATETIME,
+    "KeywordList": IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD_LIST,
+}
+
+
+class SearchAttributeConflict(RuntimeError):
+    """A search attribute is registered on the server with another type than ours."""
+
+
+async def connect(settings: Settings, *, tracing: bool = True) -> Client:
+    """A client for the configured cluster and namespace, with OpenTelemetry spans if asked."""
+    interceptors: list[Interceptor] = [TracingInterceptor()] if tracing else []
+    return await Client.connect(
+        settings.resolved_temporal_address,
+        namespace=settings.temporal_namespace,
+        interceptors=interceptors,
+    )
+
+
+async def ensure_search_attributes(client: Client, namespace: str) -> None:
+    """Register every campaign search attribute that ``namespace`` lacks; safe to repeat.
+
+    Raises :class:`SearchAttributeConflict` when a name exists with a different type, which
+    only an operator can resolve (attributes cannot be retyped in place).
+    """
+    try:
+        missing = await _missing_search_attributes(client, namespace)
+    except RPCError as exc:
+        # The time-skipping test server cannot list search attributes, only add them.
+        if exc.status != RPCStatusCode.UNIMPLEMENTED:
+            raise
+        missing = {name: _INDEXED_VALUE_TYPES[t] for name, t in SEARCH_ATTRIBUTE_TYPES.items()}
+    # One per call: the test server rejects a whole call when one of its attributes exists.
+    for name, value_type in missing.items():
+        try:
+            await client.operator_service.add_search_attributes(
+                AddSearchAttributesRequest(
+                    search_attributes={name: value_type}, namespace=namespace
+                )
+            )
+        except RPCError as exc:
+            # Registered since we looked, by another process (or earlier, on the test server).
+            if exc.status != RPCStatusCode.ALREADY_EXISTS:
+                raise
+
+
+async def _missing_search_attributes(
+    client: Client, namespace: str
+) -> dict[str, IndexedValueType.ValueType]:
+    listed = await client.operator_service.list_search_attributes(
+        ListSearchAttributesRequest(namespace=namespace)
+    )
+    existing = {**listed.system_attributes, **listed.custom_attributes}
+    missing: dict[str, IndexedValueType.ValueType] = {}
+    for name, type_name in SEARCH_ATTRIBUTE_TYPES.items():
+        wanted = _INDEXED_VALUE_TYPES[type_name]
+        if name not in existing:
+            missing[name] = wanted
+        elif existing[name] != wanted:
+            raise SearchAttributeConflict(
+                f"search attribute {name} is {IndexedValueType.Name(existing[name])} in "
+                f"namespace {namespace}, cohortflow needs {type_name}"
+            )
+    return missing
+
+
+async def wait_for_server(
+    address: str,
+    namespace: str,
+    timeout: float,  # noqa: ASYNC109 - the deadline belongs in the error it raises
+) -> Client:
+    """Retry connecting until the server answers for ``namespace``, or raise TimeoutError."""
+    last_error: Exception | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                try:
+                    return await _ready_client(address, namespace)
+                except (RuntimeError, RPCError) as exc:
+                    last_error = exc
+                await asyncio.sleep(0.2)
+    except TimeoutError as exc:
+        raise TimeoutError(
+            f"Temporal at {address} did not serve namespace {namespace!r} within "
+            f"{timeout:g}s (last error: {last_error})"
+        ) from exc
+
+
+async def _ready_client(address: str, namespace: str) -> Client:
+    client = await Client.connect(address, namespace=namespace)
+    await client.workflow_service.describe_namespace(DescribeNamespaceRequest(namespace=namespace))
+    return client

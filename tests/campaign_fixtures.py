@@ -1,0 +1,51 @@
+"""Session-wide real parts for campaign tests: the time-skipping server, a trained model and
+the sandbox CRM, plus a fresh migrated database and task queues per test."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from temporalio.testing import WorkflowEnvironment
+
+from cohortflow.runtime.binaries import temporal_test_server
+from cohortflow.temporal_client import ensure_search_attributes
+from tests.harness import Harness, Sandbox, migrated, serve_sandbox, train_small_registry
+
+
+@pytest.fixture(scope="session")
+async def time_skipping_env() -> AsyncIterator[WorkflowEnvironment]:
+    """One time-skipping test server for the session, search attributes registered first."""
+    env = await WorkflowEnvironment.start_time_skipping(
+        test_server_existing_path=str(temporal_test_server())
+    )
+    # Upserting an unregistered attribute fails the workflow task for ever: register first.
+    await ensure_search_attributes(env.client, env.client.namespace)
+    yield env
+    await env.shutdown()
+
+
+@pytest.fixture(scope="session")
+def registry_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model registry with a churn champion trained on CDNOW."""
+    root = tmp_path_factory.mktemp("models")
+    train_small_registry(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
+    """The sandbox CRM over real HTTP, with a rate limit the tests never reach."""
+    with serve_sandbox(tmp_path_factory.mktemp("crm") / "crm.db", rate_limit=10_000) as crm:
+        yield crm
+
+
+@pytest.fixture
+async def harness(
+    time_skipping_env: WorkflowEnvironment, registry_root: Path, sandbox: Sandbox, tmp_path: Path
+) -> AsyncIterator[Harness]:
+    """Real activities over a fresh SQLite database, on the time-skipping server."""
+    db = await migrated(f"sqlite+aiosqlite:///{tmp_path / 'app.db'}")
+    yield Harness(time_skipping_env.client, db, registry_root, sandbox, time_skipping_env)
+    await db.dispose()

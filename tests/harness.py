@@ -1,0 +1,254 @@
+"""Real parts for campaign tests: a sandbox CRM over HTTP, a trained model, a migrated
+database, and workers with real activities on a fresh task queue per test."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+from temporalio.client import Client, WorkflowHandle
+from temporalio.testing import WorkflowEnvironment
+
+from activities.campaign import CampaignActivities
+from cohortflow.crm.client import CrmClient
+from cohortflow.crm.sandbox.app import SandboxConfig, create_app
+from cohortflow.launcher import FIRST_ENTRY, Entry, Launcher
+from cohortflow.runtime.ports import free_port
+from cohortflow.settings import Settings
+from cohortflow.spec import CampaignSpec
+from cohortflow.storage import campaigns, consent, customers
+from cohortflow.storage.db import Database, migrate
+from scoring.cdnow import load_transactions
+from scoring.features import FEATURE_NAMES
+from scoring.registry import ModelRegistry
+from scoring.scorer import Scorer
+from scoring.train import TrainConfig, train_churn
+from workers.campaign_worker import build_workers
+from workflows.campaign import CampaignWorkflow
+from workflows.messages import CampaignResult, CampaignState, CampaignStatus, campaign_workflow_id
+
+# A lapsed one-time buyer: every model feature present, one of them missing (NaN -> None).
+FEATURES: dict[str, float | None] = {name: 1.0 for name in FEATURE_NAMES} | {
+    "recency_days": 300.0,
+    "monetary_total": 150.0,
+    "mean_interpurchase_days": None,
+}
+
+
+@dataclass
+class Sandbox:
+    """A sandbox CRM served over real HTTP on a free port."""
+
+    url: str
+    db_path: Path
+
+    def inject(self, status: int, count: int = 1, retry_after: float = 1.0) -> None:
+        """The next ``count`` CRM requests answer ``status``."""
+        httpx.post(
+            f"{self.url}/_sandbox/faults",
+            json={"status": status, "count": count, "retry_after": retry_after},
+        ).raise_for_status()
+
+    def clear(self) -> None:
+        """Drop any injected faults."""
+        httpx.delete(f"{self.url}/_sandbox/faults").raise_for_status()
+
+    def attempts(self, idempotency_key: str) -> int:
+        """How many requests carried ``idempotency_key``."""
+        response = httpx.get(
+            f"{self.url}/_sandbox/requests", params={"idempotency_key": idempotency_key}
+        )
+        response.raise_for_status()
+        return int(response.json()["count"])
+
+
+@contextlib.contextmanager
+def serve_sandbox(db_path: Path, **config: Any) -> Iterator[Sandbox]:
+    """Run the sandbox CRM in a thread until the block ends."""
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(SandboxConfig(db_path=db_path, **config)),
+            host="127.0.0.1",
+            port=port,
+            log_config=None,
+            access_log=False,
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 15
+    while True:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/healthz", timeout=1).is_success:
+                break
+        if time.monotonic() > deadline:
+            raise RuntimeError("sandbox CRM did not start")
+        time.sleep(0.05)
+    try:
+        yield Sandbox(url=url, db_path=db_path)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def train_small_registry(root: Path) -> ModelRegistry:
+    """A registry holding a quickly trained churn champion."""
+    registry = ModelRegistry(root)
+    trained = train_churn(load_transactions(), TrainConfig(n_estimators=30))
+    registry.register(trained, promoted_by="tests")
+    return registry
+
+
+def spec_document(**overrides: Any) -> dict[str, Any]:
+    """A small campaign: score, branch to approval on high churn, label, wait, enrol."""
+    document: dict[str, Any] = {
+        "campaign_id": f"t{uuid.uuid4().hex[:10]}",
+        "name": "Test campaign",
+        "owner": "crm-team",
+        "entry_cohort": "test_cohort",
+        "safe_default_segment": "nurture_default",
+        "sensitive": True,
+        "approval": {"timeout": "P3D", "on_timeout": "reject"},
+        "steps": [
+            {"id": "score", "type": "score", "models": ["churn"]},
+            {
+                "id": "route",
+                "type": "branch",
+                "rules": [
+                    {"all": [{"score": "churn", "op": ">=", "value": 0.0}], "next": "approve"}
+                ],
+                "default": "label",
+            },
+            {"id": "approve", "type": "approval", "reason": "test approval"},
+            {
+                "id": "label",
+                "type": "crm",
+                "action": "set_properties",
+                "properties": {"cohort_label": "{cohort}", "churn_score": "{score.churn}"},
+            },
+            {"id": "pause", "type": "wait", "duration": "PT1H"},
+            {"id": "enrol", "type": "crm", "action": "enroll_sequence", "sequence_id": "winback"},
+        ],
+    }
+    document.update(overrides)
+    return document
+
+
+def without_approval(document: dict[str, Any]) -> dict[str, Any]:
+    """The same campaign with the branch sending everyone straight to ``label``."""
+    steps = [s for s in document["steps"] if s["id"] not in ("route", "approve")]
+    return {**document, "sensitive": False, "steps": steps}
+
+
+class Harness:
+    """A database, the sandbox CRM and workers on unique task queues, for one test."""
+
+    def __init__(
+        self,
+        client: Client,
+        db: Database,
+        registry_root: Path,
+        sandbox: Sandbox,
+        env: WorkflowEnvironment | None = None,
+    ) -> None:
+        self.client = client
+        self.env = env
+        self.db = db
+        self.registry_root = registry_root
+        self.sandbox = sandbox
+        suffix = uuid.uuid4().hex[:8]
+        self.settings = Settings(
+            task_queue=f"campaigns-{suffix}",
+            crm_task_queue=f"crm-{suffix}",
+            crm_url=sandbox.url,
+        )
+
+    @contextlib.asynccontextmanager
+    async def workers(self) -> AsyncIterator[None]:
+        """Run real activities against the real database, scorer and sandbox CRM."""
+        async with CrmClient(self.sandbox.url) as crm:
+            activities = CampaignActivities(self.db, Scorer(ModelRegistry(self.registry_root)), crm)
+            built = build_workers(
+                self.client,
+                activities,
+                task_queue=self.settings.task_queue,
+                crm_task_queue=self.settings.crm_task_queue,
+                crm_max_activities_per_second=100.0,
+            )
+            async with contextlib.AsyncExitStack() as stack:
+                for worker in built:
+                    await stack.enter_async_context(worker)
+                yield
+
+    async def apply(self, document: dict[str, Any]) -> tuple[CampaignSpec, int]:
+        """Store the spec; returns it with its version."""
+        spec = CampaignSpec.model_validate(document)
+        async with self.db.transaction() as session:
+            version, _ = await campaigns.save_spec_version(
+                session, spec.campaign_id, spec.model_dump(mode="json"), created_by="tests"
+            )
+        return spec, version
+
+    async def customer(self, granted: bool = True, **features: float | None) -> str:
+        """A stored customer with features and (by default) e-mail marketing consent."""
+        key = f"c_{uuid.uuid4().hex[:24]}"
+        async with self.db.transaction() as session:
+            await customers.upsert_customers(
+                session,
+                [customers.CustomerRecord(key, f"src-{key}", f"{key}@example.com")],
+            )
+            await customers.upsert_features(
+                session, [(key, {**FEATURES, **features}, datetime.now(UTC))]
+            )
+            await consent.set_consent(session, key, "email", "marketing", granted, "tests")
+        return key
+
+    async def launch(
+        self, spec: CampaignSpec, version: int, key: str
+    ) -> WorkflowHandle[Any, CampaignResult]:
+        """Launch through the real launcher; returns the workflow handle."""
+        await Launcher(self.client, self.db, self.settings).launch(
+            spec, version, Entry(key, spec.entry_cohort)
+        )
+        workflow_id = campaign_workflow_id(spec.campaign_id, key, FIRST_ENTRY)
+        return self.client.get_workflow_handle_for(CampaignWorkflow.run, workflow_id)
+
+    async def result(self, handle: WorkflowHandle[Any, CampaignResult]) -> CampaignResult:
+        """Wait for the campaign's end, letting a time-skipping server jump over its timers."""
+        if self.env is None:
+            return await handle.result()
+        async with self.env.time_skipping_unlocked():
+            return await handle.result()
+
+
+async def wait_for_state(
+    handle: WorkflowHandle[Any, Any], state: CampaignState, limit: float = 20.0
+) -> CampaignStatus:
+    """Query ``status`` until the campaign reaches ``state``."""
+    deadline = time.monotonic() + limit
+    last: CampaignStatus | None = None
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            last = await handle.query("status", result_type=CampaignStatus)
+            if last.state == state:
+                return last
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"campaign never reached {state}; last status {last}")
+
+
+async def migrated(url: str) -> Database:
+    """A migrated database at ``url``."""
+    await migrate(url)
+    return Database(url)

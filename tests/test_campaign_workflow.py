@@ -1,0 +1,222 @@
+"""CampaignWorkflow on the time-skipping server with real activities, database, model and CRM."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import WorkflowUpdateFailedError
+
+from cohortflow.crm.client import CrmClient
+from cohortflow.storage import approvals, consent
+from cohortflow.storage.tables import AuditRow, SegmentAssignment
+from tests.harness import Harness, spec_document, wait_for_state, without_approval
+from workflows.messages import (
+    SA,
+    CampaignState,
+    CohortExited,
+    DecideRequest,
+)
+
+
+async def audit_count(h: Harness, workflow_id: str, kind: str) -> int:
+    async with h.db.transaction() as session:
+        return int(
+            await session.scalar(
+                select(func.count())
+                .select_from(AuditRow)
+                .where(AuditRow.workflow_id == workflow_id, AuditRow.kind == kind)
+            )
+            or 0
+        )
+
+
+async def test_unanswered_approval_expires_after_its_days_in_well_under_a_second(
+    harness: Harness,
+) -> None:
+    spec, version = await harness.apply(spec_document())
+    key = await harness.customer()
+    async with harness.workers():
+        handle = await harness.launch(spec, version, key)
+        status = await wait_for_state(handle, CampaignState.AWAITING_APPROVAL)
+        assert status.pending_approval is not None
+        started = time.monotonic()
+        result = await harness.result(handle)
+        elapsed = time.monotonic() - started
+    assert result.state == CampaignState.REJECTED
+    assert "expired" in result.reason
+    assert elapsed < 2.0, f"three skipped days took {elapsed:.2f}s of wall time"
+    events = [e async for e in handle.fetch_history_events()]
+    workflow_time = events[-1].event_time.ToDatetime() - events[0].event_time.ToDatetime()
+    assert workflow_time >= timedelta(days=3)
+    async with harness.db.transaction() as session:
+        row = await approvals.get_approval(session, status.pending_approval.approval_id)
+    assert row is not None and row.status == "expired"
+    assert await audit_count(harness, handle.id, "approval_expired") == 1
+
+
+async def test_decide_refuses_the_requester_then_an_approval_completes_the_campaign(
+    harness: Harness,
+) -> None:
+    spec, version = await harness.apply(spec_document())
+    key = await harness.customer()
+    async with harness.workers():
+        handle = await harness.launch(spec, version, key)
+        status = await wait_for_state(handle, CampaignState.AWAITING_APPROVAL)
+        assert status.pending_approval is not None
+        approval_id = status.pending_approval.approval_id
+        with pytest.raises(WorkflowUpdateFailedError) as refused:
+            await handle.execute_update(
+                "decide", DecideRequest(approval_id, True, "crm-team", "self-approval")
+            )
+        assert "cannot approve" in str(refused.value.cause)
+        with pytest.raises(WorkflowUpdateFailedError):
+            await handle.execute_update("decide", DecideRequest("apr_unknown", True, "al", "x"))
+        await handle.execute_update("decide", DecideRequest(approval_id, True, "alice", "ok"))
+        result = await harness.result(handle)
+    assert result.state == CampaignState.COMPLETED
+    assert result.steps_run == ["score", "route", "approve", "label", "pause", "enrol"]
+    async with harness.db.transaction() as session:
+        row = await approvals.get_approval(session, approval_id)
+    assert row is not None and row.status == "approved" and row.decided_by == "alice"
+    async with CrmClient(harness.sandbox.url) as crm:
+        contact = await crm.get_contact(key)
+    assert contact is not None
+    assert contact.properties["cohort_label"] == "test_cohort"
+    assert contact.sequences == ["winback"]
+
+
+async def test_consent_revoked_in_the_store_during_a_wait_blocks_the_next_outbound_step(
+    harness: Harness,
+) -> None:
+    spec, version = await harness.apply(without_approval(spec_document()))
+    key = await harness.customer()
+    async with harness.workers():
+        handle = await harness.launch(spec, version, key)
+        await wait_for_state(handle, CampaignState.WAITING)
+        # Only the store changes: no signal reaches the workflow.
+        async with harness.db.transaction() as session:
+            await consent.set_consent(session, key, "email", "marketing", False, "tests")
+        result = await harness.result(handle)
+    assert result.state == CampaignState.CONSENT_BLOCKED
+    async with CrmClient(harness.sandbox.url) as crm:
+        contact = await crm.get_contact(key)
+    assert contact is not None and "cohort_label" in contact.properties
+    assert contact.sequences == []
+    assert await audit_count(harness, handle.id, "consent_blocked") == 1
+
+
+async def test_cohort_exit_interrupts_a_wait_at_once(harness: Harness) -> None:
+    spec, version = await harness.apply(without_approval(spec_document()))
+    key = await harness.customer()
+    async with harness.workers():
+        handle = await harness.launch(spec, version, key)
+        await wait_for_state(handle, CampaignState.WAITING)
+        await handle.signal("cohort_exited", CohortExited(cohort_id="test_cohort"))
+        result = await harness.result(handle)
+    assert result.state == CampaignState.EXITED
+    events = [e async for e in handle.fetch_history_events()]
+    workflow_time = events[-1].event_time.ToDatetime() - events[0].event_time.ToDatetime()
+    assert workflow_time < timedelta(hours=1), "the one-hour wait ran to its end"
+
+
+async def test_corrupted_model_file_sends_the_campaign_to_the_fallback(
+    harness: Harness, tmp_path: Path
+) -> None:
+    corrupted = tmp_path / "models"
+    shutil.copytree(harness.registry_root, corrupted)
+    for model_file in corrupted.glob("churn/*/model.json"):
+        model_file.write_text('{"learner": "garbage')
+    harness.registry_root = corrupted
+    spec, version = await harness.apply(without_approval(spec_document()))
+    key = await harness.customer()
+    async with harness.workers():
+        handle = await harness.launch(spec, version, key)
+        result = await harness.result(handle)
+    assert result.state == CampaignState.FALLBACK
+    assert result.reason.startswith("scoring_failed: ")
+    description = await handle.describe()
+    assert description.typed_search_attributes.get(SA.FALLBACK_REASON) == "scoring_failed"
+    assert description.typed_search_attributes.get(SA.CAMPAIGN_STATE) == "fallback"
+    async with harness.db.transaction() as session:
+        segment = await session.scalar(
+            select(SegmentAssignment.segment).where(SegmentAssignment.workflow_id == handle.id)
+        )
+    assert segment == "nurture_default"
+    assert await audit_count(harness, handle.id, "fallback") == 1
+
+
+async def test_crm_429_then_200_writes_one_record_after_retry_after_in_workflow_time(
+    harness: Harness,
+) -> None:
+    document = without_approval(spec_document())
+    document["steps"] = [s for s in document["steps"] if s["id"] in ("score", "label")]
+    spec, version = await harness.apply(document)
+    key = await harness.customer()
+    harness.sandbox.inject(429, count=1, retry_after=30)
+    try:
+        async with harness.workers():
+            handle = await harness.launch(spec, version, key)
+            result = await harness.result(handle)
+    finally:
+        harness.sandbox.clear()
+    assert result.state == CampaignState.COMPLETED
+    assert harness.sandbox.attempts(f"{handle.id}:label") == 2
+    async with CrmClient(harness.sandbox.url) as crm:
+        contact = await crm.get_contact(key)
+    assert contact is not None and contact.properties["cohort_label"] == "test_cohort"
+    events = [e async for e in handle.fetch_history_events()]
+    crm_scheduled = next(
+        e
+        for e in events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+        and e.activity_task_scheduled_event_attributes.activity_type.name == "crm_write"
+    )
+    started = next(
+        e
+        for e in events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED
+        and e.activity_task_started_event_attributes.scheduled_event_id == crm_scheduled.event_id
+    )
+    assert started.activity_task_started_event_attributes.attempt == 2
+    gap = started.event_time.ToDatetime() - crm_scheduled.event_time.ToDatetime()
+    assert gap >= timedelta(seconds=30), f"retried after {gap}, before Retry-After"
+    assert await audit_count(harness, handle.id, "crm_written") == 1
+
+
+async def test_an_activity_that_fails_after_its_audit_write_leaves_one_audit_row(
+    harness: Harness,
+) -> None:
+    document = without_approval(spec_document())
+    document["steps"] = [s for s in document["steps"] if s["id"] in ("score", "label")]
+    spec, version = await harness.apply(document)
+    key = await harness.customer()
+    # crm_write appends its consent row, then the CRM answers 503: the activity fails and
+    # Temporal runs it again, which appends the same (workflow, step, kind) once more.
+    harness.sandbox.inject(503, count=1)
+    try:
+        async with harness.workers():
+            handle = await harness.launch(spec, version, key)
+            result = await harness.result(handle)
+    finally:
+        harness.sandbox.clear()
+    assert result.state == CampaignState.COMPLETED
+    assert harness.sandbox.attempts(f"{handle.id}:label") == 2
+    assert await audit_count(harness, handle.id, "consent_allowed") == 1
+    assert await audit_count(harness, handle.id, "crm_written") == 1
+
+
+async def test_a_repeated_launch_of_the_same_entry_is_a_no_op(harness: Harness) -> None:
+    spec, version = await harness.apply(without_approval(spec_document()))
+    key = await harness.customer()
+    async with harness.workers():
+        first = await harness.launch(spec, version, key)
+        await harness.result(first)
+        second = await harness.launch(spec, version, key)
+        assert (await second.describe()).run_id == (await first.describe()).run_id
+    assert await audit_count(harness, first.id, "scored") == 1

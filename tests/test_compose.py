@@ -1,0 +1,131 @@
+"""docker-compose.yml stays in step with Settings, the search attributes and the CLI."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from cohortflow.settings import Settings
+from workflows.messages import SEARCH_ATTRIBUTE_TYPES
+
+REPO = Path(__file__).resolve().parents[1]
+COMPOSE: dict[str, Any] = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
+COHORTFLOW_SERVICES = ("migrate", "worker", "api", "crm-sandbox")
+# Variable -> the required ${NAME:?} reference it must be read from.
+SECRETS = {
+    "COHORTFLOW_PSEUDONYMISATION_KEY": "COHORTFLOW_PSEUDONYMISATION_KEY",
+    "POSTGRES_PASSWORD": "POSTGRES_PASSWORD",
+    "POSTGRES_PWD": "POSTGRES_PASSWORD",
+}
+
+
+def environment(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment", {})
+    if isinstance(env, list):
+        return dict(item.split("=", 1) for item in env)
+    return {key: str(value) for key, value in env.items()}
+
+
+def command(service: dict[str, Any]) -> list[str]:
+    cmd = service["command"]
+    return cmd.split() if isinstance(cmd, str) else [str(part) for part in cmd]
+
+
+def published(service: dict[str, Any]) -> list[tuple[int, int]]:
+    pairs = []
+    for mapping in service.get("ports", []):
+        host, _, container = str(mapping).rpartition(":")
+        pairs.append((int(host), int(container)))
+    return pairs
+
+
+def test_every_service_has_an_image_or_a_build() -> None:
+    expected = {"postgresql", "temporal", "temporal-ui", "temporal-setup", *COHORTFLOW_SERVICES}
+    assert expected <= set(SERVICES)
+    for name, service in SERVICES.items():
+        assert "image" in service or "build" in service, name
+
+
+def test_cohortflow_variables_are_settings_fields() -> None:
+    seen = set()
+    for name, service in SERVICES.items():
+        for key in environment(service):
+            if key.startswith("COHORTFLOW_"):
+                field = key.removeprefix("COHORTFLOW_").lower()
+                assert field in Settings.model_fields, f"{name}: {key} is not a Settings field"
+                seen.add(field)
+    assert {"temporal_address", "database_url", "pseudonymisation_key", "crm_url"} <= seen
+
+
+def test_cohortflow_services_parse_their_environment_into_settings() -> None:
+    for name in COHORTFLOW_SERVICES:
+        env = {
+            key.removeprefix("COHORTFLOW_").lower(): value
+            for key, value in environment(SERVICES[name]).items()
+        }
+        settings = Settings.model_validate(env)
+        assert settings.temporal_address == "temporal:7233", name
+        assert settings.resolved_database_url.startswith("postgresql+asyncpg://"), name
+        assert settings.log_format == "json", name
+
+
+def test_secrets_come_from_the_environment_not_the_file() -> None:
+    for name, service in SERVICES.items():
+        env = environment(service)
+        for key, source in SECRETS.items():
+            if key in env:
+                assert env[key].startswith(f"${{{source}:?"), (
+                    f"{name}: {key} is not ${{{source}:?}}"
+                )
+        if "COHORTFLOW_DATABASE_URL" in env:
+            assert ":${POSTGRES_PASSWORD:?" in env["COHORTFLOW_DATABASE_URL"], name
+    for name in COHORTFLOW_SERVICES:
+        # One key for all: each container would otherwise mint its own key file.
+        assert "COHORTFLOW_PSEUDONYMISATION_KEY" in environment(SERVICES[name]), name
+
+
+@pytest.mark.parametrize(
+    ("service", "field"), [("api", "api_port"), ("crm-sandbox", "crm_sandbox_port")]
+)
+def test_published_ports_match_settings_defaults(service: str, field: str) -> None:
+    default = Settings.model_fields[field].default
+    assert published(SERVICES[service]) == [(default, default)]
+    assert environment(SERVICES[service]).get(f"COHORTFLOW_{field.upper()}", str(default)) == str(
+        default
+    )
+
+
+def test_setup_registers_every_search_attribute_with_its_type() -> None:
+    script = " ".join(command(SERVICES["temporal-setup"]))
+    registered = dict(re.findall(r"--name (\w+) --type (\w+)", script))
+    assert registered == SEARCH_ATTRIBUTE_TYPES
+
+
+def test_app_services_wait_for_migrations_and_search_attributes() -> None:
+    for name in ("worker", "api"):
+        depends = SERVICES[name]["depends_on"]
+        assert depends["migrate"]["condition"] == "service_completed_successfully"
+        assert depends["temporal-setup"]["condition"] == "service_completed_successfully"
+
+
+@pytest.mark.parametrize("service", COHORTFLOW_SERVICES)
+def test_command_exists_in_the_cli(service: str, tmp_path: Path) -> None:
+    argv = command(SERVICES[service])
+    assert argv[0] == "cohortflow"
+    done = subprocess.run(
+        [sys.executable, "-m", "cohortflow", *argv[1:], "--help"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr

@@ -1,0 +1,111 @@
+"""Migrations: up, down and up again on SQLite and PostgreSQL; the schema matches tables.py."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Connection, inspect, text
+
+from cohortflow.storage.db import Database, downgrade, migrate
+from cohortflow.storage.tables import Base
+
+REPO = Path(__file__).resolve().parent.parent
+TABLES = set(Base.metadata.tables)
+
+
+def _table_names(connection: Connection) -> set[str]:
+    return set(inspect(connection).get_table_names())
+
+
+def _schema_diff(connection: Connection) -> list[Any]:
+    context = MigrationContext.configure(connection, opts={"compare_type": True})
+    return list(compare_metadata(context, Base.metadata))
+
+
+async def _tables(url: str) -> set[str]:
+    database = Database(url)
+    try:
+        async with database.engine.connect() as connection:
+            return await connection.run_sync(_table_names)
+    finally:
+        await database.dispose()
+
+
+async def _revision(url: str) -> str | None:
+    database = Database(url)
+    try:
+        async with database.transaction() as session:
+            revision = await session.scalar(text("SELECT version_num FROM alembic_version"))
+            return None if revision is None else str(revision)
+    finally:
+        await database.dispose()
+
+
+async def test_upgrade_downgrade_upgrade(database_url: str) -> None:
+    assert {
+        "customers",
+        "customer_features",
+        "consents",
+        "campaigns",
+        "campaign_specs",
+        "campaign_entries",
+        "approvals",
+        "segment_assignments",
+        "audit_log",
+    } == TABLES
+    await migrate(database_url)
+    assert _tables_without_alembic(await _tables(database_url)) == TABLES
+    assert await _revision(database_url) == "0001"
+
+    await downgrade(database_url)
+    assert _tables_without_alembic(await _tables(database_url)) == set()
+    assert await _revision(database_url) is None
+
+    await migrate(database_url)
+    assert _tables_without_alembic(await _tables(database_url)) == TABLES
+    assert await _revision(database_url) == "0001"
+
+
+def _tables_without_alembic(names: set[str]) -> set[str]:
+    return names - {"alembic_version"}
+
+
+async def test_migrate_twice_is_a_no_op(database_url: str) -> None:
+    await migrate(database_url)
+    await migrate(database_url)
+    assert await _revision(database_url) == "0001"
+
+
+async def test_migrated_schema_matches_the_models(db: Database) -> None:
+    async with db.engine.connect() as connection:
+        diff = await connection.run_sync(_schema_diff)
+    assert diff == []
+
+
+async def test_alembic_command_line_reads_the_url_from_the_environment(database_url: str) -> None:
+    env = {
+        **os.environ,
+        "COHORTFLOW_DATABASE_URL": database_url,
+        "PYTHONPATH": str(REPO),
+    }
+    for args in (["upgrade", "head"], ["current"]):
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "alembic",
+            *args,
+            cwd=REPO,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=60)
+        assert process.returncode == 0, stderr.decode()
+    assert "0001 (head)" in stdout.decode()
+    assert _tables_without_alembic(await _tables(database_url)) == TABLES
