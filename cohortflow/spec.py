@@ -131,6 +131,30 @@ class ApprovalSpec(_Model):
         return value
 
 
+class ReentrySpec(_Model):
+    """Whether a customer who entered before may enter again.
+
+    ``once``: never. ``after_exit``: after their previous campaign ended. ``cooldown``: once
+    ``cooldown`` (an ISO-8601 duration) has passed since their previous entry.
+    """
+
+    rule: Literal["once", "after_exit", "cooldown"] = "once"
+    cooldown: str | None = None
+
+    @field_validator("cooldown")
+    @classmethod
+    def _cooldown(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_duration(value)
+        return value
+
+    @model_validator(mode="after")
+    def _cooldown_for_rule(self) -> ReentrySpec:
+        if (self.rule == "cooldown") != (self.cooldown is not None):
+            raise ValueError("give 'cooldown' exactly when rule is 'cooldown'")
+        return self
+
+
 class CampaignSpec(_Model):
     """A campaign as authored: entry cohort, controls and steps."""
 
@@ -141,6 +165,7 @@ class CampaignSpec(_Model):
     safe_default_segment: str = Field(min_length=1)
     sensitive: bool = False
     exit_on_cohort_exit: bool = True
+    reentry: ReentrySpec = Field(default_factory=ReentrySpec)
     holdout_percent: float = Field(0.0, ge=0, le=50)
     approval: ApprovalSpec = Field(default_factory=ApprovalSpec)
     steps: list[StepSpec] = Field(min_length=1)

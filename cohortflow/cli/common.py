@@ -1,0 +1,109 @@
+"""What every cohortflow command shares: consoles, common options, settings, the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+
+from cohortflow.errors import Invalid
+from cohortflow.settings import Settings
+
+if TYPE_CHECKING:
+    from cohortflow.controls import Controls
+    from cohortflow.ids import Pseudonymiser
+
+T = TypeVar("T")
+
+out = Console()
+err = Console(stderr=True)
+
+DataDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        help="Where embedded state lives (default ./.cohortflow; env COHORTFLOW_DATA_DIR).",
+        show_default=False,
+    ),
+]
+LogFormat = Annotated[
+    Literal["console", "json"] | None,
+    typer.Option("--log-format", help="console or json (env COHORTFLOW_LOG_FORMAT)."),
+]
+Operator = Annotated[str, typer.Option("--operator", help="Who decides (recorded in the audit).")]
+Reason = Annotated[str, typer.Option("--reason", help="Why (recorded in the audit).")]
+
+
+def settings_for(**overrides: Any) -> Settings:
+    """Settings from the environment, with the command line's options on top."""
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise Invalid(f"{field}: {first['msg']}", field=field) from exc
+
+
+def run(coro_factory: Callable[[], Awaitable[T]]) -> T:
+    """Run one coroutine on a fresh event loop (each command is one short program)."""
+
+    async def runner() -> T:
+        return await coro_factory()
+
+    return asyncio.run(runner())
+
+
+def setup_observability(settings: Settings, service: str) -> None:
+    """Structured logs and, when asked, console tracing for this process."""
+    from cohortflow.observability import configure_logging, configure_tracing
+
+    configure_logging(settings.log_format, settings.log_level)
+    configure_tracing(settings.otel_console, service)
+
+
+# ---------------------------------------------------------------------- processes
+
+
+async def ready(settings: Settings) -> Pseudonymiser:
+    """Refuse to run against a database or data dir that was never set up; create nothing."""
+    from cohortflow.errors import Unavailable
+    from cohortflow.ids import KeyMissing, Pseudonymiser
+    from cohortflow.storage.db import current_revision
+
+    if await current_revision(settings.resolved_database_url) is None:
+        raise Unavailable(
+            "the database has no cohortflow schema: run `cohortflow up` (embedded) or "
+            "`cohortflow db upgrade` first, with the same --data-dir or COHORTFLOW_DATABASE_URL"
+        )
+    try:
+        return Pseudonymiser.from_settings(settings, create=False)
+    except KeyMissing as exc:
+        raise Unavailable(str(exc)) from exc
+
+
+async def with_controls(settings: Settings, action: Callable[[Controls], Awaitable[T]]) -> T:
+    """Run ``action`` with Controls over the configured database and Temporal."""
+    from cohortflow.controls import Controls
+    from cohortflow.storage.db import Database
+    from cohortflow.temporal_client import connect
+
+    pseudonymiser = await ready(settings)
+    db = Database(settings.resolved_database_url)
+    try:
+        client = await connect(settings, tracing=False)
+    except RuntimeError:
+        client = None
+    try:
+        return await action(Controls(db, settings, pseudonymiser, client))
+    finally:
+        await db.dispose()
+
+
+def print_line(text: str) -> None:
+    """One line on stdout, never wrapped or coloured (for scripts)."""
+    out.print(text, markup=False, highlight=False, soft_wrap=True)
