@@ -224,6 +224,20 @@ class CohortExited:
 
 
 @dataclass
+class CustomerEvent:
+    """Signal ``customer_event``: an event of this customer was ingested (a purchase, a click).
+
+    Sent by the ingestion path to every running campaign of the customer, so waits for an
+    event and exit-on-event criteria work whatever started the campaign.
+    """
+
+    event: str
+    occurred_at: str  # ISO-8601, UTC
+    message_id: str = ""
+    properties: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class ConsentChanged:
     """Signal: a consent record of this customer changed in the store."""
 
