@@ -6,11 +6,12 @@ import shutil
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select
 from temporalio.api.enums.v1 import EventType
-from temporalio.client import WorkflowUpdateFailedError
+from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
 
 from cohortflow.crm.client import CrmClient
 from cohortflow.storage import approvals, consent
@@ -18,6 +19,7 @@ from cohortflow.storage.tables import AuditRow, SegmentAssignment
 from tests.harness import Harness, spec_document, wait_for_state, without_approval
 from workflows.messages import (
     SA,
+    CampaignResult,
     CampaignState,
     CohortExited,
     DecideRequest,
@@ -34,6 +36,24 @@ async def audit_count(h: Harness, workflow_id: str, kind: str) -> int:
             )
             or 0
         )
+
+
+async def label_once_through_a_fault(
+    harness: Harness, status: int, retry_after: float = 1.0
+) -> tuple[str, WorkflowHandle[Any, CampaignResult], CampaignResult]:
+    """Score and label one customer while the CRM answers ``status`` to the first request."""
+    document = without_approval(spec_document())
+    document["steps"] = [s for s in document["steps"] if s["id"] in ("score", "label")]
+    spec, version = await harness.apply(document)
+    key = await harness.customer()
+    harness.sandbox.inject(status, count=1, retry_after=retry_after)
+    try:
+        async with harness.workers():
+            handle = await harness.launch(spec, version, key)
+            result = await harness.result(handle)
+    finally:
+        harness.sandbox.clear()
+    return key, handle, result
 
 
 async def test_unanswered_approval_expires_after_its_days_in_well_under_a_second(
@@ -154,17 +174,7 @@ async def test_corrupted_model_file_sends_the_campaign_to_the_fallback(
 async def test_crm_429_then_200_writes_one_record_after_retry_after_in_workflow_time(
     harness: Harness,
 ) -> None:
-    document = without_approval(spec_document())
-    document["steps"] = [s for s in document["steps"] if s["id"] in ("score", "label")]
-    spec, version = await harness.apply(document)
-    key = await harness.customer()
-    harness.sandbox.inject(429, count=1, retry_after=30)
-    try:
-        async with harness.workers():
-            handle = await harness.launch(spec, version, key)
-            result = await harness.result(handle)
-    finally:
-        harness.sandbox.clear()
+    key, handle, result = await label_once_through_a_fault(harness, 429, retry_after=30)
     assert result.state == CampaignState.COMPLETED
     assert harness.sandbox.attempts(f"{handle.id}:label") == 2
     async with CrmClient(harness.sandbox.url) as crm:
@@ -192,19 +202,9 @@ async def test_crm_429_then_200_writes_one_record_after_retry_after_in_workflow_
 async def test_an_activity_that_fails_after_its_audit_write_leaves_one_audit_row(
     harness: Harness,
 ) -> None:
-    document = without_approval(spec_document())
-    document["steps"] = [s for s in document["steps"] if s["id"] in ("score", "label")]
-    spec, version = await harness.apply(document)
-    key = await harness.customer()
     # crm_write appends its consent row, then the CRM answers 503: the activity fails and
     # Temporal runs it again, which appends the same (workflow, step, kind) once more.
-    harness.sandbox.inject(503, count=1)
-    try:
-        async with harness.workers():
-            handle = await harness.launch(spec, version, key)
-            result = await harness.result(handle)
-    finally:
-        harness.sandbox.clear()
+    _, handle, result = await label_once_through_a_fault(harness, 503)
     assert result.state == CampaignState.COMPLETED
     assert harness.sandbox.attempts(f"{handle.id}:label") == 2
     assert await audit_count(harness, handle.id, "consent_allowed") == 1
