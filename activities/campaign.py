@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import asdict
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
+from sqlalchemy.ext.asyncio import AsyncSession
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from cohortflow import outbound, schedule
 from cohortflow.crm.client import ContactUpsert, CrmClient
 from cohortflow.crm.errors import CrmError, CrmRateLimited, CrmRejected
 from cohortflow.spec import parse_spec
@@ -34,6 +36,8 @@ from workflows.messages import (
     FallbackInput,
     FallbackResult,
     LoadSpecInput,
+    LocalTimeInput,
+    LocalTimeResult,
     ScoreInput,
     ScoreResult,
     idempotency_key,
@@ -85,6 +89,23 @@ class CampaignActivities:
             raise ApplicationError(
                 f"{type(exc).__name__}: {exc}", type="ScoringError", non_retryable=True
             ) from exc
+
+        def shadow_scores() -> dict[str, dict[str, Any]]:
+            # Challengers score in shadow: audited for comparison, never returned to the
+            # workflow, and a broken challenger never fails the step.
+            found: dict[str, dict[str, Any]] = {}
+            for model in inp.models:
+                version: str | None = None
+                try:
+                    version = self._scorer.challenger_version(model)
+                    if version is not None:
+                        batch = self._scorer.score(model, rows, version=version, top_k=0)
+                        found[model] = {"version": batch.version, "scores": batch.scores}
+                except ScoringError as exc:
+                    found[model] = {"version": version, "error": f"{type(exc).__name__}: {exc}"}
+            return found
+
+        shadow = await asyncio.to_thread(shadow_scores)
         result = ScoreResult(
             model_versions={b.model: b.version for b in batches},
             customers=[
@@ -101,7 +122,7 @@ class CampaignActivities:
             ],
         )
         async with self._db.transaction() as session:
-            for customer in result.customers:
+            for i, customer in enumerate(result.customers):
                 await audit.append_audit(
                     session,
                     audit.AuditEvent(
@@ -116,6 +137,12 @@ class CampaignActivities:
                             "top_contributions": {
                                 m: [asdict(c) for c in cs]
                                 for m, cs in customer.top_contributions.items()
+                            },
+                            "shadow": {
+                                m: {"version": sh["version"], "score": sh["scores"][i]}
+                                if "scores" in sh
+                                else sh
+                                for m, sh in shadow.items()
                             },
                         },
                     ),
@@ -157,6 +184,7 @@ class CampaignActivities:
         return CrmWriteResult(outcome=CrmOutcome.WRITTEN, crm_record_id=record_id)
 
     async def _gate(self, inp: CrmWriteInput) -> CrmWriteResult | None:
+        """Pause, consent, then the frequency cap: the last word before the CRM is called."""
         async with self._db.transaction() as session:
             campaign = await campaigns.get_campaign(session, inp.campaign_id)
             if campaign is not None and campaign.status == "paused":
@@ -173,12 +201,69 @@ class CampaignActivities:
                     {"channel": inp.channel, "purpose": inp.purpose},
                 ),
             )
-        if allowed:
+            if not allowed:
+                return CrmWriteResult(
+                    outcome=CrmOutcome.CONSENT_BLOCKED,
+                    detail=f"no consent for {inp.channel}/{inp.purpose}",
+                )
+            return await self._cap(session, inp)
+
+    async def _cap(self, session: AsyncSession, inp: CrmWriteInput) -> CrmWriteResult | None:
+        """Refuse the action when the customer already had ``cap_max_actions`` outbound
+        actions, from any campaign, within the cap's window (audit rows ``crm_written``).
+
+        A retry of an action that was already written is never capped: it is the same action.
+        The count and the CRM call are not one transaction, so two campaigns acting on one
+        customer in the same instant may both pass; the cap bounds volume, not exactly.
+        """
+        if inp.cap_max_actions <= 0:
             return None
-        return CrmWriteResult(
-            outcome=CrmOutcome.CONSENT_BLOCKED,
-            detail=f"no consent for {inp.channel}/{inp.purpose}",
+        if await outbound.already_written(session, inp.workflow_id, inp.step_id):
+            return None
+        since = datetime.now(UTC) - timedelta(seconds=inp.cap_window_seconds)
+        recent = await outbound.outbound_since(
+            session, inp.customer_key, since, exclude=(inp.workflow_id, inp.step_id)
         )
+        if recent < inp.cap_max_actions:
+            return None
+        await audit.append_audit(
+            session,
+            _event(
+                inp.workflow_id,
+                inp.step_id,
+                "frequency_capped",
+                inp,
+                {
+                    "action": inp.action,
+                    "recent_actions": recent,
+                    "max_actions": inp.cap_max_actions,
+                    "window_seconds": inp.cap_window_seconds,
+                },
+            ),
+        )
+        return CrmWriteResult(
+            outcome=CrmOutcome.CAPPED,
+            detail=f"{recent} outbound actions in the cap window (max {inp.cap_max_actions})",
+        )
+
+    @activity.defn(name="plan_local_time")
+    async def plan_local_time(self, inp: LocalTimeInput) -> LocalTimeResult:
+        """The UTC instant a local-time rule (wait until HH:MM, quiet hours) lets a campaign on,
+        in the customer's zone (``outbound.customer_zone``: the spec's default when unknown).
+
+        Read-only and recorded in history as a local activity's result, so a replay never
+        depends on this machine's time zone data.
+        """
+        async with self._db.transaction() as session:
+            tz = await outbound.customer_zone(session, inp.customer_key, inp.default_timezone)
+        now = datetime.fromisoformat(inp.now)
+        if inp.until:
+            at = schedule.next_local_time(now, tz, inp.until)
+        elif inp.quiet_start:
+            at = schedule.quiet_hours_end(now, tz, inp.quiet_start, inp.quiet_end)
+        else:
+            at = now
+        return LocalTimeResult(at=at.isoformat(), timezone=tz.key)
 
     async def _send(self, inp: CrmWriteInput, key: str) -> str:
         contact_id = inp.customer_key

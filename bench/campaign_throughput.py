@@ -7,7 +7,7 @@ worker settings. The campaign is the demo's shape without approval: score (XGBoo
 branch -> consent-gated CRM label -> 1 s durable timer -> CRM enrolment, through the sandbox
 CRM over HTTP.
 
-    python bench/campaign_throughput.py --campaigns 200
+    python -m bench.campaign_throughput --campaigns 200
 
 Ends with one JSON line: bench, ratio (campaigns/s over bare workflows/s), target, figures.
 """
@@ -27,11 +27,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import uvicorn
-from _bare_workflow import BareWorkflow, noop
 from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.campaign import CampaignActivities
+from bench._bare_workflow import BareWorkflow, noop
 from cohortflow.crm.client import CrmClient
 from cohortflow.crm.sandbox.app import SandboxConfig, create_app
 from cohortflow.launcher import Entry, Launcher
@@ -172,7 +172,10 @@ async def main(n: int) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         registry = ModelRegistry(root / "models")
-        registry.register(train_churn(load_transactions(), TrainConfig()), promoted_by="bench")
+        registry.register(
+            train_churn(load_transactions(), TrainConfig(bootstrap_resamples=0)),
+            promoted_by="bench",
+        )
         settings = Settings(data_dir=root, temporal_port=free_port(), temporal_ui_port=free_port())
         url = f"sqlite+aiosqlite:///{root / 'app.db'}"
         await migrate(url)

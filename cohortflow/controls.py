@@ -7,17 +7,18 @@ the database through storage. Every request is validated before anything is writ
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
 import structlog
 from temporalio.api.enums.v1 import TaskQueueType
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
-from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.exceptions import FailureError
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 
 from cohortflow.errors import Conflict, Invalid, NotFound, Unavailable
 from cohortflow.ids import Pseudonymiser
@@ -94,7 +95,10 @@ class Controls:
         if row.status != "pending":
             raise Conflict(f"approval {approval_id} is already {row.status}", field="approval_id")
         if _aware(row.expires_at) <= datetime.now(UTC):
-            raise Conflict(f"approval {approval_id} expired at {row.expires_at:%Y-%m-%d %H:%M}Z")
+            raise Conflict(
+                f"approval {approval_id} expired at {row.expires_at:%Y-%m-%d %H:%M}Z",
+                field="approval_id",
+            )
         client = await self._require_worker()
         handle = client.get_workflow_handle(row.workflow_id)
         try:
@@ -219,20 +223,34 @@ class Controls:
         return [wf.id async for wf in self._client.list_workflows(full)]
 
     async def _signal_running(self, query: str, signal: str, arg: object) -> int:
-        ids = await self._running(query)
-        client = self._client
-        if client is None:
-            return 0
-        await asyncio.gather(*(client.get_workflow_handle(i).signal(signal, arg) for i in ids))
-        return len(ids)
+        return await self._each_running(query, lambda h: h.signal(signal, arg))
 
     async def _cancel_running(self, query: str) -> int:
-        ids = await self._running(query)
+        return await self._each_running(query, lambda h: h.cancel())
+
+    async def _each_running(
+        self, query: str, act: Callable[[WorkflowHandle[Any, Any]], Awaitable[None]]
+    ) -> int:
+        """Apply ``act`` to every running workflow matching ``query``; count those reached.
+
+        A workflow that closes between the listing and the call is simply not counted: the
+        store change that prompted the call has already been made and stays valid.
+        """
         client = self._client
         if client is None:
             return 0
-        await asyncio.gather(*(client.get_workflow_handle(i).cancel() for i in ids))
-        return len(ids)
+
+        async def one(workflow_id: str) -> bool:
+            try:
+                await act(client.get_workflow_handle(workflow_id))
+            except RPCError as exc:
+                if exc.status != RPCStatusCode.NOT_FOUND:
+                    raise
+                return False
+            return True
+
+        reached = await asyncio.gather(*(one(i) for i in await self._running(query)))
+        return sum(reached)
 
 
 def _require_text(field: str, value: str, limit: int = _NAME_LIMIT) -> None:

@@ -141,7 +141,9 @@ async def prepare(
     trained = champion is None
     if champion is None:
         progress("training the churn model (XGBoost)")
-        model = await asyncio.to_thread(train_churn, transactions, TrainConfig(), progress)
+        # The bootstrap intervals belong to `cohortflow model train`; the demo needs the model.
+        config = TrainConfig(bootstrap_resamples=0)
+        model = await asyncio.to_thread(train_churn, transactions, config, progress)
         champion = registry.register(model, promoted_by="demo", make_champion=True)
     progress(f"champion churn model {champion.version}")
 

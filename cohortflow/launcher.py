@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.common import (
     SearchAttributePair,
     TypedSearchAttributes,
@@ -12,11 +15,14 @@ from temporalio.common import (
     WorkflowIDReusePolicy,
 )
 from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
 
 from cohortflow.settings import Settings
-from cohortflow.spec import CampaignSpec, StepSpec
-from cohortflow.storage import campaigns
+from cohortflow.spec import CampaignSpec, ReentrySpec, StepSpec, parse_duration
+from cohortflow.storage import campaigns, launches
+from cohortflow.storage._sql import utc
 from cohortflow.storage.db import Database
+from cohortflow.storage.tables import LaunchDecision
 from workflows.campaign import CampaignWorkflow
 from workflows.messages import (
     SA,
@@ -92,6 +98,108 @@ class Launcher:
         except WorkflowAlreadyStartedError:
             return False
         return new
+
+    async def launch_transitions(
+        self,
+        spec: CampaignSpec,
+        version: int,
+        cohort_id: str,
+        transitions: Sequence[tuple[int, str]],
+        *,
+        now: datetime | None = None,
+        concurrency: int = 16,
+    ) -> list[str | None]:
+        """Launch the campaign for cohort entries ``(transition seq, customer key)`` as the
+        re-entry rule allows; returns each entry's id, None where the rule refused it.
+
+        The verdict (an entry id, or a refusal) is stored once per entry before anything
+        starts, so a retry launches the same entry ids or nothing; each start then goes
+        through :meth:`launch`, the one idempotent path.
+        """
+        at = utc(now)
+        seqs = [seq for seq, _ in transitions]
+        async with self._db.transaction() as session:
+            decided = await launches.decisions_for(session, spec.campaign_id, seqs)
+            previous = await launches.previous_entries(
+                session, spec.campaign_id, [key for _, key in transitions]
+            )
+        new: list[launches.Decision] = []
+        # Customers given an entry in this call: its campaign is about to start, so running.
+        entered_now: set[str] = set()
+        for seq, key in transitions:
+            if seq in decided:
+                continue
+            earlier = previous[key]
+            running = key in entered_now
+            if earlier and not running and spec.reentry.rule == "after_exit":
+                running = await self._running(spec.campaign_id, key, earlier[-1][0])
+            refusal = reentry_refusal(spec.reentry, earlier, at, previous_running=running)
+            entry_id = None
+            if refusal is None:
+                entry_id = str(1 + max((int(e) for e, _ in earlier if e.isdigit()), default=0))
+                earlier.append((entry_id, at))
+                entered_now.add(key)
+            new.append(launches.Decision(seq, key, entry_id, refusal or "entered"))
+        if new:
+            async with self._db.transaction() as session:
+                decided |= await launches.record_decisions(session, spec.campaign_id, new, now=at)
+        pending = [d for d in decided.values() if d.entry_id is not None and d.launched_at is None]
+        gate = asyncio.Semaphore(concurrency)
+
+        async def start(decision: LaunchDecision) -> None:
+            assert decision.entry_id is not None
+            async with gate:
+                await self.launch(
+                    spec, version, Entry(decision.customer_key, cohort_id, decision.entry_id)
+                )
+
+        await asyncio.gather(*(start(d) for d in pending))
+        if pending:
+            async with self._db.transaction() as session:
+                await launches.mark_launched(
+                    session, spec.campaign_id, [d.transition_seq for d in pending], now=at
+                )
+        return [decided[seq].entry_id for seq in seqs]
+
+    async def _running(self, campaign_id: str, customer_key: str, entry_id: str) -> bool:
+        handle = self._client.get_workflow_handle(
+            campaign_workflow_id(campaign_id, customer_key, entry_id)
+        )
+        try:
+            described = await handle.describe()
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND:
+                return False
+            raise
+        return described.status == WorkflowExecutionStatus.RUNNING
+
+
+def reentry_refusal(
+    rule: ReentrySpec,
+    previous: Sequence[tuple[str, datetime]],
+    now: datetime,
+    *,
+    previous_running: bool,
+) -> str | None:
+    """Why the re-entry rule refuses a new entry, or None when it allows one.
+
+    ``previous``: the customer's earlier entries (entry id, when), oldest first.
+    """
+    if not previous:
+        return None
+    if rule.rule == "once":
+        return "reentry once: the customer entered before"
+    if rule.rule == "after_exit":
+        return (
+            "reentry after_exit: the previous campaign is still running"
+            if previous_running
+            else None
+        )
+    assert rule.cooldown is not None  # the spec requires it for this rule
+    ready_at = previous[-1][1] + parse_duration(rule.cooldown)
+    if now < ready_at:
+        return f"reentry cooldown {rule.cooldown}: not before {ready_at.isoformat()}"
+    return None
 
 
 def summary(spec: CampaignSpec, version: int, entry: Entry) -> str:

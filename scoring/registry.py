@@ -3,6 +3,7 @@
 Layout under ``root``::
 
     {name}/champion.json            pointer to the champion version of ``name``
+    {name}/challenger.json          pointer to the challenger (scored in shadow), if any
     {name}/{version}/model.json     the booster, in XGBoost's JSON format
     {name}/{version}/meta.json      features, training window, metrics, provenance
 
@@ -26,11 +27,12 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
-from scoring.train import ClassifierMetrics, TrainedModel
+from scoring.train import ClassifierMetrics, QualityReport, TrainedModel, metrics_from_dict
 
 MODEL_FILE = "model.json"
 META_FILE = "meta.json"
 CHAMPION_FILE = "champion.json"
+CHALLENGER_FILE = "challenger.json"
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9_]*")
 _VERSION = re.compile(r"(?P<name>[a-z0-9][a-z0-9_]*)-v(?P<number>[0-9]+)-[0-9a-f]{8}")
@@ -68,11 +70,23 @@ class ModelInfo:
     promoted_by: str | None
     promoted_at: datetime | None
     path: Path
+    #: What callers supply, in order; ``feature_names`` beyond these are derived with
+    #: ``derived`` (BG/NBD parameters and horizon). Empty for models without derivation.
+    input_features: tuple[str, ...] = ()
+    derived: dict[str, float] | None = field(default=None, hash=False)
+    report: QualityReport | None = field(default=None, hash=False)
+    #: Binned feature and score distributions the model was trained to serve (for drift).
+    reference: dict[str, Any] | None = field(default=None, hash=False)
 
     @property
     def model_path(self) -> Path:
         """The booster file, XGBoost JSON."""
         return self.path / MODEL_FILE
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """The features a caller must supply, in order."""
+        return self.input_features or self.feature_names
 
 
 def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
@@ -119,23 +133,20 @@ def _meta_payload(info: ModelInfo) -> dict[str, Any]:
         "created_at": info.created_at.isoformat(),
         "promoted_by": info.promoted_by,
         "promoted_at": None if info.promoted_at is None else info.promoted_at.isoformat(),
+        "input_features": list(info.input_features),
+        "derived": info.derived,
+        "report": None if info.report is None else info.report.to_dict(),
+        "reference": info.reference,
     }
 
 
 def _info_from_meta(meta: dict[str, Any], path: Path) -> ModelInfo:
     try:
-        raw = meta["metrics"]
-        metrics = ClassifierMetrics(
-            auroc=float(raw["auroc"]),
-            pr_auc=float(raw["pr_auc"]),
-            brier=float(raw["brier"]),
-            precision_at_10pct=float(raw["precision_at_10pct"]),
-            base_rate=float(raw["base_rate"]),
-            calibration=[
-                (float(pred), float(rate), int(count)) for pred, rate, count in raw["calibration"]
-            ],
-        )
+        metrics: ClassifierMetrics = metrics_from_dict(meta["metrics"])
         promoted_at = meta["promoted_at"]
+        # Versions registered before derived features and reports existed lack these keys.
+        derived = meta.get("derived")
+        report = meta.get("report")
         return ModelInfo(
             name=str(meta["name"]),
             version=str(meta["version"]),
@@ -152,6 +163,10 @@ def _info_from_meta(meta: dict[str, Any], path: Path) -> ModelInfo:
             promoted_by=meta["promoted_by"],
             promoted_at=None if promoted_at is None else datetime.fromisoformat(promoted_at),
             path=path,
+            input_features=tuple(str(f) for f in meta.get("input_features", ())),
+            derived=None if derived is None else {str(k): float(v) for k, v in derived.items()},
+            report=None if report is None else QualityReport.from_dict(report),
+            reference=meta.get("reference"),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelCorrupt(f"{path / META_FILE}: {exc!r}") from exc
@@ -174,6 +189,14 @@ def _versions(model_dir: Path, name: str) -> list[tuple[Path, re.Match[str]]]:
         if match is not None and match["name"] == name and entry.is_dir():
             found.append((entry, match))
     return found
+
+
+def model_name(version: str) -> str:
+    """The model a version string belongs to; raise :class:`ModelNotFound` if malformed."""
+    match = _VERSION.fullmatch(version)
+    if match is None:
+        raise ModelNotFound(f"{version!r} is not a model version (e.g. churn-v1-0123abcd)")
+    return match["name"]
 
 
 class ModelRegistry:
@@ -225,6 +248,10 @@ class ModelRegistry:
                     promoted_by=promoted_by if make_champion else None,
                     promoted_at=created_at if make_champion else None,
                     path=model_dir / version,
+                    input_features=trained.input_features,
+                    derived=trained.derived,
+                    report=trained.report,
+                    reference=trained.reference,
                 )
                 _write_json_atomic(staging / META_FILE, _meta_payload(info))
                 try:
@@ -270,17 +297,57 @@ class ModelRegistry:
             raise ModelCorrupt(f"{path}: no version")
         return version
 
+    def challenger_version(self, name: str) -> str | None:
+        """The challenger version of ``name`` (scored in shadow), or None."""
+        if not _NAME.fullmatch(name):
+            return None
+        path = self.root / name / CHALLENGER_FILE
+        try:
+            pointer = _read_json(path)
+        except FileNotFoundError:
+            return None
+        version = pointer.get("version")
+        if not isinstance(version, str):
+            raise ModelCorrupt(f"{path}: no version")
+        return version
+
+    def set_challenger(self, name: str, version: str, by: str) -> ModelInfo:
+        """Make ``version`` the one challenger of ``name``; it must not be the champion."""
+        info = self.get(name, version)
+        if self.champion_version(name) == version:
+            raise ValueError(f"{version} is the champion of {name}; it cannot also challenge")
+        _write_json_atomic(
+            self.root / name / CHALLENGER_FILE,
+            {"version": version, "set_by": by, "set_at": datetime.now(UTC).isoformat()},
+        )
+        return info
+
+    def clear_challenger(self, name: str) -> bool:
+        """Stop shadow scoring for ``name``; True if there was a challenger."""
+        if not _NAME.fullmatch(name):
+            return False
+        try:
+            (self.root / name / CHALLENGER_FILE).unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
     def champion(self, name: str) -> ModelInfo | None:
         """The champion of ``name``, or None if none was ever promoted."""
         version = self.champion_version(name)
         return None if version is None else self.get(name, version)
 
     def promote(self, name: str, version: str, by: str) -> ModelInfo:
-        """Make ``version`` the champion of ``name``, recording who did it and when."""
+        """Make ``version`` the champion of ``name``, recording who did it and when.
+
+        A challenger promoted to champion stops being the challenger.
+        """
         info = self.get(name, version)
         promoted = replace(info, promoted_by=by, promoted_at=datetime.now(UTC))
         _write_json_atomic(info.path / META_FILE, _meta_payload(promoted))
         self._write_champion(promoted)
+        if self.challenger_version(name) == version:
+            self.clear_challenger(name)
         return promoted
 
     def list(self, name: str | None = None) -> list[ModelInfo]:

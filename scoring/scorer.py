@@ -13,16 +13,26 @@ import numpy as np
 import numpy.typing as npt
 import xgboost as xgb
 
+from scoring.bgnbd import BgNbdParams
+from scoring.features import BGNBD_FEATURE_NAMES, bgnbd_columns
 from scoring.registry import ModelCorrupt, ModelInfo, ModelNotFound, ModelRegistry, ScoringError
 
 __all__ = [
     "BatchScores",
+    "Columns",
     "FeatureMismatch",
     "ModelCorrupt",
     "ModelNotFound",
+    "Rows",
     "Scorer",
     "ScoringError",
 ]
+
+
+#: One mapping per customer (the campaign path).
+Rows = Sequence[Mapping[str, float | None]]
+#: One 1-D array per feature, all of one length (the batch path).
+Columns = Mapping[str, npt.ArrayLike]
 
 
 class FeatureMismatch(ScoringError):
@@ -44,10 +54,53 @@ class BatchScores:
 
 
 @dataclass(frozen=True)
+class _Derivation:
+    """How a hybrid model's BG/NBD columns follow from three input columns."""
+
+    params: BgNbdParams
+    horizon_days: float
+    frequency: int
+    tenure_days: int
+    age_days: int
+
+    def columns(self, inputs: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+        return bgnbd_columns(
+            inputs[:, self.frequency],
+            inputs[:, self.tenure_days],
+            inputs[:, self.age_days],
+            self.params,
+            self.horizon_days,
+        )
+
+
+@dataclass(frozen=True)
 class _LoadedModel:
     info: ModelInfo
     booster: xgb.Booster
     row_values: Callable[[Mapping[str, float | None]], Any]
+    derivation: _Derivation | None
+
+
+def _derivation(info: ModelInfo) -> _Derivation | None:
+    inputs = info.inputs
+    extra = info.feature_names[len(inputs) :]
+    if info.feature_names[: len(inputs)] != inputs:
+        raise FeatureMismatch(f"{info.version}: model features do not start with its inputs")
+    if not extra:
+        return None
+    if extra != BGNBD_FEATURE_NAMES or info.derived is None:
+        raise FeatureMismatch(f"{info.version}: cannot derive features {list(extra)}")
+    try:
+        d = info.derived
+        return _Derivation(
+            params=BgNbdParams(d["r"], d["alpha"], d["a"], d["b"], 0.0, 0),
+            horizon_days=d["horizon_days"],
+            frequency=inputs.index("frequency"),
+            tenure_days=inputs.index("tenure_days"),
+            age_days=inputs.index("age_days"),
+        )
+    except (KeyError, ValueError) as exc:
+        raise FeatureMismatch(f"{info.version}: incomplete derivation: {exc!r}") from exc
 
 
 def _load(info: ModelInfo) -> _LoadedModel:
@@ -67,7 +120,7 @@ def _load(info: ModelInfo) -> _LoadedModel:
             f"{info.version}: booster features {booster.feature_names} differ from the "
             f"registry's {list(info.feature_names)}"
         )
-    return _LoadedModel(info, booster, itemgetter(*info.feature_names))
+    return _LoadedModel(info, booster, itemgetter(*info.inputs), _derivation(info))
 
 
 class Scorer:
@@ -90,29 +143,47 @@ class Scorer:
         """
         return self._loaded(name, version).info
 
+    def challenger_version(self, name: str) -> str | None:
+        """The version of ``name`` that scores in shadow, or None (one small file read)."""
+        return self._registry.challenger_version(name)
+
     def score(
         self,
         name: str,
-        rows: Sequence[Mapping[str, float | None]],
+        rows: Rows | Columns,
         version: str | None = None,
         top_k: int = 3,
     ) -> BatchScores:
-        """Score ``rows`` (feature name → value; None is missing) with ``name``.
+        """Score ``rows`` with ``name``; ``version`` None means the current champion.
 
-        ``version`` None means the current champion. Keys beyond the model's features are
-        ignored; a row without one of them raises :class:`FeatureMismatch`.
+        ``rows`` is either a sequence of rows (feature name → value, None is missing), as a
+        campaign scores one customer, or columns (feature name → 1-D array, NaN is
+        missing), as batch scoring reads a feature store: columns skip building a matrix
+        row by row. Names beyond the model's features are ignored; a missing one raises
+        :class:`FeatureMismatch`.
         """
         if top_k < 0:
             raise ValueError("top_k must be >= 0")
         loaded = self._loaded(name, version)
         info = loaded.info
-        if not rows:
+        if isinstance(rows, Mapping):
+            matrix = self._column_matrix(loaded, rows)
+        elif rows:
+            matrix = self._row_matrix(loaded, rows)
+        else:
             return BatchScores(info.name, info.version, [], [])
-        matrix = self._matrix(loaded, rows)
+        if matrix.shape[0] == 0:
+            return BatchScores(info.name, info.version, [], [])
+        n_inputs = len(info.inputs)
+        if loaded.derivation is not None:
+            # The matrices leave room for the derived columns: no copy to widen them.
+            matrix[:, n_inputs:] = loaded.derivation.columns(matrix[:, :n_inputs])
         scores = loaded.booster.inplace_predict(matrix).astype(np.float64).tolist()
         contributions: list[list[tuple[str, float]]]
         if top_k == 0:
-            contributions = [[] for _ in rows]
+            # One shared empty list, read-only like the rest of BatchScores: 100,000 fresh
+            # lists cost as much as the prediction itself (allocation and GC).
+            contributions = [[]] * len(scores)
         else:
             contributions = self._top_contributions(loaded, matrix, top_k)
         return BatchScores(info.name, info.version, scores, contributions)
@@ -131,10 +202,8 @@ class Scorer:
         return loaded
 
     @staticmethod
-    def _matrix(
-        loaded: _LoadedModel, rows: Sequence[Mapping[str, float | None]]
-    ) -> npt.NDArray[np.float32]:
-        names = loaded.info.feature_names
+    def _row_matrix(loaded: _LoadedModel, rows: Rows) -> npt.NDArray[np.float32]:
+        names = loaded.info.inputs
         try:
             values = [loaded.row_values(row) for row in rows]
         except KeyError as exc:
@@ -144,10 +213,33 @@ class Scorer:
             ) from exc
         try:
             # float32 conversion turns None into NaN, XGBoost's missing value.
-            matrix = np.array(values, dtype=np.float32)
+            inputs = np.array(values, dtype=np.float32).reshape(len(rows), len(names))
         except (TypeError, ValueError) as exc:
             raise ScoringError(f"feature values must be numbers or None: {exc}") from exc
-        return matrix.reshape(len(rows), len(names))
+        if len(loaded.info.feature_names) == len(names):
+            return inputs
+        matrix = np.empty((len(rows), len(loaded.info.feature_names)), dtype=np.float32)
+        matrix[:, : len(names)] = inputs
+        return matrix
+
+    @staticmethod
+    def _column_matrix(loaded: _LoadedModel, columns: Columns) -> npt.NDArray[np.float32]:
+        names = loaded.info.inputs
+        missing = [f for f in names if f not in columns]
+        if missing:
+            raise FeatureMismatch(f"{loaded.info.version}: input columns lack {missing}")
+        arrays = [np.asarray(columns[f]) for f in names]
+        if any(a.ndim != 1 for a in arrays) or len({len(a) for a in arrays}) != 1:
+            raise ScoringError("feature columns must be 1-D numbers of one length")
+        # Derived columns, if any, are written into the spare room by the caller.
+        matrix = np.empty((len(arrays[0]), len(loaded.info.feature_names)), dtype=np.float32)
+        try:
+            for i, array in enumerate(arrays):
+                # Assignment casts to float32 in place: no intermediate copy per column.
+                matrix[:, i] = array
+        except (TypeError, ValueError) as exc:
+            raise ScoringError(f"feature columns must be numbers: {exc}") from exc
+        return matrix
 
     @staticmethod
     def _top_contributions(

@@ -7,10 +7,14 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
 from cohortflow.runtime.binaries import temporal_test_server
-from cohortflow.temporal_client import ensure_search_attributes
+from cohortflow.runtime.devserver import DevServer
+from cohortflow.runtime.ports import free_port
+from cohortflow.settings import Settings
+from cohortflow.temporal_client import connect, ensure_search_attributes
 from tests.harness import Harness, Sandbox, migrated, serve_sandbox, train_small_registry
 
 
@@ -48,4 +52,37 @@ async def harness(
     """Real activities over a fresh SQLite database, on the time-skipping server."""
     db = await migrated(f"sqlite+aiosqlite:///{tmp_path / 'app.db'}")
     yield Harness(time_skipping_env.client, db, registry_root, sandbox, time_skipping_env)
+    await db.dispose()
+
+
+@pytest.fixture(scope="session")
+async def dev_settings(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Settings]:
+    """One embedded dev server (SQLite file, search attributes) on free ports for the session;
+    yields the settings that reach it."""
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("devserver"),
+        temporal_port=free_port(),
+        temporal_ui_port=free_port(),
+    )
+    server = DevServer(settings)
+    await server.start()
+    try:
+        yield settings
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+async def dev_client(dev_settings: Settings) -> Client:
+    """A client of the session's dev server."""
+    return await connect(dev_settings, tracing=False)
+
+
+@pytest.fixture
+async def dev_harness(
+    dev_client: Client, registry_root: Path, sandbox: Sandbox, tmp_path: Path
+) -> AsyncIterator[Harness]:
+    """Real activities over a fresh SQLite database, on the dev server."""
+    db = await migrated(f"sqlite+aiosqlite:///{tmp_path / 'app.db'}")
+    yield Harness(dev_client, db, registry_root, sandbox)
     await db.dispose()

@@ -38,11 +38,8 @@ from workflows.campaign import CampaignWorkflow
 from workflows.messages import CampaignResult, CampaignState, CampaignStatus, campaign_workflow_id
 
 # A lapsed one-time buyer: every model feature present, one of them missing (NaN -> None).
-FEATURES: dict[str, float | None] = {name: 1.0 for name in FEATURE_NAMES} | {
-    "recency_days": 300.0,
-    "monetary_total": 150.0,
-    "mean_interpurchase_days": None,
-}
+FEATURES: dict[str, float | None] = {name: 1.0 for name in FEATURE_NAMES}
+FEATURES.update(recency_days=300.0, monetary_total=150.0, mean_interpurchase_days=None)
 
 
 @dataclass
@@ -106,7 +103,7 @@ def serve_sandbox(db_path: Path, **config: Any) -> Iterator[Sandbox]:
 def train_small_registry(root: Path) -> ModelRegistry:
     """A registry holding a quickly trained churn champion."""
     registry = ModelRegistry(root)
-    trained = train_churn(load_transactions(), TrainConfig(n_estimators=30))
+    trained = train_churn(load_transactions(), TrainConfig(n_estimators=30, bootstrap_resamples=0))
     registry.register(trained, promoted_by="tests")
     return registry
 
@@ -229,7 +226,8 @@ class Harness:
         """Wait for the campaign's end, letting a time-skipping server jump over its timers."""
         if self.env is None:
             return await handle.result()
-        async with self.env.time_skipping_unlocked():
+        # Only the time-skipping environment has it; the dev server's env is None here.
+        async with self.env.time_skipping_unlocked():  # type: ignore[attr-defined]
             return await handle.result()
 
 

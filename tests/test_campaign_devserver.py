@@ -4,51 +4,19 @@ and operators deciding through the same code the CLI and the API use."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.api.sdk.v1 import WorkflowMetadata
-from temporalio.client import Client
 
 from cohortflow.controls import Controls
 from cohortflow.crm.client import CrmClient
 from cohortflow.errors import Conflict, Invalid, NotFound
 from cohortflow.ids import Pseudonymiser
-from cohortflow.runtime.devserver import DevServer
-from cohortflow.runtime.ports import free_port
-from cohortflow.settings import Settings
-from cohortflow.temporal_client import connect
-from tests.harness import Harness, Sandbox, migrated, spec_document, wait_for_state
+from tests.harness import Harness, spec_document, wait_for_state
 from workflows.messages import CampaignState
 
 pytestmark = pytest.mark.devserver
-
-
-@pytest.fixture(scope="module")
-async def dev_client(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Client]:
-    """The embedded dev server (SQLite file, search attributes) on free ports."""
-    settings = Settings(
-        data_dir=tmp_path_factory.mktemp("devserver"),
-        temporal_port=free_port(),
-        temporal_ui_port=free_port(),
-    )
-    server = DevServer(settings)
-    await server.start()
-    try:
-        yield await connect(settings, tracing=False)
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-async def dev_harness(
-    dev_client: Client, registry_root: Path, sandbox: Sandbox, tmp_path: Path
-) -> AsyncIterator[Harness]:
-    db = await migrated(f"sqlite+aiosqlite:///{tmp_path / 'app.db'}")
-    yield Harness(dev_client, db, registry_root, sandbox)
-    await db.dispose()
 
 
 def short_wait(document: dict[str, object]) -> dict[str, object]:

@@ -17,10 +17,11 @@ import pandas as pd
 import pytest
 import xgboost as xgb
 
+from scoring.bgnbd import BgNbdParams
 from scoring.cdnow import cdnow_path, load_transactions
-from scoring.features import FEATURE_NAMES, rfm_features
+from scoring.features import BGNBD_FEATURE_NAMES, FEATURE_NAMES, bgnbd_columns, rfm_features
 from scoring.registry import ModelRegistry
-from scoring.scorer import FeatureMismatch, ModelCorrupt, ModelNotFound, Scorer
+from scoring.scorer import FeatureMismatch, ModelCorrupt, ModelNotFound, Scorer, ScoringError
 from scoring.train import (
     LeakageError,
     TrainConfig,
@@ -61,8 +62,18 @@ def as_rows(frame: pd.DataFrame) -> list[dict[str, float | None]]:
     ]
 
 
-def matrix(frame: pd.DataFrame) -> npt.NDArray[np.float32]:
-    return np.asarray(frame.loc[:, list(FEATURE_NAMES)], dtype=np.float32)
+def matrix(frame: pd.DataFrame, model: TrainedModel | None = None) -> npt.NDArray[np.float32]:
+    """The booster's input matrix: the store's features plus, for a hybrid, BG/NBD's."""
+    base = frame.loc[:, list(FEATURE_NAMES)].to_numpy(dtype=np.float32)
+    if model is None or model.derived is None:
+        return base
+    d = model.derived
+    params = BgNbdParams(d["r"], d["alpha"], d["a"], d["b"], 0.0, 0)
+    column = {name: base[:, i] for i, name in enumerate(FEATURE_NAMES)}
+    extra = bgnbd_columns(
+        column["frequency"], column["tenure_days"], column["age_days"], params, d["horizon_days"]
+    )
+    return np.hstack([base, extra.astype(np.float32)])
 
 
 def tx(rows: list[tuple[str, str, int, float]]) -> pd.DataFrame:
@@ -81,7 +92,7 @@ def test_scoring_is_a_library_without_service_imports() -> None:
     )
     code = (
         "import json, sys, scoring.cdnow, scoring.features, scoring.train, scoring.registry, "
-        "scoring.scorer; print(json.dumps(sorted(sys.modules)))"
+        "scoring.scorer, scoring.bgnbd, scoring.drift; print(json.dumps(sorted(sys.modules)))"
     )
     loaded = subprocess.run(
         [sys.executable, "-c", code],
@@ -206,25 +217,28 @@ def test_churn_model_holdout_metrics(trained: TrainedModel) -> None:
     assert metrics["brier"] < 0.25
     assert metrics["pr_auc"] > metrics["base_rate"]
     assert metrics["precision_at_10pct"] > metrics["base_rate"]
-    assert trained.n_train + trained.n_test == 23_570
-    assert trained.n_test == pytest.approx(0.3 * 23_570, abs=1)
+    # A time split: every customer appears in the training snapshot (as of 1997-04-30)
+    # and in the test snapshot (as of 1997-09-30).
+    assert (trained.n_train, trained.n_test) == (23_570, 23_570)
     assert sum(count for _, _, count in metrics["calibration"]) == trained.n_test
     assert (trained.feature_cutoff, trained.label_end) == (date(1997, 9, 30), date(1998, 6, 30))
-    assert trained.feature_names == FEATURE_NAMES
-    assert tuple(trained.booster.feature_names or ()) == FEATURE_NAMES
+    assert trained.feature_names == FEATURE_NAMES + BGNBD_FEATURE_NAMES
+    assert trained.input_features == FEATURE_NAMES
+    assert tuple(trained.booster.feature_names or ()) == trained.feature_names
     assert len(trained.data_hash) == 64
 
 
 def test_training_is_reproducible(
     transactions: pd.DataFrame, trained: TrainedModel, features: pd.DataFrame
 ) -> None:
-    x = matrix(features)
-    again = train_churn(transactions.sample(frac=1.0, random_state=7), CONFIG)
+    x = matrix(features, trained)
+    quick = dataclasses.replace(CONFIG, bootstrap_resamples=0)
+    again = train_churn(transactions.sample(frac=1.0, random_state=7), quick)
     assert np.array_equal(again.booster.inplace_predict(x), trained.booster.inplace_predict(x))
     assert again.data_hash == trained.data_hash
     assert again.metrics == trained.metrics
 
-    reseeded = train_churn(transactions, dataclasses.replace(CONFIG, seed=CONFIG.seed + 1))
+    reseeded = train_churn(transactions, dataclasses.replace(quick, seed=CONFIG.seed + 1))
     assert not np.array_equal(
         reseeded.booster.inplace_predict(x), trained.booster.inplace_predict(x)
     )
@@ -240,20 +254,25 @@ def test_registry_round_trip(
     assert info.version.startswith("churn-v1-")
     assert registry.champion("churn") == info
     assert registry.get("churn", info.version) == info
-    assert info.feature_names == FEATURE_NAMES
+    assert info.feature_names == trained.feature_names
     assert info.metrics == trained.metrics
     assert (info.promoted_by, info.data_hash) == ("alice", trained.data_hash)
 
     model_text = info.model_path.read_text(encoding="utf-8")
     assert "learner" in json.loads(model_text)
     meta = json.loads((info.path / "meta.json").read_text(encoding="utf-8"))
-    assert meta["feature_names"] == list(FEATURE_NAMES)
+    assert meta["feature_names"] == list(FEATURE_NAMES + BGNBD_FEATURE_NAMES)
+    assert meta["input_features"] == list(FEATURE_NAMES)
     assert (meta["feature_cutoff"], meta["label_end"]) == ("1997-09-30", "1998-06-30")
+    assert meta["report"]["dates"]["train_features"] == "1997-04-30"
+    assert info.report == trained.report
 
+    # Callers pass the store's features; the scorer derives BG/NBD's as training did.
     sample = features.head(500)
     result = Scorer(registry).score("churn", as_rows(sample))
     assert result.version == info.version
-    assert np.allclose(result.scores, trained.booster.inplace_predict(matrix(sample)), atol=1e-7)
+    expected = trained.booster.inplace_predict(matrix(sample, trained))
+    assert np.allclose(result.scores, expected, atol=1e-6)
 
 
 def test_registry_versions_and_promotion(registry: ModelRegistry, trained: TrainedModel) -> None:
@@ -354,9 +373,9 @@ def test_none_is_scored_as_missing(
     row["extra_key_is_ignored"] = 1.0
     result = Scorer(registry).score("churn", [row])
 
-    expected = np.array([[np.nan if row[f] is None else row[f] for f in FEATURE_NAMES]])
+    frame = pd.DataFrame([{f: np.nan if row[f] is None else row[f] for f in FEATURE_NAMES}])
     assert result.scores == pytest.approx(
-        trained.booster.inplace_predict(expected.astype(np.float32)).tolist()
+        trained.booster.inplace_predict(matrix(frame, trained)).tolist()
     )
     assert 0.0 < result.scores[0] < 1.0
     assert len(result.contributions[0]) == 3
@@ -369,17 +388,17 @@ def test_contributions_add_up_to_the_margin_and_are_ordered(
     sample = features.sample(300, random_state=1)
     rows = as_rows(sample)
     scorer = Scorer(registry)
-    full = scorer.score("churn", rows, top_k=len(FEATURE_NAMES))
+    full = scorer.score("churn", rows, top_k=len(trained.feature_names))
     top3 = scorer.score("churn", rows, top_k=3)
 
-    dmatrix = xgb.DMatrix(matrix(sample), feature_names=list(FEATURE_NAMES))
+    dmatrix = xgb.DMatrix(matrix(sample, trained), feature_names=list(trained.feature_names))
     bias = trained.booster.predict(dmatrix, pred_contribs=True)[:, -1]
     margin = trained.booster.predict(dmatrix, output_margin=True)
     totals = np.array([sum(value for _, value in row) for row in full.contributions])
     assert np.allclose(totals + bias, margin, atol=1e-4)
 
     for everything, top in zip(full.contributions, top3.contributions, strict=True):
-        assert {name for name, _ in everything} == set(FEATURE_NAMES)
+        assert {name for name, _ in everything} == set(trained.feature_names)
         magnitudes = [abs(value) for _, value in everything]
         assert magnitudes == sorted(magnitudes, reverse=True)
         assert top == everything[:3]
@@ -393,8 +412,28 @@ def test_inplace_predict_matches_dmatrix_predict(
     registry.register(trained)
     sample = features.sample(1000, random_state=2)
     result = Scorer(registry).score("churn", as_rows(sample), top_k=0)
-    dmatrix = xgb.DMatrix(matrix(sample), feature_names=list(FEATURE_NAMES))
+    dmatrix = xgb.DMatrix(matrix(sample, trained), feature_names=list(trained.feature_names))
     assert np.array_equal(
         np.asarray(result.scores, dtype=np.float32), trained.booster.predict(dmatrix)
     )
     assert len(result.scores) == 1000
+
+
+def test_columns_score_like_rows(
+    registry: ModelRegistry, trained: TrainedModel, features: pd.DataFrame
+) -> None:
+    registry.register(trained)
+    sample = features.sample(2000, random_state=3)
+    scorer = Scorer(registry)
+    by_rows = scorer.score("churn", as_rows(sample))
+    columns = {name: sample[name].to_numpy() for name in FEATURE_NAMES}
+    by_columns = scorer.score("churn", columns | {"unused": np.zeros(len(sample))})
+    assert by_columns == by_rows
+    assert scorer.score("churn", {n: np.array([]) for n in FEATURE_NAMES}).scores == []
+
+    del columns["age_days"]
+    with pytest.raises(FeatureMismatch, match="age_days"):
+        scorer.score("churn", columns)
+    ragged = {n: np.ones(3) for n in FEATURE_NAMES} | {"age_days": np.ones(2)}
+    with pytest.raises(ScoringError, match="one length"):
+        scorer.score("churn", ragged)

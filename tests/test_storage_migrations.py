@@ -58,10 +58,15 @@ async def test_upgrade_downgrade_upgrade(database_url: str) -> None:
         "approvals",
         "segment_assignments",
         "audit_log",
+        "events",
+        "cohorts",
+        "cohort_members",
+        "cohort_transitions",
+        "launch_decisions",
     } == TABLES
     await migrate(database_url)
     assert _tables_without_alembic(await _tables(database_url)) == TABLES
-    assert await _revision(database_url) == "0001"
+    assert await _revision(database_url) == "0002"
 
     await downgrade(database_url)
     assert _tables_without_alembic(await _tables(database_url)) == set()
@@ -69,7 +74,7 @@ async def test_upgrade_downgrade_upgrade(database_url: str) -> None:
 
     await migrate(database_url)
     assert _tables_without_alembic(await _tables(database_url)) == TABLES
-    assert await _revision(database_url) == "0001"
+    assert await _revision(database_url) == "0002"
 
 
 def _tables_without_alembic(names: set[str]) -> set[str]:
@@ -79,7 +84,7 @@ def _tables_without_alembic(names: set[str]) -> set[str]:
 async def test_migrate_twice_is_a_no_op(database_url: str) -> None:
     await migrate(database_url)
     await migrate(database_url)
-    assert await _revision(database_url) == "0001"
+    assert await _revision(database_url) == "0002"
 
 
 async def test_migrated_schema_matches_the_models(db: Database) -> None:
@@ -107,5 +112,5 @@ async def test_alembic_command_line_reads_the_url_from_the_environment(database_
         )
         stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=60)
         assert process.returncode == 0, stderr.decode()
-    assert "0001 (head)" in stdout.decode()
+    assert "0002 (head)" in stdout.decode()
     assert _tables_without_alembic(await _tables(database_url)) == TABLES

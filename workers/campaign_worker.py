@@ -16,12 +16,14 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.campaign import CampaignActivities
+from activities.launch import LaunchActivities
 from cohortflow.crm.client import CrmClient
 from cohortflow.settings import Settings
 from cohortflow.storage.db import Database
 from scoring.registry import ModelRegistry
 from scoring.scorer import Scorer
 from workflows.campaign import CampaignWorkflow
+from workflows.launch import LaunchCampaignsWorkflow
 
 log = structlog.get_logger(__name__)
 
@@ -33,13 +35,21 @@ def build_workers(
     task_queue: str,
     crm_task_queue: str,
     crm_max_activities_per_second: float,
+    launch: LaunchActivities | None = None,
 ) -> Sequence[Worker]:
-    """The campaign worker and the rate-capped CRM worker."""
+    """The campaign worker (with the bulk launcher when given) and the rate-capped CRM worker."""
+    launch_activities = [launch.launch_entries] if launch is not None else []
     campaign = Worker(
         client,
         task_queue=task_queue,
-        workflows=[CampaignWorkflow],
-        activities=[activities.load_spec, activities.score_customer, activities.record_audit],
+        workflows=[CampaignWorkflow, LaunchCampaignsWorkflow],
+        activities=[
+            activities.load_spec,
+            activities.score_customer,
+            activities.record_audit,
+            activities.plan_local_time,
+            *launch_activities,
+        ],
         max_concurrent_activities=50,
     )
     crm = Worker(
@@ -76,6 +86,7 @@ async def serve(settings: Settings, client: Client, stop: asyncio.Event) -> None
             task_queue=settings.task_queue,
             crm_task_queue=settings.crm_task_queue,
             crm_max_activities_per_second=settings.crm_max_activities_per_second,
+            launch=LaunchActivities(client, db, settings),
         )
         log.info("worker started", task_queue=settings.task_queue, crm=settings.crm_task_queue)
         try:

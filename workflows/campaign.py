@@ -6,14 +6,24 @@
     rejected: an operator said no, or the approval expired with ``on_timeout: reject``.
 
 The workflow only decides. Every side effect (loading the spec, scoring, consent-gated CRM
-writes, audit rows, the safe default segment) is an activity; waits are durable timers.
+writes, audit rows, the safe default segment, reading the customer's time zone) is an
+activity; waits are durable timers raced against the conditions that may cut them short.
+
+Customer events (signal ``customer_event``) end a wait for an event, end the campaign when
+the spec lists them in ``exit_on_events``, and mark the conversion goal. A run whose history
+grows past its bound continues as new, carrying its state, pending approval and the
+deadline of the wait it was in (``CarriedState``).
+
+Patch ids (``workflow.patched``), so histories of earlier releases keep replaying:
+``variant-audit``: the holdout arm is written to the audit trail at entry.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-from datetime import timedelta
+from collections.abc import Callable
+from datetime import datetime, timedelta
 from typing import Any
 
 from temporalio import workflow
@@ -31,17 +41,21 @@ with workflow.unsafe.imports_passed_through():
         CampaignSpecDef,
         CampaignState,
         CampaignStatus,
+        CarriedState,
         CohortExited,
         Comparison,
         ConsentChanged,
         CrmOutcome,
         CrmWriteInput,
         CrmWriteResult,
+        CustomerEvent,
         DecideRequest,
         DecideResult,
         FallbackInput,
         FallbackResult,
         LoadSpecInput,
+        LocalTimeInput,
+        LocalTimeResult,
         PauseChanged,
         PendingApproval,
         ScoreInput,
@@ -55,6 +69,8 @@ SCORE_CUSTOMER = "score_customer"
 CRM_WRITE = "crm_write"
 RECORD_AUDIT = "record_audit"
 RESOLVE_FALLBACK = "resolve_fallback"
+PLAN_LOCAL_TIME = "plan_local_time"
+VARIANT_AUDIT_PATCH = "variant-audit"
 
 LOCAL_TIMEOUT = timedelta(seconds=30)
 SCORE_RETRY = RetryPolicy(maximum_attempts=3, non_retryable_error_types=["ScoringError"])
@@ -67,7 +83,15 @@ CRM_RETRY = RetryPolicy(
     non_retryable_error_types=["CrmRejected"],
 )
 FALLBACK_RETRY = RetryPolicy(maximum_interval=timedelta(minutes=1), maximum_attempts=20)
-MAX_STEPS = 200  # a spec with a cycle can never loop a workflow for ever
+# Counted over every run of a campaign: a cycle the validator let through (or a spec stored
+# before loops were checked) still ends, while a weekly drip loop has room for years.
+MAX_STEPS = 1_000
+# Continue as new once a run's history passes this many events. Temporal warns at 10,240 and
+# ends a run at 51,200; a worker that lost its cache replays the whole history before the next
+# step (DESIGN.md: about 3.5-7 ms of CPU per workflow task), so staying near 2,000 keeps a
+# replay short while a typical campaign (30-80 events) and long drips of a hundred steps or
+# thousands of customer events still finish in one or a few runs.
+DEFAULT_HISTORY_LIMIT = 2_000
 
 
 def approval_id_for(workflow_id: str, step_id: str) -> str:
@@ -75,12 +99,24 @@ def approval_id_for(workflow_id: str, step_id: str) -> str:
     return "apr_" + hashlib.sha256(f"{workflow_id}:{step_id}".encode()).hexdigest()[:12]
 
 
-def holdout_variant(campaign_id: str, customer_key: str, holdout_percent: float) -> str:
-    """Deterministic assignment: the same customer always lands in the same arm."""
+def holdout_variant(
+    campaign_id: str, customer_key: str, holdout_percent: float, stratum: str = ""
+) -> str:
+    """Deterministic assignment: the same customer always lands in the same arm.
+
+    With a ``stratum`` (a score band), the draw is made within the band, so each band holds
+    the spec's share of controls and both arms see the same risk mix.
+    """
     if holdout_percent <= 0:
         return "treatment"
-    bucket = int(hashlib.sha256(f"{campaign_id}:{customer_key}".encode()).hexdigest()[:8], 16)
+    material = f"{campaign_id}:{customer_key}" + (f":{stratum}" if stratum else "")
+    bucket = int(hashlib.sha256(material.encode()).hexdigest()[:8], 16)
     return "control" if bucket % 10_000 < holdout_percent * 100 else "treatment"
+
+
+def score_band(score: float, cuts: list[float]) -> str:
+    """The band of ``score`` among ascending cut points: ``b0`` below the first cut, ..."""
+    return f"b{sum(1 for cut in cuts if score >= cut)}"
 
 
 def compare(value: float, op: str, threshold: float) -> bool:
@@ -93,6 +129,15 @@ def compare(value: float, op: str, threshold: float) -> bool:
         "==": value == threshold,
         "!=": value != threshold,
     }[op]
+
+
+class _ContinueAsNew(Exception):
+    """Raised where the history bound is reached; the run hands over and continues as new."""
+
+    def __init__(self, step_id: str, deadline: datetime | None) -> None:
+        super().__init__(step_id)
+        self.step_id = step_id
+        self.deadline = deadline
 
 
 class _Finished(Exception):
@@ -125,12 +170,23 @@ class CampaignWorkflow:
         self._fallback_reason = ""
         self._transitions: list[str] = []
         self._steps_run: list[str] = []
+        self._entered_at: datetime | None = None
+        self._converted_at = ""
+        self._deadline: datetime | None = None  # of the wait a continuation resumes
+        self._waiting_until = ""
+        self._waiting_for = ""
+        self._event_seq = 0
+        self._last_event: dict[str, int] = {}  # event name -> sequence number of its last arrival
+        self._wait_mark = 0  # sequence number when the current wait for an event began
+        self._early_events: list[CustomerEvent] = []  # arrived before the spec was loaded
+        self._handing_over = False
+        self._runs = 1
 
     # ------------------------------------------------------------------ the state machine
 
     @workflow.run
     async def run(self, inp: CampaignInput) -> CampaignResult:
-        """Load the spec, then run its steps until a terminal state."""
+        """Load the spec, then run its steps until a terminal state (or continue as new)."""
         self._input = inp
         self._spec = await workflow.execute_local_activity(
             LOAD_SPEC,
@@ -138,24 +194,59 @@ class CampaignWorkflow:
             result_type=CampaignSpecDef,
             start_to_close_timeout=LOCAL_TIMEOUT,
         )
-        self._variant = holdout_variant(
-            inp.campaign_id, inp.customer_key, self._spec.holdout_percent
-        )
-        self._transition(CampaignState.ENTERED, "loaded spec", upsert_variant=True)
+        if inp.carried is not None:
+            self._restore(inp.carried)
+        else:
+            await self._enter(self._spec)
+        for early in self._early_events:
+            self._apply_event(early)
         try:
-            state, reason = await self._run_steps()
+            state, reason = await self._run_steps(inp.carried)
         except asyncio.CancelledError:
             state, reason = CampaignState.EXITED, "cancelled by an operator"
         except _Finished as done:
             state, reason = done.state, done.reason
+        except _ContinueAsNew as handover:
+            self._handing_over = True
+            await workflow.wait_condition(workflow.all_handlers_finished)
+            workflow.continue_as_new(
+                self._continuation(handover),
+                search_attributes=workflow.info().typed_search_attributes,
+            )
         if state == CampaignState.FALLBACK:
             await self._fallback(reason)
-        await self._audit("finish", "finished", {"state": state.value, "reason": reason})
+        if self._converted_at:
+            await self._audit(
+                "goal", "converted", {"variant": self._variant, "at": self._converted_at}
+            )
+        await self._audit(
+            "finish",
+            "finished",
+            {"state": state.value, "reason": reason, "variant": self._variant},
+        )
         self._transition(state, reason)
         await workflow.wait_condition(workflow.all_handlers_finished)
         return CampaignResult(state=state, reason=reason, steps_run=list(self._steps_run))
 
-    async def _run_steps(self) -> tuple[CampaignState, str]:
+    async def _enter(self, spec: CampaignSpecDef) -> None:
+        """A fresh entry: draw the holdout arm (unless it waits for a score) and record it."""
+        inp = self._require_input()
+        self._entered_at = workflow.now()
+        # A stratified draw needs the score band, known after the first (score) step.
+        self._variant = (
+            "unassigned"
+            if spec.holdout_score
+            else holdout_variant(inp.campaign_id, inp.customer_key, spec.holdout_percent)
+        )
+        self._transition(CampaignState.ENTERED, "loaded spec", upsert_variant=True)
+        if not spec.holdout_score and workflow.patched(VARIANT_AUDIT_PATCH):
+            await self._audit(
+                "entry",
+                "variant_assigned",
+                {"variant": self._variant, "holdout_percent": spec.holdout_percent},
+            )
+
+    async def _run_steps(self, carried: CarriedState | None) -> tuple[CampaignState, str]:
         spec = self._require_spec()
         steps = {s.id: s for s in spec.steps}
         order = [s.id for s in spec.steps]
@@ -166,14 +257,20 @@ class CampaignWorkflow:
             "crm": self._crm,
             "wait": self._wait,
         }
-        step_id: str | None = order[0]
-        for _ in range(MAX_STEPS):
+        step_id: str | None = order[0] if carried is None else carried.step_id
+        resuming = carried is not None
+        while len(self._steps_run) < MAX_STEPS:
             if step_id is None:
                 return CampaignState.COMPLETED, "all steps done"
             self._check_interrupts()
+            if not resuming and self._continue_due():
+                self._steps_run.append(step_id)  # counted here: the continuation resumes it
+                raise _ContinueAsNew(step_id, None)
             step = steps[step_id]
             self._step_id = step.id
-            self._steps_run.append(step.id)
+            if not resuming:  # a resumed step was counted by the run that started it
+                self._steps_run.append(step.id)
+            resuming = False
             if step.type == "exit":
                 return CampaignState(step.outcome), f"reached exit step {step.id}"
             chosen = await handlers[step.type](step)
@@ -187,6 +284,7 @@ class CampaignWorkflow:
 
     async def _score(self, step: StepDef) -> str | None:
         inp = self._require_input()
+        spec = self._require_spec()
         self._transition(CampaignState.SCORING, f"scoring with {', '.join(step.models)}")
         try:
             result = await workflow.execute_activity(
@@ -208,9 +306,25 @@ class CampaignWorkflow:
         self._scores = dict(customer.scores)
         self._features = dict(customer.features)
         self._model_versions = dict(result.model_versions)
-        workflow.upsert_search_attributes(
-            [SA.MODEL_VERSION.value_set(",".join(sorted(self._model_versions.values())))]
-        )
+        updates: list[SearchAttributeUpdate[Any]] = [
+            SA.MODEL_VERSION.value_set(",".join(sorted(self._model_versions.values())))
+        ]
+        if self._variant == "unassigned":
+            band = score_band(self._scores.get(spec.holdout_score, 0.0), spec.holdout_bands)
+            self._variant = holdout_variant(
+                inp.campaign_id, inp.customer_key, spec.holdout_percent, band
+            )
+            updates.append(SA.VARIANT.value_set(self._variant))
+            await self._audit(
+                "entry",
+                "variant_assigned",
+                {
+                    "variant": self._variant,
+                    "holdout_percent": spec.holdout_percent,
+                    "stratum": f"{spec.holdout_score} {band}",
+                },
+            )
+        workflow.upsert_search_attributes(updates)
         return None
 
     async def _branch(self, step: StepDef) -> str | None:
@@ -225,27 +339,34 @@ class CampaignWorkflow:
 
     async def _approval(self, step: StepDef) -> str | None:
         spec = self._require_spec()
-        info = workflow.info()
-        now = workflow.now()
-        timeout = timedelta(seconds=spec.approval.timeout_seconds)
-        self._pending = PendingApproval(
-            approval_id=approval_id_for(info.workflow_id, step.id),
-            step_id=step.id,
-            reason=step.reason or "sensitive campaign",
-            requested_at=now.isoformat(),
-            expires_at=(now + timeout).isoformat(),
-        )
-        self._decision = None
-        await self._audit(
-            step.id,
-            "approval_requested",
-            {"scores": self._scores, "expires_at": self._pending.expires_at},
-            approval=self._pending,
-        )
+        resumed = self._take_deadline()
+        if resumed is not None and self._pending is not None:
+            # A continuation: the request was made and audited by an earlier run.
+            timeout = resumed - workflow.now()
+        else:
+            now = workflow.now()
+            timeout = timedelta(seconds=spec.approval.timeout_seconds)
+            self._pending = PendingApproval(
+                approval_id=approval_id_for(workflow.info().workflow_id, step.id),
+                step_id=step.id,
+                reason=step.reason or "sensitive campaign",
+                requested_at=now.isoformat(),
+                expires_at=(now + timeout).isoformat(),
+            )
+            self._decision = None
+            await self._audit(
+                step.id,
+                "approval_requested",
+                {"scores": self._scores, "expires_at": self._pending.expires_at},
+                approval=self._pending,
+            )
         self._transition(CampaignState.AWAITING_APPROVAL, "waiting for an operator")
         try:
+            if timeout <= timedelta(0):
+                raise TimeoutError
             await workflow.wait_condition(
-                lambda: self._decision is not None or self._interrupted(), timeout=timeout
+                lambda: self._decision is not None or self._interrupted() or self._continue_due(),
+                timeout=timeout,
             )
         except TimeoutError:
             pending, self._pending = self._pending, None
@@ -255,6 +376,9 @@ class CampaignWorkflow:
             if spec.approval.on_timeout == "fallback":
                 raise _Finished(CampaignState.FALLBACK, "approval_expired") from None
             raise _Finished(CampaignState.REJECTED, "approval expired unanswered") from None
+        if self._decision is None and not self._interrupted():
+            # The history bound: the approval stays pending in the continuation.
+            raise _ContinueAsNew(step.id, datetime.fromisoformat(self._pending.expires_at))
         pending, self._pending = self._pending, None
         if self._decision is None:
             await self._audit(
@@ -279,9 +403,17 @@ class CampaignWorkflow:
 
     async def _crm(self, step: StepDef) -> str | None:
         inp = self._require_input()
+        spec = self._require_spec()
         if self._variant == "control":
             await self._audit(step.id, "holdout_skipped", {"action": step.action})
             return None
+        opens = self._take_deadline()
+        if spec.quiet_start:
+            opens = opens or await self._local_time(
+                quiet_start=spec.quiet_start, quiet_end=spec.quiet_end
+            )
+            if opens > workflow.now():
+                await self._hold(step, opens, f"quiet hours until {_clock(opens)}")
         while True:
             await self._wait_while_paused()
             self._transition(CampaignState.ACTING, f"CRM {step.action}")
@@ -299,6 +431,8 @@ class CampaignWorkflow:
                         properties=self._render(step.properties),
                         sequence_id=step.sequence_id,
                         list_id=step.list_id,
+                        cap_max_actions=spec.cap_max_actions,
+                        cap_window_seconds=spec.cap_window_seconds,
                     ),
                     result_type=CrmWriteResult,
                     task_queue=self._require_input().crm_task_queue,
@@ -312,17 +446,73 @@ class CampaignWorkflow:
             if result.outcome == CrmOutcome.PAUSED:
                 self._paused = True
                 continue
+            if result.outcome == CrmOutcome.CAPPED:
+                return step.on_capped
             return None
 
     async def _wait(self, step: StepDef) -> str | None:
-        until = workflow.now() + timedelta(seconds=step.seconds)
-        self._transition(CampaignState.WAITING, f"until {until.isoformat(timespec='seconds')}")
-        try:
-            await workflow.wait_condition(self._interrupted, timeout=step.seconds)
-        except TimeoutError:
-            return None
-        self._check_interrupts()
+        if step.event:
+            return await self._wait_for_event(step)
+        until = self._take_deadline()
+        if until is None:
+            if step.until:
+                until = await self._local_time(until=step.until)
+            else:
+                until = workflow.now() + timedelta(seconds=step.seconds)
+        await self._hold(step, until, f"until {until.isoformat(timespec='seconds')}")
         return None
+
+    async def _wait_for_event(self, step: StepDef) -> str | None:
+        until = self._take_deadline() or workflow.now() + timedelta(seconds=step.seconds)
+        self._wait_mark = self._event_seq
+        self._waiting_for = step.event
+        try:
+            arrived = await self._hold(
+                step,
+                until,
+                f"for event {step.event} until {until.isoformat(timespec='seconds')}",
+                lambda: self._last_event.get(step.event, 0) > self._wait_mark,
+            )
+        finally:
+            self._waiting_for = ""
+        outcome = "event" if arrived else "timeout"
+        await self._audit(step.id, "event_wait", {"event": step.event, "outcome": outcome})
+        return step.on_event if arrived else step.on_timeout
+
+    async def _hold(
+        self,
+        step: StepDef,
+        until: datetime,
+        detail: str,
+        arrived: Callable[[], bool] | None = None,
+    ) -> bool:
+        """A durable wait until ``until``; True when ``arrived`` ended it first.
+
+        Interrupts (cohort exit, exit events, consent revocation) end it at once; reaching
+        the history bound hands the rest of the wait to a continuation.
+        """
+        remaining = until - workflow.now()
+        self._waiting_until = until.isoformat(timespec="seconds")
+        self._transition(CampaignState.WAITING, detail)
+        try:
+            if remaining <= timedelta(0):
+                return False
+            await workflow.wait_condition(
+                lambda: (
+                    self._interrupted()
+                    or (arrived is not None and arrived())
+                    or self._continue_due()
+                ),
+                timeout=remaining,
+            )
+        except TimeoutError:
+            return False
+        finally:
+            self._waiting_until = ""
+        self._check_interrupts()
+        if arrived is not None and arrived():
+            return True
+        raise _ContinueAsNew(step.id, until)
 
     # ------------------------------------------------------------------ interrupts
 
@@ -342,6 +532,70 @@ class CampaignWorkflow:
             await workflow.wait_condition(lambda: not self._paused or self._interrupted())
             self._check_interrupts()
 
+    # ------------------------------------------------------------------ continue-as-new
+
+    def _continue_due(self) -> bool:
+        """Whether this run's history has reached its bound (or the server suggests it)."""
+        inp = self._require_input()
+        info = workflow.info()
+        limit = inp.history_limit or DEFAULT_HISTORY_LIMIT
+        return info.get_current_history_length() >= limit or info.is_continue_as_new_suggested()
+
+    def _take_deadline(self) -> datetime | None:
+        """The carried deadline of the resumed wait, once; later steps compute their own."""
+        deadline, self._deadline = self._deadline, None
+        return deadline
+
+    def _continuation(self, handover: _ContinueAsNew) -> CampaignInput:
+        inp = self._require_input()
+        entered = self._entered_at or workflow.now()
+        waited_for = [e for e, seq in self._last_event.items() if seq > self._wait_mark]
+        return CampaignInput(
+            campaign_id=inp.campaign_id,
+            version=inp.version,
+            customer_key=inp.customer_key,
+            entry_id=inp.entry_id,
+            cohort_id=inp.cohort_id,
+            crm_task_queue=inp.crm_task_queue,
+            history_limit=inp.history_limit,
+            carried=CarriedState(
+                step_id=handover.step_id,
+                entered_at=entered.isoformat(),
+                deadline=handover.deadline.isoformat() if handover.deadline else "",
+                scores=dict(self._scores),
+                features=dict(self._features),
+                model_versions=dict(self._model_versions),
+                variant=self._variant,
+                paused=self._paused,
+                pending_approval=self._pending,
+                exit_reason=self._exit_reason,
+                revoked=[list(pair) for pair in sorted(self._revoked)],
+                converted_at=self._converted_at,
+                events_awaited=waited_for if self._waiting_for else [],
+                steps_run=list(self._steps_run),
+                runs=self._runs + 1,
+            ),
+        )
+
+    def _restore(self, carried: CarriedState) -> None:
+        self._entered_at = datetime.fromisoformat(carried.entered_at)
+        self._deadline = datetime.fromisoformat(carried.deadline) if carried.deadline else None
+        self._scores = dict(carried.scores)
+        self._features = dict(carried.features)
+        self._model_versions = dict(carried.model_versions)
+        self._variant = carried.variant
+        self._paused = carried.paused
+        self._pending = carried.pending_approval
+        self._exit_reason = self._exit_reason or carried.exit_reason
+        self._revoked |= {(pair[0], pair[1]) for pair in carried.revoked}
+        self._converted_at = self._converted_at or carried.converted_at
+        self._steps_run = list(carried.steps_run)
+        self._runs = carried.runs
+        # An awaited event that arrived during the hand-over still ends the resumed wait.
+        for event in carried.events_awaited:
+            self._event_seq += 1
+            self._last_event[event] = self._event_seq
+
     # ------------------------------------------------------------------ messages
 
     @workflow.update
@@ -356,6 +610,10 @@ class CampaignWorkflow:
     @decide.validator
     def _validate_decide(self, request: DecideRequest) -> None:
         spec = self._require_spec()
+        if self._handing_over:
+            raise ValueError(
+                f"approval {request.approval_id}: the campaign is continuing as new; retry"
+            )
         if self._pending is None or self._state != CampaignState.AWAITING_APPROVAL:
             raise ValueError(f"approval {request.approval_id} is not pending")
         if request.approval_id != self._pending.approval_id:
@@ -377,6 +635,27 @@ class CampaignWorkflow:
         """The customer left the entry cohort; exits when the spec says so."""
         if self._spec is not None and self._spec.exit_on_cohort_exit:
             self._exit_reason = f"left cohort {signal.cohort_id}"
+
+    @workflow.signal
+    def customer_event(self, signal: CustomerEvent) -> None:
+        """An event of this customer was ingested: it may end a wait, the campaign or convert."""
+        self._event_seq += 1
+        self._last_event[signal.event] = self._event_seq
+        if self._spec is None:
+            self._early_events.append(signal)
+        else:
+            self._apply_event(signal)
+
+    def _apply_event(self, signal: CustomerEvent) -> None:
+        spec = self._require_spec()
+        if signal.event in spec.exit_on_events and not self._exit_reason:
+            self._exit_reason = f"event {signal.event}"
+        if signal.event == spec.conversion_event and not self._converted_at:
+            entered = self._entered_at or workflow.now()
+            at = _instant(signal.occurred_at) or workflow.now()
+            window = timedelta(seconds=spec.conversion_window_seconds)
+            if entered <= at <= entered + window:
+                self._converted_at = at.isoformat()
 
     @workflow.signal
     def consent_changed(self, signal: ConsentChanged) -> None:
@@ -409,6 +688,10 @@ class CampaignWorkflow:
             pending_approval=self._pending,
             fallback_reason=self._fallback_reason,
             transitions=list(self._transitions),
+            waiting_until=self._waiting_until,
+            waiting_for_event=self._waiting_for,
+            converted_at=self._converted_at,
+            runs=self._runs,
         )
 
     # ------------------------------------------------------------------ helpers
@@ -442,6 +725,10 @@ class CampaignWorkflow:
         if self._scores:
             scores = ", ".join(f"{k} {v:.3f}" for k, v in sorted(self._scores.items()))
             lines.append(f"Scores: {scores} ({', '.join(sorted(self._model_versions.values()))})")
+        if self._waiting_for:
+            lines.append(f"Waiting for event `{self._waiting_for}` until {self._waiting_until}.")
+        elif self._waiting_until:
+            lines.append(f"Waiting until {self._waiting_until}.")
         if self._paused:
             lines.append("Outbound actions paused by an operator.")
         if self._fallback_reason:
@@ -497,6 +784,26 @@ class CampaignWorkflow:
         )
         return result
 
+    async def _local_time(
+        self, until: str = "", quiet_start: str = "", quiet_end: str = ""
+    ) -> datetime:
+        """When a local-time rule lets the campaign go on, from the customer's time zone."""
+        inp = self._require_input()
+        result: LocalTimeResult = await workflow.execute_local_activity(
+            PLAN_LOCAL_TIME,
+            LocalTimeInput(
+                customer_key=inp.customer_key,
+                now=workflow.now().isoformat(),
+                default_timezone=self._require_spec().default_timezone,
+                until=until,
+                quiet_start=quiet_start,
+                quiet_end=quiet_end,
+            ),
+            result_type=LocalTimeResult,
+            start_to_close_timeout=LOCAL_TIMEOUT,
+        )
+        return datetime.fromisoformat(result.at)
+
     def _holds(self, comparison: Comparison) -> bool:
         source = self._scores if comparison.source == "score" else self._features
         value = source.get(comparison.name)
@@ -533,6 +840,19 @@ class CampaignWorkflow:
         if self._spec is None:
             raise ValueError("the campaign spec is not loaded yet")
         return self._spec
+
+
+def _instant(text: str) -> datetime | None:
+    """An ISO-8601 instant from a message, or None when it is not one (never raise in a handler)."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return moment if moment.tzinfo is not None else None
+
+
+def _clock(moment: datetime) -> str:
+    return moment.isoformat(timespec="seconds")
 
 
 def _cause(err: BaseException) -> str:

@@ -145,6 +145,13 @@ class StepDef:
     seconds: float = 0.0
     # exit
     outcome: str = "completed"
+    # wait until a local time of day (HH:MM), or for an event (``seconds`` is its timeout)
+    until: str = ""
+    event: str = ""
+    on_event: str | None = None  # default: the following step
+    on_timeout: str | None = None
+    # crm: where to go when the frequency cap refuses the action (default: the following step)
+    on_capped: str | None = None
 
 
 @dataclass
@@ -171,6 +178,16 @@ class CampaignSpecDef:
     exit_on_cohort_exit: bool = True
     holdout_percent: float = 0.0
     approval: ApprovalPolicy = field(default_factory=ApprovalPolicy)
+    exit_on_events: list[str] = field(default_factory=list)
+    conversion_event: str = ""  # empty: no conversion goal
+    conversion_window_seconds: float = 0.0
+    holdout_score: str = ""  # empty: one stratum; else the arm is drawn per band of this score
+    holdout_bands: list[float] = field(default_factory=list)
+    cap_max_actions: int = 0  # 0: no frequency cap
+    cap_window_seconds: float = 0.0
+    quiet_start: str = ""  # HH:MM local; empty: no quiet hours
+    quiet_end: str = ""
+    default_timezone: str = "UTC"
 
 
 # ---------------------------------------------------------------- workflow input and messages
@@ -186,6 +203,34 @@ class CampaignInput:
     entry_id: str
     cohort_id: str
     crm_task_queue: str = "cohortflow-crm"
+    # Continue-as-new: what the previous run handed over, and the history bound (0: default).
+    carried: CarriedState | None = None
+    history_limit: int = 0
+
+
+@dataclass
+class CarriedState:
+    """Everything a campaign run hands to its continuation, so nothing is lost.
+
+    ``step_id`` is the step to resume; ``deadline`` the absolute end (ISO-8601) of the wait
+    or approval it was in, so the continuation waits only for what remained.
+    """
+
+    step_id: str
+    entered_at: str
+    deadline: str = ""
+    scores: dict[str, float] = field(default_factory=dict)
+    features: dict[str, float] = field(default_factory=dict)
+    model_versions: dict[str, str] = field(default_factory=dict)
+    variant: str = "treatment"
+    paused: bool = False
+    pending_approval: PendingApproval | None = None
+    exit_reason: str = ""
+    revoked: list[list[str]] = field(default_factory=list)
+    converted_at: str = ""
+    events_awaited: list[str] = field(default_factory=list)  # arrived during the hand-over
+    steps_run: list[str] = field(default_factory=list)
+    runs: int = 1
 
 
 @dataclass
@@ -282,6 +327,10 @@ class CampaignStatus:
     pending_approval: PendingApproval | None = None
     fallback_reason: str = ""
     transitions: list[str] = field(default_factory=list)
+    waiting_until: str = ""  # ISO-8601 end of the current wait, if any
+    waiting_for_event: str = ""
+    converted_at: str = ""
+    runs: int = 1  # how many runs (continue-as-new cycles) this campaign has had
 
 
 # ---------------------------------------------------------------- activity inputs and outputs
@@ -346,6 +395,9 @@ class CrmWriteInput:
     properties: dict[str, str] = field(default_factory=dict)
     sequence_id: str = ""
     list_id: str = ""
+    # Frequency cap across campaigns: 0 means none.
+    cap_max_actions: int = 0
+    cap_window_seconds: float = 0.0
 
 
 class CrmOutcome(enum.StrEnum):
@@ -354,6 +406,7 @@ class CrmOutcome(enum.StrEnum):
     WRITTEN = "written"
     CONSENT_BLOCKED = "consent_blocked"
     PAUSED = "paused"
+    CAPPED = "capped"
 
 
 @dataclass
@@ -405,3 +458,28 @@ class FallbackResult:
     segment: str
     crm_synced: bool
     detail: str = ""
+
+
+@dataclass
+class LocalTimeInput:
+    """When, in UTC, a local-time rule next lets the campaign go on.
+
+    ``until``: the next HH:MM in the customer's zone. ``quiet_start``/``quiet_end``: the end
+    of the quiet window if ``now`` is inside it, else ``now``. The zone comes from the
+    customer's record, ``default_timezone`` when it has none.
+    """
+
+    customer_key: str
+    now: str  # ISO-8601 workflow time
+    default_timezone: str = "UTC"
+    until: str = ""
+    quiet_start: str = ""
+    quiet_end: str = ""
+
+
+@dataclass
+class LocalTimeResult:
+    """The UTC instant to wait until (``now`` when there is nothing to wait for)."""
+
+    at: str
+    timezone: str

@@ -14,6 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import text
 from temporalio.client import Client
 
+from cohortflow.api.cohorts import cohorts_router
+from cohortflow.api.events import events_router
+from cohortflow.api.models import models_router
 from cohortflow.controls import Controls
 from cohortflow.errors import OperatorError
 from cohortflow.ids import Pseudonymiser
@@ -69,6 +72,19 @@ class ApprovalOut(BaseModel):
     decision_reason: str | None
 
 
+# Controls name what the operator means ("customer"); requests carry it as "customer_id".
+_FIELD_NAMES = {"customer": "customer_id", "campaign": "campaign_id"}
+
+
+def _loc(request: Request, field: str | None) -> list[str]:
+    """Where ``field`` sits in the request, as FastAPI's own 422s say it: path or body."""
+    if not field:
+        return []
+    if field not in request.path_params:
+        field = _FIELD_NAMES.get(field, field)
+    return ["path" if field in request.path_params else "body", field]
+
+
 class _State:
     """Per-app dependencies; the Temporal client connects lazily so the API starts alone."""
 
@@ -87,6 +103,16 @@ class _State:
         return Controls(self.db, self.settings, self.pseudonymiser, self.client)
 
 
+async def _controls(request: Request) -> Controls:
+    state: _State = request.app.state.cohortflow
+    return await state.controls()
+
+
+# At module level: with postponed annotations FastAPI resolves "Ctl" in the module's globals;
+# a local alias inside create_app made every endpoint expect a query parameter "ctl" (422).
+Ctl = Annotated[Controls, Depends(_controls)]
+
+
 def create_app(settings: Settings) -> FastAPI:
     """The FastAPI application for ``settings``."""
     state = _State(settings)
@@ -102,14 +128,11 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
 
-    async def controls() -> Controls:
-        return await state.controls()
-
-    Ctl = Annotated[Controls, Depends(controls)]
+    app.state.cohortflow = state
 
     @app.exception_handler(OperatorError)
-    async def _operator_error(_: Request, exc: OperatorError) -> JSONResponse:
-        loc = ["body", exc.field] if exc.field else []
+    async def _operator_error(request: Request, exc: OperatorError) -> JSONResponse:
+        loc = _loc(request, exc.field)
         return JSONResponse(
             status_code=exc.http_status,
             content={"detail": [{"loc": loc, "msg": exc.message, "type": type(exc).__name__}]},
@@ -177,4 +200,7 @@ def create_app(settings: Settings) -> FastAPI:
             "workflows": outcome.workflows,
         }
 
+    app.include_router(events_router(state.db, state.pseudonymiser, settings))
+    app.include_router(cohorts_router(state.db, settings))
+    app.include_router(models_router(settings))
     return app

@@ -86,6 +86,34 @@ async def ready(settings: Settings) -> Pseudonymiser:
         raise Unavailable(str(exc)) from exc
 
 
+# Written by `cohortflow up` / `cohortflow demo` into the data dir: where the embedded stack
+# answers, so operator commands given only --data-dir reach it on non-default ports.
+STACK_FILE = "stack.json"
+
+
+def embedded_endpoints(settings: Settings) -> Settings:
+    """``settings`` pointed at the embedded stack last started on its data dir.
+
+    Only when Temporal is embedded and neither the environment nor an option chose its host
+    or port; a missing or unreadable file leaves ``settings`` as they are.
+    """
+    import json
+
+    chosen = {"temporal_address", "temporal_host", "temporal_port"} & settings.model_fields_set
+    path = settings.data_dir / STACK_FILE
+    if not settings.embedded_temporal or chosen or not path.is_file():
+        return settings
+    try:
+        stack = json.loads(path.read_text())
+        update = {
+            "temporal_host": str(stack["temporal_host"]),
+            "temporal_port": int(stack["temporal_port"]),
+        }
+    except (OSError, ValueError, KeyError, TypeError):
+        return settings
+    return settings.model_copy(update=update)
+
+
 async def with_controls(settings: Settings, action: Callable[[Controls], Awaitable[T]]) -> T:
     """Run ``action`` with Controls over the configured database and Temporal."""
     from cohortflow.controls import Controls
@@ -93,6 +121,10 @@ async def with_controls(settings: Settings, action: Callable[[Controls], Awaitab
     from cohortflow.temporal_client import connect
 
     pseudonymiser = await ready(settings)
+    settings = embedded_endpoints(settings)
+    # Logs go to stderr (structlog's default is stdout), so stdout holds only the result;
+    # configured after ready(), whose schema check would log Alembic's INFO lines.
+    setup_observability(settings, "cohortflow-cli")
     db = Database(settings.resolved_database_url)
     try:
         client = await connect(settings, tracing=False)

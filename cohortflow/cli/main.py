@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from cohortflow.cli.campaigns import campaign_app
+from cohortflow.cli.cohorts import cohort_app
 from cohortflow.cli.common import (
     DataDir,
     LogFormat,
@@ -21,7 +22,10 @@ from cohortflow.cli.common import (
     settings_for,
     setup_observability,
 )
+from cohortflow.cli.events import events_app
+from cohortflow.cli.models import models_app
 from cohortflow.cli.operators import approvals_app, audit_app, consent_app, decisions_app
+from cohortflow.cli.synth import synth_app
 from cohortflow.errors import OperatorError
 from cohortflow.runtime.ports import PortInUse
 
@@ -43,7 +47,11 @@ app.add_typer(approvals_app, name="approvals")
 app.add_typer(consent_app, name="consent")
 app.add_typer(audit_app, name="audit")
 app.add_typer(campaign_app, name="campaign")
+app.add_typer(models_app, name="model")
 app.add_typer(db_app, name="db")
+app.add_typer(events_app, name="events")
+app.add_typer(cohort_app, name="cohort")
+app.add_typer(synth_app, name="synth")
 
 
 @app.command()
@@ -55,9 +63,11 @@ def up(
     crm_port: Annotated[int | None, typer.Option(help="Sandbox CRM port.")] = None,
     log_format: LogFormat = None,
 ) -> None:
-    """Run everything on embedded defaults: Temporal dev server (SQLite, Web UI), worker,
-    HTTP API and sandbox CRM. Ctrl-C stops all; run again on the same --data-dir and every
-    campaign in flight carries on."""
+    """Run the whole stack on embedded defaults: Temporal, worker, HTTP API, sandbox CRM.
+
+    The Temporal dev server keeps its state in a SQLite file and serves the Web UI. Ctrl-C
+    stops everything; run again on the same --data-dir and every campaign in flight carries on.
+    """
     from cohortflow.runtime.embedded import serve_forever
 
     settings = settings_for(
@@ -90,8 +100,11 @@ def demo(
     api_port: Annotated[int | None, typer.Option(help="HTTP API port.")] = None,
     crm_port: Annotated[int | None, typer.Option(help="Sandbox CRM port.")] = None,
 ) -> None:
-    """Train a churn model on CDNOW, evaluate a cohort and launch one win-back campaign per
-    entering customer on the embedded stack; print a summary counted from Temporal."""
+    """Launch CDNOW customers through a win-back campaign on the embedded stack.
+
+    Trains a churn model on the shipped CDNOW log, evaluates a cohort, launches one campaign
+    per entering customer and prints a summary counted from Temporal visibility.
+    """
     from cohortflow.demo import DemoOptions
     from cohortflow.runtime.embedded import run_demo
 

@@ -91,12 +91,21 @@ class EmbeddedStack:
             settings.data_dir / "logs", env=child_env(settings), devserver=self.devserver
         )
 
-    def start(self, announce: Announce) -> Urls:
-        """Check ports, prepare the data dir and database, start every part, print URLs."""
+    def check_ports(self) -> None:
+        """Raise :class:`PortInUse` naming the first taken port we would listen on."""
         s = self.settings
+        if self.devserver is not None:
+            ensure_free(s.temporal_host, s.temporal_port, "COHORTFLOW_TEMPORAL_PORT")
+            ensure_free(s.temporal_host, s.temporal_ui_port, "COHORTFLOW_TEMPORAL_UI_PORT")
         ensure_free(s.api_host, s.api_port, "COHORTFLOW_API_PORT")
         if s.crm_url is None:
             ensure_free(s.crm_sandbox_host, s.crm_sandbox_port, "COHORTFLOW_CRM_SANDBOX_PORT")
+
+    def start(self, announce: Announce) -> Urls:
+        """Check ports, prepare the data dir and database, start every part, print URLs."""
+        s = self.settings
+        # Every port before anything is created: a taken one leaves no half-made data dir.
+        self.check_ports()
         s.data_dir.mkdir(parents=True, exist_ok=True)
         Pseudonymiser.from_settings(s)  # generates the key file (0600) on first run
         self.supervisor.install_signal_handlers()
@@ -105,6 +114,7 @@ class EmbeddedStack:
             announce(f"starting Temporal dev server ({s.temporal_db_path})")
             asyncio.run(self.devserver.start())
         asyncio.run(self._prepare_namespace())
+        self._write_stack_file()
         announce("starting sandbox CRM, HTTP API and worker")
         self.supervisor.start(_children(s))
         if self.supervisor.stopping:
@@ -116,6 +126,25 @@ class EmbeddedStack:
         announce(f"Sandbox CRM     {u.crm}")
         announce(f"Data            {s.data_dir.resolve()}  (logs in {s.data_dir / 'logs'})")
         return u
+
+    def _write_stack_file(self) -> None:
+        """Record where this stack answers, for operator commands given only --data-dir."""
+        from cohortflow.cli.common import STACK_FILE
+
+        s = self.settings
+        u = urls(s)
+        stack = {
+            "temporal_host": s.temporal_host,
+            "temporal_port": s.temporal_port,
+            "temporal_namespace": s.temporal_namespace,
+            "temporal_ui": u.temporal_ui,
+            "api": u.api,
+            "crm": u.crm,
+        }
+        path = s.data_dir / STACK_FILE
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(stack, indent=2) + "\n")
+        temporary.replace(path)
 
     async def _prepare_namespace(self) -> None:
         client = await connect(self.settings, tracing=False)
@@ -147,6 +176,7 @@ class EmbeddedStack:
 def serve_forever(settings: Settings, announce: Announce) -> None:
     """``cohortflow up``: start everything, serve until Ctrl-C, stop everything."""
     stack = EmbeddedStack(settings)
+    stack.check_ports()  # a taken port is the only line printed
     try:
         stack.start(announce)
         announce("ready; Ctrl-C stops everything")

@@ -15,6 +15,7 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     Dialect,
+    Index,
     Integer,
     MetaData,
     String,
@@ -210,3 +211,80 @@ class AuditRow(Base):
     created_at: Mapped[str] = mapped_column(String(40))  # ISO-8601 UTC, hashed as stored
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64), unique=True)
+
+
+class Event(Base):
+    """One ingested event, keyed by its ``message_id`` so a re-sent batch inserts nothing.
+
+    Holds only the pseudonymous key: an ``identify``'s contact traits go to ``customers``.
+    """
+
+    __tablename__ = "events"
+    # Per-customer history (feature recompute) and per-event-type windows (conversion counts).
+    __table_args__ = (
+        Index("ix_events_customer_key_occurred_at", "customer_key", "occurred_at"),
+        Index("ix_events_event_occurred_at", "event", "occurred_at"),
+    )
+
+    message_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    customer_key: Mapped[str] = mapped_column(String(KEY_LEN))
+    type: Mapped[str] = mapped_column(String(16))
+    event: Mapped[str] = mapped_column(String(128))
+    occurred_at: Mapped[datetime]
+    received_at: Mapped[datetime]
+    properties: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class Cohort(Base):
+    """A cohort definition: structured rules, validated, stored as JSON, never evaluated as code."""
+
+    __tablename__ = "cohorts"
+
+    cohort_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    definition: Mapped[dict[str, Any]]
+    version: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[datetime]
+    evaluated_at: Mapped[datetime | None]
+
+
+class CohortMember(Base):
+    """A customer currently in a cohort, since when."""
+
+    __tablename__ = "cohort_members"
+
+    cohort_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    customer_key: Mapped[str] = mapped_column(String(KEY_LEN), primary_key=True)
+    entered_at: Mapped[datetime]
+
+
+class CohortTransition(Base):
+    """An entry into or exit from a cohort (``kind``: entered, exited), in evaluation order.
+
+    ``seq`` orders transitions, so a bulk launch pages through entries with a cursor.
+    """
+
+    __tablename__ = "cohort_transitions"
+    # A bulk launch pages through one cohort's entries in ``seq`` order.
+    __table_args__ = (Index("ix_cohort_transitions_cohort_kind_seq", "cohort_id", "kind", "seq"),)
+
+    seq: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    cohort_id: Mapped[str] = mapped_column(String(64))
+    customer_key: Mapped[str] = mapped_column(String(KEY_LEN), index=True)
+    kind: Mapped[str] = mapped_column(String(8))
+    evaluation_id: Mapped[str] = mapped_column(String(40))
+    at: Mapped[datetime]
+
+
+class LaunchDecision(Base):
+    """What a campaign made of one cohort entry: its ``entry_id``, or None when re-entry
+    refused it. Decided once (primary key), so a retried launch reuses the decision."""
+
+    __tablename__ = "launch_decisions"
+
+    campaign_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    transition_seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    customer_key: Mapped[str] = mapped_column(String(KEY_LEN))
+    entry_id: Mapped[str | None] = mapped_column(String(64))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    decided_at: Mapped[datetime]
+    launched_at: Mapped[datetime | None]  # set once its workflow start was confirmed

@@ -1,0 +1,88 @@
+"""Cohorts over HTTP: apply a definition, list, show, evaluate, page through members."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Query
+from temporalio.client import Client
+
+from cohortflow.cohorts.service import CohortService
+from cohortflow.settings import Settings
+from cohortflow.storage import cohorts
+from cohortflow.storage.db import Database
+from cohortflow.temporal_client import connect
+
+
+def cohorts_router(db: Database, settings: Settings) -> APIRouter:
+    """The cohort API over ``db``; evaluation signals and launches on the configured Temporal."""
+    router = APIRouter(prefix="/v1/cohorts")
+    clients: list[Client] = []
+
+    async def service(*, temporal: bool = False) -> CohortService:
+        if temporal and not clients:
+            # Unreachable: evaluation still stores its result; the response says so.
+            with contextlib.suppress(RuntimeError):
+                clients.append(await connect(settings, tracing=False))
+        return CohortService(db, settings, clients[0] if clients else None)
+
+    @router.post("")
+    async def apply(document: Annotated[dict[str, Any], Body()]) -> dict[str, Any]:
+        """Validate and store a definition; 422 names each offending field by path."""
+        definition, version, changed = await (await service()).apply(document)
+        return {"cohort_id": definition.cohort_id, "version": version, "changed": changed}
+
+    @router.get("")
+    async def list_all() -> list[dict[str, Any]]:
+        """Every cohort with its version and member count."""
+        async with db.transaction() as session:
+            rows = await cohorts.list_cohorts(session)
+        return [
+            {
+                "cohort_id": c.cohort_id,
+                "version": c.version,
+                "members": n,
+                "evaluated_at": c.evaluated_at,
+            }
+            for c, n in rows
+        ]
+
+    @router.get("/{cohort_id}")
+    async def show(cohort_id: str) -> dict[str, Any]:
+        """The definition; 404 if unknown."""
+        definition = await (await service()).definition(cohort_id)
+        return definition.model_dump(mode="json", by_alias=True)
+
+    @router.post("/{cohort_id}/evaluate")
+    async def evaluate(cohort_id: str, launch: Annotated[bool, Query()] = True) -> dict[str, Any]:
+        """Evaluate; store entries and exits, signal exits, start the bulk launches."""
+        report = await (await service(temporal=True)).evaluate(cohort_id, launch=launch)
+        diff = report.evaluation.diff
+        return {
+            "evaluation_id": report.evaluation.evaluation_id,
+            "members": diff.members,
+            "entered": len(diff.entered),
+            "exited": len(diff.exited),
+            "exits_signalled": report.exits_signalled,
+            "temporal": report.temporal,
+            "launches": [
+                {"campaign_id": s.campaign_id, "workflow_id": s.workflow_id, "total": s.total}
+                for s in report.launches
+            ],
+        }
+
+    @router.get("/{cohort_id}/members")
+    async def members(
+        cohort_id: str, after: str = "", limit: Annotated[int, Query(ge=1, le=10_000)] = 100
+    ) -> dict[str, Any]:
+        """Current members in key order; pass the last key as ``after`` for the next page."""
+        await (await service()).definition(cohort_id)
+        async with db.transaction() as session:
+            page = await cohorts.members_page(session, cohort_id, after=after, limit=limit)
+        return {
+            "members": [{"customer_key": m.customer_key, "entered_at": m.entered_at} for m in page],
+            "next": page[-1].customer_key if len(page) == limit else None,
+        }
+
+    return router

@@ -1,0 +1,79 @@
+"""Model endpoints: the registry's versions and the drift of the feature store."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query
+
+from cohortflow.errors import Invalid, NotFound, Unavailable
+from cohortflow.settings import Settings
+from cohortflow.storage.db import Database, current_revision
+from cohortflow.storage.feature_stats import all_feature_vectors
+from scoring.drift import DEFAULT_THRESHOLD, DriftReport, champion_drift
+from scoring.registry import ModelNotFound, ModelRegistry, ScoringError
+
+
+async def store_drift(
+    database_url: str, registry: ModelRegistry, model: str, threshold: float
+) -> DriftReport:
+    """Drift of the whole feature store against ``model``'s champion (the CLI uses it too).
+
+    Raises :class:`Unavailable` without a schema, :class:`NotFound` without a champion and
+    :class:`Invalid` when there is nothing to compare.
+    """
+    if await current_revision(database_url) is None:
+        raise Unavailable("the database has no cohortflow schema: run `cohortflow db upgrade`")
+    db = Database(database_url)
+    try:
+        async with db.read_transaction() as session:
+            rows = await all_feature_vectors(session)
+    finally:
+        await db.dispose()
+    try:
+        # Scoring the whole store is CPU work: keep it off the event loop.
+        return await asyncio.to_thread(champion_drift, registry, model, rows, threshold)
+    except ModelNotFound as exc:
+        raise NotFound(str(exc)) from exc
+    except ScoringError as exc:
+        raise Invalid(str(exc)) from exc
+
+
+def models_router(settings: Settings) -> APIRouter:
+    """``GET /v1/models`` and ``GET /v1/models/drift`` over ``settings``' registry and store."""
+    router = APIRouter(prefix="/v1/models", tags=["models"])
+    registry = ModelRegistry(settings.resolved_models_dir)
+
+    @router.get("")
+    async def list_models() -> list[dict[str, Any]]:
+        """Every registered version with its holdout metrics and role."""
+        infos = await asyncio.to_thread(registry.list)
+        roles = {
+            name: (registry.champion_version(name), registry.challenger_version(name))
+            for name in {i.name for i in infos}
+        }
+        return [
+            {
+                "model": i.name,
+                "version": i.version,
+                "champion": i.version == roles[i.name][0],
+                "challenger": i.version == roles[i.name][1],
+                "created_at": i.created_at.isoformat(),
+                "metrics": {k: v for k, v in i.metrics.items() if k != "calibration"},
+                "promoted_by": i.promoted_by,
+            }
+            for i in infos
+        ]
+
+    @router.get("/drift")
+    async def drift(
+        model: Annotated[Literal["churn", "propensity"], Query()] = "churn",
+        threshold: Annotated[float, Query(ge=0.0)] = DEFAULT_THRESHOLD,
+    ) -> dict[str, Any]:
+        """PSI per feature and for the score, the store now vs the champion's training;
+        ``flagged`` lists those past ``threshold``. 404 without a champion."""
+        report = await store_drift(settings.resolved_database_url, registry, model, threshold)
+        return report.to_dict()
+
+    return router

@@ -1,0 +1,2 @@
+"""Cohorts: structured rules over features, event windows and model scores, and their
+evaluation into membership changes."""

@@ -1,0 +1,192 @@
+"""What operators do with cohorts, shared by the CLI and the API: apply a definition,
+evaluate it, signal exits, and start the bulk launch of its entries."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import structlog
+from sqlalchemy import func, select
+from temporalio.client import Client
+from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError
+
+from cohortflow.cohorts.evaluator import Evaluation, ScoreFn, evaluate, model_scores
+from cohortflow.cohorts.rules import CohortDefinition, CohortError, ScoreRule, leaves, parse_cohort
+from cohortflow.errors import Invalid, NotFound
+from cohortflow.settings import Settings
+from cohortflow.spec import CampaignSpec, parse_spec
+from cohortflow.storage import campaigns, cohorts
+from cohortflow.storage.db import Database
+from cohortflow.storage.tables import CohortTransition
+from workflows.launch import LaunchCampaignsWorkflow, LaunchInput, launch_workflow_id
+from workflows.messages import CohortExited
+
+log = structlog.get_logger(__name__)
+SIGNAL_QUERY_KEYS = 50
+
+
+@dataclass
+class LaunchStarted:
+    """A bulk launch for one campaign: its workflow id and how many entries it covers."""
+
+    campaign_id: str
+    workflow_id: str
+    total: int
+    started: bool  # False when this exact launch ran before (nothing new to launch)
+
+
+@dataclass
+class EvaluationReport:
+    """An evaluation and what followed from it."""
+
+    evaluation: Evaluation
+    launches: list[LaunchStarted] = field(default_factory=list)
+    exits_signalled: int = 0
+    temporal: str = "skipped"  # ok | unreachable | skipped
+
+
+def to_invalid(exc: CohortError) -> Invalid:
+    """A cohort validation error as an operator error naming the first bad field."""
+    first = exc.problems[0]
+    return Invalid("; ".join(exc.problems), field=first.split(": ", 1)[0])
+
+
+class CohortService:
+    """Cohort operations over a database and (when reachable) Temporal."""
+
+    def __init__(self, db: Database, settings: Settings, client: Client | None) -> None:
+        self.db = db
+        self._settings = settings
+        self._client = client
+        self._score: ScoreFn | None = None
+
+    async def apply(self, document: Any) -> tuple[CohortDefinition, int, bool]:
+        """Validate and store a definition; returns it, its version and whether it changed."""
+        try:
+            definition = parse_cohort(document)
+        except CohortError as exc:
+            raise to_invalid(exc) from exc
+        async with self.db.transaction() as session:
+            version, changed = await cohorts.save_cohort(
+                session, definition.cohort_id, definition.model_dump(mode="json", by_alias=True)
+            )
+        return definition, version, changed
+
+    async def definition(self, cohort_id: str) -> CohortDefinition:
+        """The stored definition; NotFound if there is none."""
+        async with self.db.transaction() as session:
+            cohort = await cohorts.get_cohort(session, cohort_id)
+        if cohort is None:
+            raise NotFound(f"no cohort {cohort_id!r}", field="cohort_id")
+        return parse_cohort(cohort.definition)
+
+    def _scores(self, definition: CohortDefinition) -> ScoreFn | None:
+        if not any(isinstance(c, ScoreRule) for c in leaves(definition.rule)):
+            return None
+        if self._score is None:
+            from scoring.registry import ModelRegistry
+            from scoring.scorer import Scorer
+
+            self._score = model_scores(Scorer(ModelRegistry(self._settings.resolved_models_dir)))
+        return self._score
+
+    async def evaluate(
+        self, cohort_id: str, *, launch: bool = True, now: datetime | None = None
+    ) -> EvaluationReport:
+        """Evaluate, store the difference, signal exits and start launches of entries."""
+        definition = await self.definition(cohort_id)
+        report = EvaluationReport(
+            await evaluate(self.db, definition, now, self._scores(definition))
+        )
+        if self._client is None:
+            report.temporal = "unreachable"
+            return report
+        try:
+            report.exits_signalled = await self._signal_exits(
+                cohort_id, report.evaluation.diff.exited
+            )
+            if launch:
+                report.launches = await self.start_launches(cohort_id)
+            report.temporal = "ok"
+        except RPCError as exc:
+            log.warning("temporal failed after evaluation", error=str(exc))
+            report.temporal = "unreachable"
+        return report
+
+    async def _signal_exits(self, cohort_id: str, keys: Sequence[str]) -> int:
+        client = self._client
+        if client is None or not keys:
+            return 0
+        sent = 0
+        signal = CohortExited(cohort_id=cohort_id, reason=f"left cohort {cohort_id}")
+        for start in range(0, len(keys), SIGNAL_QUERY_KEYS):
+            terms = " OR ".join(
+                f'CustomerKey = "{k}"' for k in keys[start : start + SIGNAL_QUERY_KEYS]
+            )
+            query = f'({terms}) AND CohortId = "{cohort_id}" AND ExecutionStatus = "Running"'
+            async for wf in client.list_workflows(query):
+                await client.get_workflow_handle(wf.id).signal("cohort_exited", signal)
+                sent += 1
+        return sent
+
+    async def campaigns_for(self, cohort_id: str) -> list[tuple[CampaignSpec, int]]:
+        """Active campaigns whose latest spec enters from this cohort, with that version."""
+        found: list[tuple[CampaignSpec, int]] = []
+        async with self.db.transaction() as session:
+            for campaign in await campaigns.list_campaigns(session):
+                if campaign.status != "active":
+                    continue
+                document = await campaigns.get_spec(
+                    session, campaign.campaign_id, campaign.latest_version
+                )
+                if document is None:
+                    continue
+                spec = parse_spec(document)
+                if spec.entry_cohort == cohort_id:
+                    found.append((spec, campaign.latest_version))
+        return found
+
+    async def start_launches(self, cohort_id: str) -> list[LaunchStarted]:
+        """Start (idempotently) one bulk launch per campaign over every entry so far.
+
+        Entries a previous launch handled are skipped by their stored decisions, so the
+        launch is started even when this evaluation added nothing: an earlier one that
+        crashed before starting its launch is caught up.
+        """
+        client = self._client
+        if client is None:
+            return []
+        async with self.db.transaction() as session:
+            up_to = await session.scalar(
+                select(func.max(CohortTransition.seq)).where(
+                    CohortTransition.cohort_id == cohort_id,
+                    CohortTransition.kind == cohorts.ENTERED,
+                )
+            )
+            if up_to is None:
+                return []
+            total = await cohorts.count_transitions(
+                session, cohort_id, cohorts.ENTERED, up_to_seq=int(up_to)
+            )
+        started: list[LaunchStarted] = []
+        for spec, version in await self.campaigns_for(cohort_id):
+            workflow_id = launch_workflow_id(spec.campaign_id, cohort_id, int(up_to))
+            try:
+                await client.start_workflow(
+                    LaunchCampaignsWorkflow.run,
+                    LaunchInput(spec.campaign_id, version, cohort_id, int(up_to), total),
+                    id=workflow_id,
+                    task_queue=self._settings.task_queue,
+                    id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                    id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+                    static_summary=f"launch {spec.campaign_id} for {total} entries of {cohort_id}",
+                )
+                started.append(LaunchStarted(spec.campaign_id, workflow_id, total, True))
+            except WorkflowAlreadyStartedError:
+                started.append(LaunchStarted(spec.campaign_id, workflow_id, total, False))
+        return started

@@ -1,0 +1,1 @@
+"""Event ingestion: validation, pseudonymisation at the door, storage, features, signals."""

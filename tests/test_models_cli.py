@@ -1,0 +1,148 @@
+"""`cohortflow model ...` and `GET /v1/models/drift` on a real registry and database."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from cohortflow.api.app import create_app
+from cohortflow.cli.main import app
+from cohortflow.errors import NotFound
+from cohortflow.settings import Settings
+from cohortflow.storage import customers
+from cohortflow.storage.db import Database, migrate
+from scoring.cdnow import load_transactions
+from scoring.features import FEATURE_NAMES, rfm_features
+
+runner = CliRunner()
+
+
+def cli(*args: str) -> Any:
+    return runner.invoke(app, list(args), catch_exceptions=True)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cohortflow")
+
+
+@pytest.fixture(scope="module")
+def versions(data_dir: Path) -> tuple[str, str]:
+    """Two churn versions trained through the CLI: a champion and an unpromoted one."""
+    first = cli("model", "train", "--model", "churn", "--data-dir", str(data_dir), "--json")
+    assert first.exit_code == 0, first.output
+    report = json.loads(first.stdout.strip().splitlines()[-1])
+    assert report["champion"] is True
+    assert report["dates"]["test_features"] == "1997-09-30"
+    assert report["auroc_diff_vs_bgnbd"]["estimate"] > 0
+    assert report["brier_diff_vs_bgnbd"]["high"] < 0
+
+    second = cli("model", "train", "--data-dir", str(data_dir), "--seed", "7", "--no-promote")
+    assert second.exit_code == 0, second.output
+    assert "not promoted" in second.stdout
+    for text in ("1997-04-30", "1998-06-30", "BG/NBD", "RFM heuristic", "95% CI"):
+        assert text in second.stdout
+    version = second.stdout.split("registered ")[1].split()[0]
+    return report["version"], version
+
+
+def listed(data_dir: Path) -> dict[str, str | None]:
+    result = cli("model", "list", "--data-dir", str(data_dir), "--json")
+    assert result.exit_code == 0, result.output
+    return {row["version"]: row["role"] for row in json.loads(result.stdout)}
+
+
+def test_list_promote_challenger_compare(data_dir: Path, versions: tuple[str, str]) -> None:
+    first, second = versions
+    assert listed(data_dir) == {first: "champion", second: None}
+
+    result = cli(
+        "model", "promote", second, "--challenger", "--operator", "bob", "--data-dir", str(data_dir)
+    )
+    assert result.exit_code == 0, result.output
+    assert listed(data_dir) == {first: "champion", second: "challenger"}
+
+    compared = cli("model", "compare", first, second, "--data-dir", str(data_dir), "--json")
+    assert compared.exit_code == 0, compared.output
+    payload = json.loads(compared.stdout)
+    auroc = payload["metrics"]["auroc"]
+    assert auroc["diff"] == pytest.approx(auroc["b"] - auroc["a"])
+    assert auroc["a"] != auroc["b"]
+    assert payload["same_data"] is True
+
+    table = cli("model", "compare", first, second, "--data-dir", str(data_dir))
+    assert "brier" in table.stdout and first in table.stdout
+
+    result = cli("model", "promote", second, "--operator", "carol", "--data-dir", str(data_dir))
+    assert result.exit_code == 0, result.output
+    # Exactly one champion; the promoted challenger no longer shadows.
+    assert listed(data_dir) == {first: None, second: "champion"}
+    shown = cli("model", "show", second, "--data-dir", str(data_dir))
+    assert "promoted by carol" in shown.stdout
+    assert "train features through 1997-04-30" in shown.stdout
+
+    missing = cli("model", "show", "churn-v9-deadbeef", "--data-dir", str(data_dir))
+    assert isinstance(missing.exception, NotFound)
+
+
+async def store_features(settings: Settings, frame: pd.DataFrame) -> None:
+    await migrate(settings.resolved_database_url)
+    db = Database(settings.resolved_database_url)
+    keys = [f"c_{i:038d}" for i in range(len(frame))]
+    rows = [
+        {k: None if pd.isna(v) else float(v) for k, v in r.items()}
+        for r in frame.loc[:, list(FEATURE_NAMES)].to_dict("records")
+    ]
+    now = datetime.now(UTC)
+    try:
+        async with db.transaction() as session:
+            await customers.upsert_customers(
+                session, [customers.CustomerRecord(k, k, None) for k in keys]
+            )
+            await customers.upsert_features(
+                session, [(k, r, now) for k, r in zip(keys, rows, strict=True)]
+            )
+    finally:
+        await db.dispose()
+
+
+def test_drift_cli_and_api_flag_a_shifted_store(
+    tmp_path: Path, data_dir: Path, versions: tuple[str, str]
+) -> None:
+    settings = Settings(data_dir=tmp_path / "store", models_dir=data_dir / "models")
+    sample = rfm_features(load_transactions(), date(1997, 9, 30)).sample(3000, random_state=1)
+    asyncio.run(store_features(settings, sample))
+    env = {"COHORTFLOW_MODELS_DIR": str(settings.resolved_models_dir)}
+
+    calm = runner.invoke(
+        app, ["model", "drift", "--data-dir", str(settings.data_dir), "--json"], env=env
+    )
+    assert calm.exit_code == 0, calm.output
+    assert json.loads(calm.stdout)["flagged"] == []
+
+    shifted = sample.copy()
+    shifted["recency_days"] += 180
+    shifted["age_days"] += 180
+    asyncio.run(store_features(settings, shifted))
+    table = runner.invoke(app, ["model", "drift", "--data-dir", str(settings.data_dir)], env=env)
+    assert table.exit_code == 0, table.output
+    assert "DRIFT" in table.stdout and "recency_days" in table.stdout
+
+    with TestClient(create_app(settings)) as client:
+        response = client.get("/v1/models/drift", params={"model": "churn"})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert {"recency_days", "age_days", "score"} <= set(body["flagged"])
+        assert "cds_total" not in body["flagged"]
+        assert body["n_current"] == 3000
+        assert client.get("/v1/models/drift", params={"model": "propensity"}).status_code == 404
+        models = client.get("/v1/models").json()
+        assert sum(m["champion"] for m in models) == 1
