@@ -285,23 +285,17 @@ class ModelRegistry:
 
     def champion_version(self, name: str) -> str | None:
         """The champion version of ``name`` (one small file read), or None."""
-        if not _NAME.fullmatch(name):
-            return None
-        path = self.root / name / CHAMPION_FILE
-        try:
-            pointer = _read_json(path)
-        except FileNotFoundError:
-            return None
-        version = pointer.get("version")
-        if not isinstance(version, str):
-            raise ModelCorrupt(f"{path}: no version")
-        return version
+        return self._pointer(name, CHAMPION_FILE)
 
     def challenger_version(self, name: str) -> str | None:
         """The challenger version of ``name`` (scored in shadow), or None."""
+        return self._pointer(name, CHALLENGER_FILE)
+
+    def _pointer(self, name: str, file_name: str) -> str | None:
+        """The version a pointer file (champion or challenger) names, or None."""
         if not _NAME.fullmatch(name):
             return None
-        path = self.root / name / CHALLENGER_FILE
+        path = self.root / name / file_name
         try:
             pointer = _read_json(path)
         except FileNotFoundError:

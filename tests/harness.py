@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import uvicorn
+from fastapi import FastAPI
 from temporalio.client import Client, WorkflowHandle
 from temporalio.testing import WorkflowEnvironment
 
@@ -70,34 +71,31 @@ class Sandbox:
 
 
 @contextlib.contextmanager
-def serve_sandbox(db_path: Path, **config: Any) -> Iterator[Sandbox]:
-    """Run the sandbox CRM in a thread until the block ends."""
+def serve_app(app: FastAPI) -> Iterator[str]:
+    """Serve ``app`` over a real socket on a free port, in a thread, until the block ends."""
     port = free_port()
     server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(SandboxConfig(db_path=db_path, **config)),
-            host="127.0.0.1",
-            port=port,
-            log_config=None,
-            access_log=False,
-        )
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False)
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 15
-    while True:
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/healthz", timeout=1).is_success:
-                break
-        if time.monotonic() > deadline:
-            raise RuntimeError("sandbox CRM did not start")
-        time.sleep(0.05)
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError(f"{app.title} did not start")
+        time.sleep(0.02)
     try:
-        yield Sandbox(url=url, db_path=db_path)
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+@contextlib.contextmanager
+def serve_sandbox(db_path: Path, **config: Any) -> Iterator[Sandbox]:
+    """Run the sandbox CRM in a thread until the block ends."""
+    with serve_app(create_app(SandboxConfig(db_path=db_path, **config))) as url:
+        yield Sandbox(url=url, db_path=db_path)
 
 
 def train_small_registry(root: Path) -> ModelRegistry:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -16,16 +15,21 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from sqlalchemy import func, select
 
 from cohortflow.api.app import create_app
 from cohortflow.ids import Pseudonymiser
-from cohortflow.runtime.ports import free_port
 from cohortflow.settings import Settings
 from cohortflow.storage import approvals, campaigns, consent, customers
 from cohortflow.storage.tables import Approval, AuditRow
-from tests.harness import FEATURES, Harness, spec_document, wait_for_state, without_approval
+from tests.harness import (
+    FEATURES,
+    Harness,
+    serve_app,
+    spec_document,
+    wait_for_state,
+    without_approval,
+)
 from workflows.messages import CampaignState
 
 pytestmark = pytest.mark.devserver
@@ -44,25 +48,8 @@ class Api:
 @contextlib.contextmanager
 def serve_api(settings: Settings) -> Iterator[Api]:
     """Run the API app under uvicorn in a thread until the block ends."""
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(settings), host="127.0.0.1", port=port, log_config=None, access_log=False
-        )
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 15
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the API did not start")
-        time.sleep(0.05)
-    try:
+    with serve_app(create_app(settings)) as url:
         yield Api(url, settings)
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 @pytest.fixture

@@ -8,8 +8,6 @@ import json
 import os
 import random
 import sys
-import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,7 +15,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from sqlalchemy import delete, select
 
 from cohortflow.api.app import create_app
@@ -34,6 +31,7 @@ from cohortflow.storage.feature_store import recompute_all
 from cohortflow.storage.tables import Customer, CustomerFeatures, Event
 from scoring.cdnow import load_transactions
 from scoring.features import FEATURE_NAMES, rfm_features
+from tests.harness import serve_app
 
 REPO = Path(__file__).resolve().parent.parent
 KEY = "k" * 32
@@ -54,25 +52,8 @@ def settings_for(database_url: str, data_dir: Path) -> Settings:
 @contextlib.contextmanager
 def serve_api(settings: Settings) -> Iterator[str]:
     """The real API over a socket on a free port, in a thread, until the block ends."""
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(settings), host="127.0.0.1", port=port, log_config=None, access_log=False
-        )
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 15
-    while not server.started:
-        if time.monotonic() > deadline:
-            raise RuntimeError("API did not start")
-        time.sleep(0.02)
-    try:
+    with serve_app(create_app(settings)) as url:
         yield url
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 @pytest.fixture
