@@ -96,6 +96,12 @@ class Settings(BaseSettings):
         return self.data_dir / "temporal.db"
 
     @property
+    def stack_file(self) -> Path:
+        """Written by ``up``/``demo``: where the embedded stack answers, so operator commands
+        given only ``--data-dir`` reach it on non-default ports."""
+        return self.data_dir / "stack.json"
+
+    @property
     def key_file(self) -> Path:
         """Where a generated pseudonymisation key is kept."""
         return self.data_dir / "pseudonymisation.key"

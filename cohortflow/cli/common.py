@@ -86,11 +86,6 @@ async def ready(settings: Settings) -> Pseudonymiser:
         raise Unavailable(str(exc)) from exc
 
 
-# Written by `cohortflow up` / `cohortflow demo` into the data dir: where the embedded stack
-# answers, so operator commands given only --data-dir reach it on non-default ports.
-STACK_FILE = "stack.json"
-
-
 def embedded_endpoints(settings: Settings) -> Settings:
     """``settings`` pointed at the embedded stack last started on its data dir.
 
@@ -100,7 +95,7 @@ def embedded_endpoints(settings: Settings) -> Settings:
     import json
 
     chosen = {"temporal_address", "temporal_host", "temporal_port"} & settings.model_fields_set
-    path = settings.data_dir / STACK_FILE
+    path = settings.stack_file
     if not settings.embedded_temporal or chosen or not path.is_file():
         return settings
     try:

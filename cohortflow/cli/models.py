@@ -254,7 +254,7 @@ def drift(
 
     Exits 0 whether or not something is flagged: the flags are the output.
     """
-    from cohortflow.api.models import store_drift
+    from cohortflow.model_drift import store_drift
 
     settings = settings_for(data_dir=data_dir)
     registry = _registry(data_dir)

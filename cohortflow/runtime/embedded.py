@@ -129,8 +129,6 @@ class EmbeddedStack:
 
     def _write_stack_file(self) -> None:
         """Record where this stack answers, for operator commands given only --data-dir."""
-        from cohortflow.cli.common import STACK_FILE
-
         s = self.settings
         u = urls(s)
         stack = {
@@ -141,7 +139,7 @@ class EmbeddedStack:
             "api": u.api,
             "crm": u.crm,
         }
-        path = s.data_dir / STACK_FILE
+        path = s.stack_file
         temporary = path.with_suffix(".tmp")
         temporary.write_text(json.dumps(stack, indent=2) + "\n")
         temporary.replace(path)
