@@ -7,8 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -26,6 +25,7 @@ from cohortflow.runtime.devserver import DevServer
 from cohortflow.runtime.ports import PortInUse, free_port
 from cohortflow.settings import Settings
 from cohortflow.temporal_client import connect, ensure_search_attributes
+from tests.processes import running, wait_until
 from workflows.messages import SEARCH_ATTRIBUTE_TYPES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,24 +33,6 @@ EXPECTED_TYPES = {
     name: IndexedValueType.Value(f"INDEXED_VALUE_TYPE_{type_name.upper()}")
     for name, type_name in SEARCH_ATTRIBUTE_TYPES.items()
 }
-
-
-def running(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie (PID 1 here may never reap orphans)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
-
-
-def wait_until(condition: Callable[[], object], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def embedded_settings(data_dir: Path) -> Settings:

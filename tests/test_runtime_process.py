@@ -10,7 +10,6 @@ import subprocess
 import sys
 import sysconfig
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,27 +24,10 @@ from cohortflow.runtime.supervisor import (
     cohortflow_command,
     http_ok,
 )
+from tests.processes import running, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG")
-
-
-def running(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie (PID 1 here may never reap orphans)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
-
-
-def wait_until(condition: Callable[[], object], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def read_pid(path: Path, timeout: float = 10.0) -> int:
