@@ -17,12 +17,12 @@ from cohortflow.cli.common import (
     DataDir,
     Operator,
     Reason,
+    control,
     err,
     out,
     print_line,
     run,
     settings_for,
-    with_controls,
 )
 from cohortflow.errors import Invalid, NotFound, Unavailable
 
@@ -49,12 +49,9 @@ campaign_app = typer.Typer(
 def _campaign(
     campaign_id: str, action: CampaignAction, operator: str, reason: str, data_dir: Path | None
 ) -> None:
-    settings = settings_for(data_dir=data_dir)
-    outcome = run(
-        lambda: with_controls(
-            settings,
-            lambda c: c.change_campaign(campaign_id, action, operator=operator, reason=reason),
-        )
+    outcome = control(
+        data_dir,
+        lambda c: c.change_campaign(campaign_id, action, operator=operator, reason=reason),
     )
     out.print(f"{outcome.campaign_id} {outcome.status}; {outcome.workflows} running workflow(s)")
 

@@ -109,7 +109,13 @@ def embedded_endpoints(settings: Settings) -> Settings:
     return settings.model_copy(update=update)
 
 
-async def with_controls(settings: Settings, action: Callable[[Controls], Awaitable[T]]) -> T:
+def control(data_dir: Path | None, action: Callable[[Controls], Awaitable[T]]) -> T:
+    """Run one operator ``action`` over the data dir's (or configured) database and Temporal."""
+    settings = settings_for(data_dir=data_dir)
+    return run(lambda: _with_controls(settings, action))
+
+
+async def _with_controls(settings: Settings, action: Callable[[Controls], Awaitable[T]]) -> T:
     """Run ``action`` with Controls over the configured database and Temporal."""
     from cohortflow.controls import Controls
     from cohortflow.storage.db import Database

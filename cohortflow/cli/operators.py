@@ -13,13 +13,13 @@ from cohortflow.cli.common import (
     DataDir,
     Operator,
     Reason,
+    control,
     err,
     out,
     print_line,
     ready,
     run,
     settings_for,
-    with_controls,
 )
 
 approvals_app = typer.Typer(help="Approvals campaigns are waiting for.", no_args_is_help=True)
@@ -37,9 +37,8 @@ def approvals_list(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
 ) -> None:
     """List approvals with customer key, scores, reason, requested and expiry times."""
-    settings = settings_for(data_dir=data_dir)
     wanted = None if status == "all" else status
-    rows = run(lambda: with_controls(settings, lambda c: c.list_approvals(wanted)))
+    rows = control(data_dir, lambda c: c.list_approvals(wanted))
     if as_json:
         for r in rows:
             print_line(
@@ -79,12 +78,9 @@ def approvals_list(
 def _decide(
     approval_id: str, approve: bool, operator: str, reason: str, data_dir: Path | None
 ) -> None:
-    settings = settings_for(data_dir=data_dir)
-    result = run(
-        lambda: with_controls(
-            settings,
-            lambda c: c.decide(approval_id, approve=approve, operator=operator, reason=reason),
-        )
+    result = control(
+        data_dir,
+        lambda c: c.decide(approval_id, approve=approve, operator=operator, reason=reason),
     )
     out.print(f"{result.approval_id} {result.decision}")
 
@@ -114,14 +110,11 @@ def reject(
 def _consent(
     customer: str, channel: str, purpose: str, granted: bool, data_dir: Path | None
 ) -> None:
-    settings = settings_for(data_dir=data_dir)
-    outcome = run(
-        lambda: with_controls(
-            settings,
-            lambda c: c.set_consent(
-                customer, channel=channel, purpose=purpose, granted=granted, source="cli"
-            ),
-        )
+    outcome = control(
+        data_dir,
+        lambda c: c.set_consent(
+            customer, channel=channel, purpose=purpose, granted=granted, source="cli"
+        ),
     )
     verb = "granted" if granted else "revoked"
     state = verb if outcome.changed else f"already {verb}"
