@@ -10,7 +10,7 @@ is listed in ``events``. ``cohortflow campaign preview`` gathers the facts read-
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -68,7 +68,13 @@ class PreviewResult:
 
 
 def walk(spec: CampaignSpecDef, ctx: PreviewContext) -> PreviewResult:
-    """Follow the spec for one customer as the workflow would, without doing anything."""
+    """Follow the spec for one customer as the workflow would, without doing anything.
+
+    Like the workflow, the walk knows scores, model versions and features only from its
+    last score step: a branch or a ``{score.NAME}`` placeholder before any score step sees
+    none of them.
+    """
+    known = replace(ctx, scores={}, features={}, model_versions={})
     steps = {s.id: s for s in spec.steps}
     order = [s.id for s in spec.steps]
     clock = ctx.now
@@ -89,16 +95,36 @@ def walk(spec: CampaignSpecDef, ctx: PreviewContext) -> PreviewResult:
             path.append(PreviewStep(step.id, "exit", step.outcome))
             return PreviewResult(ctx.customer_key, variant, path, step.outcome, "exit step")
         if step.type == "score":
+            unscored = [m for m in step.models if m not in ctx.scores]
+            if unscored:
+                # The workflow's scoring failure: the customer goes to the safe default.
+                path.append(PreviewStep(step.id, "score", f"cannot score {', '.join(unscored)}"))
+                return PreviewResult(
+                    ctx.customer_key,
+                    variant,
+                    path,
+                    "fallback",
+                    f"scoring failed: segment {spec.safe_default_segment}",
+                )
+            scored = {m: ctx.scores[m] for m in step.models}
+            known = replace(
+                known,
+                scores=scored,
+                features=dict(ctx.features),
+                model_versions={m: v for m, v in ctx.model_versions.items() if m in scored},
+            )
             if variant == "unassigned":
-                band = score_band(ctx.scores.get(spec.holdout_score, 0.0), spec.holdout_bands)
+                band = score_band(scored.get(spec.holdout_score, 0.0), spec.holdout_bands)
                 variant = holdout_variant(
                     spec.campaign_id, ctx.customer_key, spec.holdout_percent, band
                 )
-            shown = ", ".join(f"{m} {ctx.scores[m]:.3f}" for m in step.models if m in ctx.scores)
-            path.append(PreviewStep(step.id, "score", shown or "no scores"))
+            shown = ", ".join(f"{m} {v:.3f}" for m, v in scored.items())
+            path.append(PreviewStep(step.id, "score", shown))
         elif step.type == "branch":
-            chosen, matched = _branch(step, ctx)
+            chosen, matched = _branch(step, known)
             path.append(PreviewStep(step.id, "branch", f"{matched} -> {chosen or 'next'}"))
+        elif step.type == "approval" and variant == "control":
+            path.append(PreviewStep(step.id, "approval", "skipped: control arm (holdout)"))
         elif step.type == "approval":
             answer = "approved" if ctx.approve else "rejected"
             path.append(
@@ -107,7 +133,7 @@ def walk(spec: CampaignSpecDef, ctx: PreviewContext) -> PreviewResult:
             if not ctx.approve:
                 return PreviewResult(ctx.customer_key, variant, path, "rejected", "not approved")
         elif step.type == "crm":
-            outcome = _crm(spec, step, ctx, variant, clock, written)
+            outcome = _crm(spec, step, known, variant, clock, written)
             path.append(outcome.step)
             clock = outcome.clock
             if outcome.terminal:
@@ -156,18 +182,19 @@ def _crm(
     if spec.cap_max_actions and written >= spec.cap_max_actions:
         notes.append(f"frequency cap reached ({written}/{spec.cap_max_actions}): skipped")
         return _CrmOutcome(PreviewStep(step.id, "crm", "; ".join(notes)), clock, capped=True)
-    write = f"{step.action} {_target(step, ctx, variant)}"
+    write = f"{step.action} {_target(spec, step, ctx, variant)}"
     notes.append(f"consent ok; would {write}")
     return _CrmOutcome(PreviewStep(step.id, "crm", "; ".join(notes), crm_write=write), clock)
 
 
-def _target(step: StepDef, ctx: PreviewContext, variant: str) -> str:
+def _target(spec: CampaignSpecDef, step: StepDef, ctx: PreviewContext, variant: str) -> str:
     if step.action == "enroll_sequence":
         return f"sequence {step.sequence_id}"
     if step.action == "add_to_list":
         return f"list {step.list_id}"
     values = {
         "cohort": ctx.cohort_id,
+        "campaign": spec.campaign_id,
         "variant": variant,
         **{f"score.{k}": f"{v:.4f}" for k, v in ctx.scores.items()},
         **{f"model.{k}": v for k, v in ctx.model_versions.items()},

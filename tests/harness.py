@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 import time
 import uuid
@@ -227,6 +228,17 @@ class Harness:
         # Only the time-skipping environment has it; the dev server's env is None here.
         async with self.env.time_skipping_unlocked():  # type: ignore[attr-defined]
             return await handle.result()
+
+
+HISTORIES = Path(__file__).parent / "histories"
+
+
+async def save_history_if_asked(handle: WorkflowHandle[Any, Any], name: str) -> None:
+    """With ``COHORTFLOW_SAVE_HISTORIES=1``, keep this run's history for the replay tests:
+    how ``tests/histories/`` gets a history of each new workflow behaviour."""
+    if os.environ.get("COHORTFLOW_SAVE_HISTORIES") == "1":
+        history = await handle.fetch_history()
+        (HISTORIES / f"{name}.json").write_text(history.to_json())
 
 
 async def wait_for_state(

@@ -1,26 +1,55 @@
 """The spec's interpreter features on the time-skipping server, with real activities:
 waits for events and local times, exit events, the conversion goal, holdout, the frequency
-cap and quiet hours."""
+cap (also under concurrency, on SQLite and PostgreSQL) and quiet hours."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
 import json
 import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import select
+import pytest
+from sqlalchemy import select, update
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowHandle
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment
 
+from activities.campaign import CampaignActivities, reservation_ttl
+from cohortflow import outbound
 from cohortflow.crm.client import CrmClient
 from cohortflow.schedule import next_local_time
-from cohortflow.storage import audit, customers
-from cohortflow.storage.tables import AuditRow
-from tests.harness import Harness, wait_for_state
-from workflows.campaign import holdout_variant, score_band
-from workflows.messages import SA, CampaignResult, CampaignState, CustomerEvent
+from cohortflow.storage import audit, consent, customers, reservations
+from cohortflow.storage.db import Database
+from cohortflow.storage.tables import AuditRow, OutboundReservation
+from scoring.registry import ModelRegistry
+from scoring.scorer import Scorer
+from tests.harness import (
+    Harness,
+    Sandbox,
+    save_history_if_asked,
+    serve_sandbox,
+    wait_for_state,
+)
+from workflows.campaign import CRM_RETRY, holdout_variant, score_band
+from workflows.messages import (
+    SA,
+    CampaignResult,
+    CampaignState,
+    CrmOutcome,
+    CrmWriteInput,
+    CustomerEvent,
+    FallbackInput,
+    idempotency_key,
+)
 
 
 def document(steps: list[dict[str, Any]], **settings: Any) -> dict[str, Any]:
@@ -279,6 +308,234 @@ async def test_under_the_cap_the_action_is_written(harness: Harness) -> None:
     assert len(await audit_rows(harness, handle.id, "crm_written")) == 1
 
 
+# ---------------------------------------------------------------- the cap under concurrency
+# crm_write called directly, many at once, on SQLite and PostgreSQL, against the sandbox CRM.
+
+WEEK_SECONDS = 7 * 24 * 3600.0
+
+
+@pytest.fixture(scope="module")
+def slow_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
+    """The sandbox CRM answering after 100 ms, as a real CRM might: every concurrent gate
+    is decided while the first writes are still in flight, so a racy cap fails every time."""
+    with serve_sandbox(
+        tmp_path_factory.mktemp("slow-crm") / "crm.db", rate_limit=10_000, latency_ms=100
+    ) as crm:
+        yield crm
+
+
+@contextlib.asynccontextmanager
+async def activities_on(
+    db: Database, crm_url: str, tmp_path: Path
+) -> AsyncIterator[CampaignActivities]:
+    """The real activities on ``db`` and a sandbox CRM (crm_write needs no model)."""
+    async with CrmClient(crm_url) as crm:
+        yield CampaignActivities(db, Scorer(ModelRegistry(tmp_path / "models")), crm)
+
+
+@pytest.fixture
+async def crm_activities(
+    db: Database, sandbox: Sandbox, tmp_path: Path
+) -> AsyncIterator[CampaignActivities]:
+    """The real activities on ``db`` and the session's sandbox CRM."""
+    async with activities_on(db, sandbox.url, tmp_path) as activities:
+        yield activities
+
+
+def crm_env(attempt: int = 1) -> ActivityEnvironment:
+    """An activity context with the options the workflow schedules ``crm_write`` with."""
+    env = ActivityEnvironment()
+    env.info = dataclasses.replace(
+        env.info,
+        activity_type="crm_write",
+        attempt=attempt,
+        start_to_close_timeout=timedelta(seconds=60),
+        schedule_to_close_timeout=None,
+        retry_policy=CRM_RETRY,
+    )
+    return env
+
+
+async def consenting_customer(db: Database) -> str:
+    key = f"c_{uuid.uuid4().hex[:24]}"
+    async with db.transaction() as session:
+        await consent.set_consent(session, key, "email", "marketing", True, "tests")
+    return key
+
+
+def write_input(key: str, campaign: str, cap: int) -> CrmWriteInput:
+    return CrmWriteInput(
+        workflow_id=f"campaign:{campaign}:{key}:1",
+        step_id="label",
+        campaign_id=campaign,
+        customer_key=key,
+        action="set_properties",
+        channel="email",
+        purpose="marketing",
+        properties={"sent_by": campaign},
+        cap_max_actions=cap,
+        cap_window_seconds=WEEK_SECONDS,
+    )
+
+
+async def kinds_for(db: Database, key: str) -> Counter[str]:
+    async with db.transaction() as session:
+        return Counter(row.kind for row in await audit.audit_for_customer(session, key))
+
+
+async def in_flight(db: Database, key: str) -> list[tuple[str, str]]:
+    """The (workflow, step) of the customer's live reservations."""
+    async with db.transaction() as session:
+        live = await reservations.live_reservations(session, key)
+    return [(r.workflow_id, r.step_id) for r in live]
+
+
+async def counted(db: Database, key: str) -> int:
+    """The customer's outbound actions this week, as the cap counts them."""
+    since = datetime.now(UTC) - timedelta(seconds=WEEK_SECONDS)
+    async with db.transaction() as session:
+        return await outbound.outbound_since(session, key, since, exclude=None)
+
+
+async def fail_once(
+    sandbox: Sandbox, activities: CampaignActivities, inp: CrmWriteInput, status: int
+) -> ApplicationError:
+    """Run ``crm_write`` for ``inp`` while the CRM answers ``status``; the error it raised."""
+    sandbox.inject(status)
+    try:
+        with pytest.raises(ApplicationError) as raised:
+            await crm_env().run(activities.crm_write, inp)
+    finally:
+        sandbox.clear()
+    return raised.value
+
+
+async def crm_requests(sandbox: Sandbox, inputs: list[CrmWriteInput]) -> int:
+    """How many requests the sandbox CRM received for these actions."""
+    counts = await asyncio.gather(
+        *(
+            asyncio.to_thread(sandbox.attempts, idempotency_key(i.workflow_id, i.step_id))
+            for i in inputs
+        )
+    )
+    return sum(counts)
+
+
+async def test_concurrent_campaigns_never_pass_the_cap_together(
+    db: Database, slow_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    sandbox = slow_sandbox
+    key = await consenting_customer(db)
+    inputs = [write_input(key, f"race{i}", cap=3) for i in range(8)]
+    env = crm_env()
+    async with activities_on(db, sandbox.url, tmp_path) as crm_activities:
+        results = await asyncio.gather(*(env.run(crm_activities.crm_write, i) for i in inputs))
+    assert Counter(r.outcome for r in results) == {CrmOutcome.WRITTEN: 3, CrmOutcome.CAPPED: 5}
+    assert await crm_requests(sandbox, inputs) == 3
+    kinds = await kinds_for(db, key)
+    assert (kinds["crm_written"], kinds["frequency_capped"]) == (3, 5)
+
+    # A retry of a written action is the same action: never capped, and counted once.
+    written = next(i for i, r in zip(inputs, results, strict=True) if r.outcome == "written")
+    async with activities_on(db, sandbox.url, tmp_path) as crm_activities:
+        again = await crm_env(attempt=2).run(crm_activities.crm_write, written)
+        late = await env.run(crm_activities.crm_write, write_input(key, "late", cap=3))
+    assert again.outcome == CrmOutcome.WRITTEN
+    assert (await kinds_for(db, key))["crm_written"] == 3
+    assert late.outcome == CrmOutcome.CAPPED
+    assert late.detail.startswith("3 outbound actions")
+    assert await in_flight(db, key) == []
+
+
+async def test_an_action_in_flight_holds_its_slot_until_it_is_written(
+    db: Database, sandbox: Sandbox, crm_activities: CampaignActivities
+) -> None:
+    key = await consenting_customer(db)
+    first, second = (write_input(key, f"slot{i}", cap=1) for i in range(2))
+    error = await fail_once(sandbox, crm_activities, first, 503)
+    assert error.type == "CrmUnavailable"
+    assert not error.non_retryable
+    # The failed attempt may have reached the CRM and its retry will write: it keeps the slot.
+    assert await in_flight(db, key) == [(first.workflow_id, "label")]
+    assert await counted(db, key) == 1
+    capped = await crm_env().run(crm_activities.crm_write, second)
+    assert capped.outcome == CrmOutcome.CAPPED
+    # The retry finds its own reservation: not capped, and counted once once written.
+    retried = await crm_env(attempt=2).run(crm_activities.crm_write, first)
+    assert retried.outcome == CrmOutcome.WRITTEN
+    assert await in_flight(db, key) == []
+    assert await counted(db, key) == 1
+    assert await crm_requests(sandbox, [first, second]) == 2  # the 503 and the retry
+    kinds = await kinds_for(db, key)
+    assert (kinds["crm_written"], kinds["frequency_capped"]) == (1, 1)
+
+
+async def test_an_uncapped_campaigns_write_in_flight_counts_for_a_capped_one(
+    db: Database, sandbox: Sandbox, crm_activities: CampaignActivities
+) -> None:
+    key = await consenting_customer(db)
+    uncapped, capped = write_input(key, "free", cap=0), write_input(key, "capped", cap=1)
+    await fail_once(sandbox, crm_activities, uncapped, 503)
+    result = await crm_env().run(crm_activities.crm_write, capped)
+    assert result.outcome == CrmOutcome.CAPPED
+    # An uncapped campaign is never capped itself.
+    assert (await crm_env(attempt=2).run(crm_activities.crm_write, uncapped)).outcome == "written"
+
+
+async def test_a_refused_action_gives_its_slot_back(
+    db: Database, sandbox: Sandbox, crm_activities: CampaignActivities
+) -> None:
+    key = await consenting_customer(db)
+    first, second = (write_input(key, f"refused{i}", cap=1) for i in range(2))
+    error = await fail_once(sandbox, crm_activities, first, 400)
+    assert (error.type, error.non_retryable) == ("CrmRejected", True)
+    assert await in_flight(db, key) == []
+    written = await crm_env().run(crm_activities.crm_write, second)
+    assert written.outcome == CrmOutcome.WRITTEN
+
+
+async def test_the_fallback_gives_the_failed_actions_slot_back(
+    db: Database, sandbox: Sandbox, crm_activities: CampaignActivities
+) -> None:
+    key = await consenting_customer(db)
+    first, second = (write_input(key, f"gaveup{i}", cap=1) for i in range(2))
+    await fail_once(sandbox, crm_activities, first, 503)
+    # Retries exhausted: the workflow puts the customer in the safe default segment.
+    await crm_env().run(
+        crm_activities.resolve_fallback,
+        FallbackInput(first.workflow_id, "label", first.campaign_id, key, "nurture", "crm_failed"),
+    )
+    assert await in_flight(db, key) == []
+    assert (await crm_env().run(crm_activities.crm_write, second)).outcome == "written"
+
+
+async def test_an_expired_reservation_stops_counting_and_its_retry_is_checked_again(
+    db: Database, sandbox: Sandbox, crm_activities: CampaignActivities
+) -> None:
+    key = await consenting_customer(db)
+    first, second = (write_input(key, f"expired{i}", cap=1) for i in range(2))
+    await fail_once(sandbox, crm_activities, first, 503)
+    async with db.transaction() as session:  # its workflow vanished long ago
+        await session.execute(
+            update(OutboundReservation)
+            .where(OutboundReservation.customer_key == key)
+            .values(expires_at=datetime.now(UTC) - timedelta(seconds=1))
+        )
+    assert await counted(db, key) == 0
+    assert (await crm_env().run(crm_activities.crm_write, second)).outcome == "written"
+    late = await crm_env(attempt=2).run(crm_activities.crm_write, first)
+    assert late.outcome == CrmOutcome.CAPPED
+    assert await in_flight(db, key) == []  # the lapsed reservation was cleared on the way
+
+
+def test_a_reservation_lasts_one_attempt_and_the_wait_for_the_next() -> None:
+    assert reservation_ttl(crm_env().info) == timedelta(minutes=4)
+    unknown = dataclasses.replace(
+        ActivityEnvironment().info, start_to_close_timeout=None, schedule_to_close_timeout=None
+    )
+    assert reservation_ttl(unknown) == timedelta(seconds=60 + 100 + 60)
+
+
 def control_key(campaign_id: str, percent: float) -> str:
     while True:
         key = f"c_{uuid.uuid4().hex[:24]}"
@@ -317,6 +574,46 @@ async def test_a_control_customer_gets_no_outbound_action_but_runs_to_the_end(
     assert description.typed_search_attributes.get(SA.VARIANT) == "control"
     async with CrmClient(harness.sandbox.url) as crm:
         assert await crm.get_contact(key) is None
+
+
+async def test_a_control_customer_is_never_put_before_an_operator(harness: Harness) -> None:
+    spec, version = await harness.apply(
+        document(
+            [
+                {"id": "approve", "type": "approval", "reason": "offer"},
+                {
+                    "id": "label",
+                    "type": "crm",
+                    "action": "set_properties",
+                    "properties": {"h": "1"},
+                },
+            ],
+            holdout_percent=20,
+            sensitive=True,
+        )
+    )
+    key = control_key(spec.campaign_id, 20)
+    async with harness.db.transaction() as session:
+        await customers.upsert_customers(
+            session, [customers.CustomerRecord(key, f"src-{key}", f"{key}@example.com")]
+        )
+    async with harness.workers():
+        handle = await harness.launch(spec, version, key)
+        result = await harness.result(handle)
+    assert result.state == CampaignState.COMPLETED
+    assert result.steps_run == ["approve", "label"]
+    assert await audit_rows(harness, handle.id, "approval_requested") == []
+    assert await audit_rows(harness, handle.id, "holdout_skipped") == [
+        {"action": "approval"},
+        {"action": "set_properties"},
+    ]
+    states = [
+        e.upsert_workflow_search_attributes_event_attributes.search_attributes
+        async for e in handle.fetch_history_events()
+        if e.event_type == EventType.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES
+    ]
+    assert not any(b"awaiting_approval" in a.indexed_fields["CampaignState"].data for a in states)
+    await save_history_if_asked(handle, "campaign_v3_control_skips_approval")
 
 
 async def test_a_stratified_arm_is_drawn_in_the_customers_score_band(harness: Harness) -> None:

@@ -15,7 +15,11 @@ from temporalio.client import WorkflowHandle, WorkflowHistory
 
 from cohortflow.storage import campaigns
 from tests.harness import Harness, wait_for_state
-from workflows.campaign import VARIANT_AUDIT_PATCH, CampaignWorkflow
+from workflows.campaign import (
+    CONTROL_SKIPS_APPROVAL_PATCH,
+    VARIANT_AUDIT_PATCH,
+    CampaignWorkflow,
+)
 from workflows.messages import (
     CampaignInput,
     CampaignResult,
@@ -185,6 +189,14 @@ def test_v2_histories_of_the_new_behaviour_are_kept_for_replay() -> None:
     # The entry audit of the holdout arm is new in v2, behind its patch id.
     assert patches("campaign_v2_event_wait_converted") == {VARIANT_AUDIT_PATCH}
     assert all(not patches(p.stem) for p in HISTORIES.glob("campaign_v1_*.json"))
+
+
+def test_v3_history_records_that_control_skips_approval() -> None:
+    # Saved by tests/test_campaign_spec_features.py with COHORTFLOW_SAVE_HISTORIES=1.
+    assert patches("campaign_v3_control_skips_approval") == {
+        VARIANT_AUDIT_PATCH,
+        CONTROL_SKIPS_APPROVAL_PATCH,
+    }
 
 
 def patches(name: str) -> set[str]:

@@ -1,9 +1,11 @@
-"""Issue 3's "How it will be checked", as one test of the real commands on free ports.
+"""Issues 3 and 4's "How it will be checked", as one test of the real commands on free ports.
 
-`cohortflow demo --no-serve --json` on a fresh data dir; then `cohortflow up` on it: its
-counts match `temporal workflow count`, an approval from the CLI completes its campaign with
-one CRM record, `kill -9` of `up` mid-wait leaves no process and a new `up` finishes the
-campaign, the audit chain verifies, and SIGINT leaves no process behind.
+`cohortflow demo --no-serve --json` on a fresh data dir runs both example specs; then
+`cohortflow up` on it: its counts match `temporal workflow count`, an approval from the CLI
+completes its win-back with one CRM record per step, `kill -9` of `up` while drip campaigns
+wait for a purchase leaves no process, a new `up` brings them back and a purchase posted to
+the API ends one's wait on the thank-you branch, the audit chain verifies, and SIGINT leaves
+no process behind.
 """
 
 from __future__ import annotations
@@ -18,22 +20,28 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
+from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
 from temporalio.client import Client
 
+from cohortflow.demo.drip import buyers, signup_ids
+from cohortflow.demo.options import DEMO_TIMEZONES, DRIP_SPEC, WINBACK_SPEC, DemoOptions, seeded
+from cohortflow.ids import Pseudonymiser
 from cohortflow.runtime.binaries import temporal_cli
 from cohortflow.runtime.ports import ensure_free, free_port
+from cohortflow.settings import Settings
 from workflows.messages import SUMMARY_STATES, CampaignState, CampaignStatus
 
 pytestmark = [pytest.mark.e2e, pytest.mark.devserver, pytest.mark.timeout(300)]
 
 REPO = Path(__file__).resolve().parents[1]
-CAMPAIGN = "demo_winback"
-WAIT_SECONDS = 4
+WINBACK, DRIP = WINBACK_SPEC, DRIP_SPEC
+CUSTOMERS, SIGNUPS = 40, 20
 
 
 def env() -> dict[str, str]:
@@ -42,7 +50,7 @@ def env() -> dict[str, str]:
     return {**clean, "PYTHONPATH": str(REPO), "COLUMNS": "250"}
 
 
-def cohortflow(*args: str | Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def cohortflow(*args: str | Path | int, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "cohortflow", *map(str, args)],
         capture_output=True,
@@ -184,6 +192,40 @@ def reaches(address: str, workflow_id: str, state: CampaignState) -> Callable[[]
     return check
 
 
+def daytime_zone() -> str:
+    """A demo zone where it is now 10:00-16:59: hours from either spec's quiet hours, so the
+    counts do not depend on when the suite runs (the spread default is the demo's, not ours)."""
+    now = datetime.now(UTC)
+    for zone in DEMO_TIMEZONES:
+        if 10 <= now.astimezone(ZoneInfo(zone)).hour <= 16:
+            return zone
+    raise AssertionError(f"no demo zone is in daytime at {now}")  # the zones are 3-5 h apart
+
+
+def waiting_campaigns(address: str, campaign_id: str) -> list[str]:
+    async def listed() -> list[str]:
+        client = await Client.connect(address)
+        query = f'CampaignId = "{campaign_id}" AND CampaignState = "waiting"'
+        return [wf.id async for wf in client.list_workflows(query)]
+
+    return asyncio.run(listed())
+
+
+def check_counts(address: str, campaign_id: str, states: dict[str, int], entered: int) -> None:
+    base = f'CampaignId = "{campaign_id}"'
+    assert temporal_count(address, base) == entered
+    for state, count in states.items():
+        assert temporal_count(address, f'{base} AND CampaignState = "{state}"') == count, state
+
+
+def crm_requests(crm: str, workflow_id: str, step: str) -> int:
+    found = httpx.get(
+        f"{crm}/_sandbox/requests", params={"idempotency_key": f"{workflow_id}:{step}"}
+    )
+    count: int = found.json()["count"]
+    return count
+
+
 def test_demo_up_approve_kill_restart_verify_and_stop(tmp_path: Path) -> None:
     data = tmp_path / "data"
     temporal_port, ui_port, api_port, crm_port = (free_port() for _ in range(4))
@@ -197,70 +239,110 @@ def test_demo_up_approve_kill_restart_verify_and_stop(tmp_path: Path) -> None:
     # -- the demo, start to finish, printing its summary as one JSON object
     started = time.monotonic()
     demo = cohortflow(
-        "demo", "--no-serve", "--json", "--customers", "40",
-        "--wait-seconds", str(WAIT_SECONDS), "--data-dir", data, *ports,
+        "demo", "--no-serve", "--json", "--customers", CUSTOMERS, "--signups", SIGNUPS,
+        "--timezone", daytime_zone(), "--data-dir", data, *ports,
         timeout=240,
     )  # fmt: skip
     demo_seconds = time.monotonic() - started
     assert demo.returncode == 0, demo.stderr[-3000:]
     [line] = demo.stdout.splitlines()
     summary: dict[str, Any] = json.loads(line)
-    states = [s.value for s in SUMMARY_STATES]
-    assert sum(summary[s] for s in states) == summary["entered"] > 0
-    assert summary["awaiting_approval"] > 0
-    assert summary["completed"] > 0
-    assert summary["waiting"] == 0
+    assert set(summary["campaigns"]) == {WINBACK, DRIP}
+    winback, drip = summary["campaigns"][WINBACK], summary["campaigns"][DRIP]
+    for campaign in (winback, drip):
+        assert list(campaign["states"]) == [s.value for s in SUMMARY_STATES]
+        assert sum(campaign["states"].values()) == campaign["entered"] > 0
+        assert campaign["launched_new"] == campaign["entered"]
+        assert sum(campaign["variants"].values()) == campaign["entered"]
+    # The win-back: some wait for an operator, some complete, none is held by quiet hours.
+    assert winback["states"]["awaiting_approval"] > 0
+    assert winback["states"]["completed"] > 0
+    assert winback["states"]["waiting"] == 0
+    # The drip, predicted from the demo's seeded choices: opted-out signups are blocked at
+    # the first CRM step, buyers are thanked, the others wait for their first purchase.
+    signups = signup_ids(SIGNUPS)
+    options = DemoOptions(signups=SIGNUPS)
+    opted_out = {i for i in signups if seeded("optout", i, options.opt_out_share)}
+    bought = set(buyers(signups, options))
+    patient = [i for i in signups if i not in opted_out | bought]
+    assert drip["entered"] == summary["signups"] == SIGNUPS
+    assert drip["states"]["consent_blocked"] == len(opted_out)
+    assert drip["states"]["completed"] == len(bought - opted_out) > 0
+    assert drip["states"]["waiting"] == len(patient) > 0
+    assert drip["parked_at"] == {"first_purchase (event purchase)": len(patient)}
+    assert drip["variants"] == {"treatment": SIGNUPS, "control": 0}  # the drip holds none out
+    assert summary["purchases"]["purchases"] == len(bought)
     assert (summary["temporal_address"], summary["namespace"]) == (address, "default")
-    assert summary["launched_new"] == summary["entered"]
     assert processes_naming(data) == []
     print(f"demo: {demo_seconds:.1f}s wall, {summary['campaigns_per_second']} campaigns/s")
 
     # -- `up` on the same data dir: the same campaigns, counted by the temporal CLI
     with up(data, ports, tmp_path / "up1.log") as first:
         first_pids = first.wait_ready(api)
-        base = f'CampaignId = "{CAMPAIGN}"'
-        assert temporal_count(address, base) == summary["entered"]
-        for state in states:
-            query = f'{base} AND CampaignState = "{state}"'
-            assert temporal_count(address, query) == summary[state], state
+        for campaign in (winback, drip):
+            check_counts(address, campaign["campaign_id"], campaign["states"], campaign["entered"])
 
-        # -- approve one from the CLI, given only the data dir
+        # -- approve a treated win-back from the CLI, given only the data dir
         listed = cohortflow("approvals", "list", "--json", "--data-dir", data)
         assert listed.returncode == 0, listed.stderr
         pending = [json.loads(row) for row in listed.stdout.splitlines()]
-        assert len(pending) == summary["awaiting_approval"]
-        approval, workflow_id = pending[0]["approval_id"], pending[0]["workflow_id"]
-        key = pending[0]["customer_key"]
+        assert len(pending) == winback["states"]["awaiting_approval"]
+        treated = [
+            p for p in pending if status_of(address, p["workflow_id"]).variant == "treatment"
+        ]
+        approval, workflow_id = treated[0]["approval_id"], treated[0]["workflow_id"]
         approved = cohortflow(
             "approve", approval, "--operator", "alice", "--reason", "offer within budget",
             "--data-dir", data,
         )  # fmt: skip
         assert approved.returncode == 0, approved.stderr
         assert approved.stdout.strip() == f"{approval} approved"
+        wait_until(reaches(address, workflow_id, CampaignState.COMPLETED), 60, "the approved")
+        contact = httpx.get(f"{crm}/crm/v3/objects/contacts/{treated[0]['customer_key']}")
+        assert contact.status_code == 200, contact.text
+        assert contact.json()["properties"]["cohort_label"] == "lapsing_high_value"
+        assert contact.json()["sequences"] == ["winback_email"]
 
-        # -- kill -9 of `up` while that campaign waits: nothing may survive it
-        wait_until(reaches(address, workflow_id, CampaignState.WAITING), 30, "the durable wait")
+        # -- kill -9 of `up` while the drip's patient signups wait: nothing may survive it
+        keys = Pseudonymiser.from_settings(Settings(data_dir=data), create=False)
+        source_of = {keys.customer_key(i): i for i in patient}
+        waiting = waiting_campaigns(address, DRIP)
+        assert len(waiting) == len(patient)
+        drip_id = waiting[0]
+        status = status_of(address, drip_id)
+        assert (status.state, status.waiting_for_event) == (CampaignState.WAITING, "purchase")
         first.proc.send_signal(signal.SIGKILL)
         first.proc.wait(10)
         wait_until(lambda: not any(map(alive, first_pids)), 30, "the children to die")
         assert processes_naming(data) == []
     ensure_free("127.0.0.1", temporal_port, "the dev server's port")  # it went with `up`
 
-    # -- a new `up` brings the campaign back and it completes; its CRM record exists once
+    # -- a new `up` brings the waits back; a purchase through the API ends one on the
+    # thank-you branch, and no CRM write was repeated by the restart
     with up(data, ports, tmp_path / "up2.log") as second:
         second_pids = second.wait_ready(api)
-        wait_until(reaches(address, workflow_id, CampaignState.COMPLETED), 60, "completion")
-        contact = httpx.get(f"{crm}/crm/v3/objects/contacts/{key}")
-        assert contact.status_code == 200, contact.text
-        assert contact.json()["properties"]["cohort_label"] == "demo_lapsing"
-        assert contact.json()["sequences"] == ["winback_email"]
-        for step in ("label", "enrol"):
-            requests = httpx.get(
-                f"{crm}/_sandbox/requests", params={"idempotency_key": f"{workflow_id}:{step}"}
-            )
-            assert requests.json()["count"] == 1, (step, requests.json())
-        completed = f'{base} AND CampaignState = "completed"'
-        assert temporal_count(address, completed) == summary["completed"] + 1
+        assert reaches(address, drip_id, CampaignState.WAITING)()
+        buyer = source_of[status.customer_key]
+        now = datetime.now(UTC).isoformat()
+        purchase = {
+            "type": "track", "event": "purchase", "messageId": f"e2e-{buyer}", "userId": buyer,
+            "timestamp": now, "properties": {"amount": 42.0},
+        }  # fmt: skip
+        posted = httpx.post(f"{api}/v1/events", json={"batch": [purchase]}, timeout=30)
+        assert posted.status_code == 200, posted.text
+        assert (posted.json()["accepted"], posted.json()["signalled"]) == (1, 1)
+        wait_until(reaches(address, drip_id, CampaignState.COMPLETED), 60, "the thank-you")
+        contact = httpx.get(f"{crm}/crm/v3/objects/contacts/{status.customer_key}")
+        assert contact.json()["properties"]["onboarding"] == "converted"
+        for wf, steps in (
+            (drip_id, ("label", "welcome", "thank")),
+            (workflow_id, ("label", "enrol")),
+        ):
+            for step in steps:
+                assert crm_requests(crm, wf, step) == 1, (wf, step)
+        for campaign in (winback, drip):
+            completed = f'CampaignId = "{campaign["campaign_id"]}" AND CampaignState = "completed"'
+            assert temporal_count(address, completed) == campaign["states"]["completed"] + 1
 
         verified = cohortflow("audit", "verify", "--data-dir", data)
         assert verified.returncode == 0, verified.stderr

@@ -14,7 +14,7 @@ from workflows.messages import CampaignSpecDef
 
 def definition(**settings: Any) -> CampaignSpecDef:
     return parse_spec(
-        {
+        {  # `settings` may replace any field, the steps too
             "campaign_id": "preview_test",
             "name": "Preview",
             "owner": "crm-team",
@@ -87,6 +87,32 @@ def test_the_cap_takes_on_capped_and_control_writes_nothing() -> None:
     result = walk(held, context(control, 0.8))
     assert result.variant == "control" and not any(s.crm_write for s in result.steps)
     assert result.outcome == "completed"
+
+
+def test_a_control_customer_skips_the_approval_a_treated_one_waits_for() -> None:
+    spec = definition(
+        steps=[
+            {"id": "score", "type": "score", "models": ["churn"]},
+            {"id": "approve", "type": "approval", "reason": "offer"},
+            {"id": "label", "type": "crm", "action": "set_properties", "properties": {"a": "1"}},
+        ],
+        sensitive=True,
+        holdout_percent=50,
+    )
+    keys = [f"c_{n}" for n in range(100)]
+    control = next(k for k in keys if holdout_variant("preview_test", k, 50) == "control")
+    treated = next(k for k in keys if holdout_variant("preview_test", k, 50) == "treatment")
+    skipped = walk(spec, context(control, 0.8))
+    assert skipped.steps[1].detail == "skipped: control arm (holdout)"
+    assert skipped.outcome == "completed"
+    refused = walk(spec, context(treated, 0.8, approve=False))
+    assert refused.path == "score > approve" and refused.outcome == "rejected"
+
+
+def test_a_model_that_cannot_score_ends_the_walk_in_the_safe_default() -> None:
+    result = walk(definition(), context("c_1", 0.8, scores={}))
+    assert (result.path, result.outcome) == ("score", "fallback")
+    assert result.reason == "scoring failed: segment nurture_default"
 
 
 def test_a_cohort_summary_counts_paths_outcomes_and_writes() -> None:

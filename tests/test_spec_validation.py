@@ -19,10 +19,8 @@ from cohortflow.spec import SpecError, json_schema, load_spec_file, load_spec_te
 from workflows.messages import CampaignSpecDef
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = [
-    *sorted((ROOT / "examples").glob("*.yaml")),
-    ROOT / "cohortflow" / "examples" / "demo_winback.yaml",
-]
+# `examples/` links to the packaged `cohortflow/examples/`, which the demo runs.
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 
 
 def base(**overrides: Any) -> dict[str, Any]:

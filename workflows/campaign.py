@@ -71,6 +71,8 @@ RECORD_AUDIT = "record_audit"
 RESOLVE_FALLBACK = "resolve_fallback"
 PLAN_LOCAL_TIME = "plan_local_time"
 VARIANT_AUDIT_PATCH = "variant-audit"
+# Control customers never get the action an approval guards, so operators are not asked.
+CONTROL_SKIPS_APPROVAL_PATCH = "control-skips-approval"
 
 LOCAL_TIMEOUT = timedelta(seconds=30)
 SCORE_RETRY = RetryPolicy(maximum_attempts=3, non_retryable_error_types=["ScoringError"])
@@ -339,6 +341,9 @@ class CampaignWorkflow:
 
     async def _approval(self, step: StepDef) -> str | None:
         spec = self._require_spec()
+        if self._variant == "control" and workflow.patched(CONTROL_SKIPS_APPROVAL_PATCH):
+            await self._audit(step.id, "holdout_skipped", {"action": "approval"})
+            return None
         resumed = self._take_deadline()
         if resumed is not None and self._pending is not None:
             # A continuation: the request was made and audited by an earlier run.

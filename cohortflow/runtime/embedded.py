@@ -14,21 +14,14 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from temporalio.api.enums.v1 import TaskQueueType
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client
 
-from cohortflow.demo import (
-    DemoOptions,
-    DemoSummary,
-    launch_all,
-    prepare,
-    wait_until_settled,
-)
+from cohortflow.demo.options import DemoOptions
+from cohortflow.demo.run import DemoSummary, print_summary, run_demo_job
 from cohortflow.ids import Pseudonymiser
-from cohortflow.launcher import Launcher
 from cohortflow.runtime.devserver import DevServer
 from cohortflow.runtime.ports import ensure_free
 from cohortflow.runtime.supervisor import (
@@ -40,9 +33,8 @@ from cohortflow.runtime.supervisor import (
     http_ok,
 )
 from cohortflow.settings import Settings
-from cohortflow.storage.db import Database, migrate
+from cohortflow.storage.db import migrate
 from cohortflow.temporal_client import connect, ensure_search_attributes
-from workflows.messages import CampaignState
 
 T = TypeVar("T")
 Announce = Callable[[str], None]
@@ -195,7 +187,7 @@ def run_demo(
     out: Console,
     err: Console,
 ) -> None:
-    """``cohortflow demo``: the stack, the data and model, the launches, the summary."""
+    """``cohortflow demo``: the stack, then the demo job on it, then the summary."""
     stack = EmbeddedStack(settings)
     try:
         stack.start(lambda line: err.print(line, soft_wrap=True))
@@ -203,7 +195,7 @@ def run_demo(
         if as_json:
             out.print(json.dumps(summary.as_json()), markup=False, highlight=False, soft_wrap=True)
         else:
-            _print_summary(summary, urls(settings), out)
+            print_summary(summary, out)
         if serve:
             err.print("serving; Ctrl-C stops everything")
             stack.wait()
@@ -214,64 +206,10 @@ def run_demo(
 
 
 async def _demo(settings: Settings, options: DemoOptions, err: Console) -> DemoSummary:
-    started = time.monotonic()
-    db = Database(settings.resolved_database_url)
     client = await connect(settings)
-    try:
-        await _wait_for_worker(client, settings.task_queue)
-        prepared = await prepare(
-            settings, db, options, lambda line: err.print(f"· {line}", soft_wrap=True)
-        )
-        launcher = Launcher(client, db, settings)
-        launch_started = time.monotonic()
-        with Progress(
-            TextColumn("launching campaigns"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=err,
-        ) as bar:
-            task = bar.add_task("launch", total=len(prepared.entrants))
-            new = await launch_all(launcher, prepared, lambda: bar.advance(task))
-        if new < len(prepared.entrants):
-            err.print(
-                f"{len(prepared.entrants) - new} of {len(prepared.entrants)} campaigns were "
-                "launched by an earlier run on this data directory; not launched again"
-            )
-        with Progress(
-            TextColumn("running campaigns"),
-            TextColumn("{task.description}"),
-            TimeElapsedColumn(),
-            console=err,
-        ) as bar:
-            task = bar.add_task("", total=None)
-            counts, total = await wait_until_settled(
-                client,
-                prepared.spec.campaign_id,
-                len(prepared.entrants),
-                options.settle_timeout_seconds,
-                lambda text: bar.update(task, description=text),
-            )
-        finished = time.monotonic()
-    finally:
-        await db.dispose()
-    return DemoSummary(
-        counts=counts,
-        entered=total,
-        launched_new=new,
-        already_launched=len(prepared.entrants) - new,
-        campaign_id=prepared.spec.campaign_id,
-        version=prepared.version,
-        model_version=prepared.model_version,
-        wall_seconds=finished - started,
-        temporal_address=settings.resolved_temporal_address,
-        namespace=settings.temporal_namespace,
-        extra={
-            "sample_size": prepared.sample_size,
-            "campaigns_per_second": round(new / (finished - launch_started), 2),
-            "temporal_ui": urls(settings).temporal_ui,
-        },
-    )
+    await _wait_for_worker(client, settings.task_queue)
+    u = urls(settings)
+    return await run_demo_job(settings, client, (u.api, u.temporal_ui), options, err)
 
 
 async def _wait_for_worker(client: Client, task_queue: str, limit_seconds: float = 60.0) -> None:
@@ -289,31 +227,3 @@ async def _wait_for_worker(client: Client, task_queue: str, limit_seconds: float
             return
         await asyncio.sleep(0.5)
     raise RuntimeError(f"no worker polled {task_queue!r} within {limit_seconds:g}s")
-
-
-def _print_summary(summary: DemoSummary, u: Urls, out: Console) -> None:
-    from rich.table import Table
-
-    table = Table(title=f"Campaign {summary.campaign_id} v{summary.version}")
-    table.add_column("state")
-    table.add_column("campaigns", justify="right")
-    for state, count in summary.counts.items():
-        table.add_row(state, str(count))
-    table.add_row("entered", str(summary.entered), style="bold")
-    out.print(table)
-    out.print(
-        f"{summary.launched_new} launched now, {summary.already_launched} by earlier runs; "
-        f"{summary.wall_seconds:.1f}s wall time, "
-        f"{summary.extra['campaigns_per_second']} campaigns/s once launched."
-    )
-    if summary.counts.get(CampaignState.AWAITING_APPROVAL.value):
-        out.print(
-            "Approve from the CLI:\n"
-            "  cohortflow approvals list\n"
-            "  cohortflow approve APPROVAL_ID --operator alice --reason 'offer is fine'"
-        )
-    out.print(
-        f"Temporal UI: {u.temporal_ui}/namespaces/{summary.namespace}/workflows?query="
-        f"CampaignId%3D%22{summary.campaign_id}%22  (columns: CampaignState, AwaitingApproval, "
-        "FallbackReason; each workflow shows what it is doing and waiting for)"
-    )

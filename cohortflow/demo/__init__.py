@@ -1,0 +1,1 @@
+"""``cohortflow demo``: the two shipped example campaigns on the embedded stack."""

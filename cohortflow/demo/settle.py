@@ -1,0 +1,113 @@
+"""When the demo's campaigns have settled, counted from Temporal visibility.
+
+A campaign is settled when it has ended, waits for an operator, or is parked in a wait that
+ends beyond the demo's horizon (a purchase that may come in three days, quiet hours until
+08:00 its time). Visibility says which state each campaign is in; the ``status`` query of
+the waiting ones says what they wait for and until when.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from temporalio.client import Client
+
+from workflows.messages import SUMMARY_STATES, CampaignState, CampaignStatus
+
+Progress = Callable[[str], None]
+SETTLED_STATES = frozenset(
+    {s.value for s in SUMMARY_STATES if s.terminal} | {CampaignState.AWAITING_APPROVAL.value}
+)
+VARIANTS = ("treatment", "control")
+
+
+@dataclass
+class CampaignCounts:
+    """One campaign's workflows by state, by holdout arm, and the parked ones by step."""
+
+    campaign_id: str
+    states: dict[str, int]
+    total: int
+    variants: dict[str, int] = field(default_factory=dict)
+    parked_at: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def unsettled(self) -> int:
+        """Campaigns still moving: neither settled nor waiting."""
+        settled = sum(v for k, v in self.states.items() if k in SETTLED_STATES)
+        return self.total - settled - self.states.get(CampaignState.WAITING.value, 0)
+
+
+async def count_campaign(client: Client, campaign_id: str) -> CampaignCounts:
+    """Per-state and per-arm counts of one campaign, from visibility."""
+    base = f'CampaignId = "{campaign_id}"'
+    total = (await client.count_workflows(base)).count
+    states = {}
+    for state in SUMMARY_STATES:
+        query = f'{base} AND CampaignState = "{state.value}"'
+        states[state.value] = (await client.count_workflows(query)).count
+    variants = {}
+    for variant in VARIANTS:
+        variants[variant] = (
+            await client.count_workflows(f'{base} AND Variant = "{variant}"')
+        ).count
+    return CampaignCounts(campaign_id, states, total, variants)
+
+
+async def parked_steps(client: Client, campaign_id: str, horizon: timedelta) -> Counter[str] | None:
+    """The waiting campaigns by step and what they wait for, when every one of them waits
+    beyond ``horizon``; None while some wait ends sooner (or a campaign moved on since
+    visibility saw it)."""
+    query = f'CampaignId = "{campaign_id}" AND CampaignState = "{CampaignState.WAITING.value}"'
+    beyond = datetime.now(UTC) + horizon
+    steps: Counter[str] = Counter()
+    async for listed in client.list_workflows(query):
+        status: CampaignStatus = await client.get_workflow_handle(listed.id).query(
+            "status", result_type=CampaignStatus
+        )
+        if status.state != CampaignState.WAITING or not status.waiting_until:
+            return None
+        if datetime.fromisoformat(status.waiting_until) <= beyond:
+            return None
+        steps[f"{status.step_id} ({_waiting_for(status)})"] += 1
+    return steps
+
+
+def _waiting_for(status: CampaignStatus) -> str:
+    if status.waiting_for_event:
+        return f"event {status.waiting_for_event}"
+    last = status.transitions[-1] if status.transitions else ""
+    return "quiet hours" if "quiet hours" in last else "timer"
+
+
+async def wait_until_settled(
+    client: Client,
+    expected: dict[str, int],
+    limit_seconds: float,
+    parked_after_seconds: float,
+    on_poll: Progress,
+) -> list[CampaignCounts]:
+    """Poll until every expected campaign is visible and settled; its counts per campaign."""
+    deadline = time.monotonic() + limit_seconds
+    horizon = timedelta(seconds=parked_after_seconds)
+    while True:
+        counts = [await count_campaign(client, c) for c in expected]
+        moving = sum(c.unsettled for c in counts)
+        on_poll(", ".join(f"{c.campaign_id} {c.total - c.unsettled}/{c.total}" for c in counts))
+        if moving == 0 and all(c.total >= expected[c.campaign_id] for c in counts):
+            parked = [await parked_steps(client, c.campaign_id, horizon) for c in counts]
+            if all(p is not None for p in parked):
+                for campaign, steps in zip(counts, parked, strict=True):
+                    campaign.parked_at = dict(sorted((steps or Counter()).items()))
+                return counts
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"campaigns did not settle in {limit_seconds:.0f}s: "
+                + ", ".join(f"{c.campaign_id} {c.unsettled} moving" for c in counts)
+            )
+        await asyncio.sleep(1.0)
