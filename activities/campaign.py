@@ -3,6 +3,8 @@
 Each is idempotent. Writes to our database carry their audit row in the same transaction;
 CRM writes carry the idempotency key ``{workflow_id}:{step_id}`` and append their audit row
 once the CRM has answered, under the unique (workflow, step, kind), so a retry adds nothing.
+Between the gate and that audit row a CRM write holds a reservation, so the cross-campaign
+frequency cap also counts the writes still in flight.
 """
 
 from __future__ import annotations
@@ -21,7 +23,15 @@ from cohortflow import outbound, schedule
 from cohortflow.crm.client import ContactUpsert, CrmClient
 from cohortflow.crm.errors import CrmError, CrmRateLimited, CrmRejected
 from cohortflow.spec import parse_spec
-from cohortflow.storage import approvals, audit, campaigns, consent, customers, segments
+from cohortflow.storage import (
+    approvals,
+    audit,
+    campaigns,
+    consent,
+    customers,
+    reservations,
+    segments,
+)
 from cohortflow.storage.db import Database
 from scoring.scorer import Scorer, ScoringError
 from workflows.messages import (
@@ -46,6 +56,13 @@ from workflows.messages import (
 log = structlog.get_logger(__name__)
 
 SEGMENT_PROPERTY = "cohortflow_segment"
+
+# Used by reservation_ttl when the activity's info lacks a timeout or a retry policy.
+DEFAULT_ATTEMPT_TIMEOUT = timedelta(minutes=1)
+# Temporal's default maximum retry interval is 100 times the initial interval.
+DEFAULT_BACKOFF_FACTOR = 100
+# Room for a retry that waits in the task queue (the CRM queue is rate limited).
+RESERVATION_SLACK = timedelta(minutes=1)
 
 
 class CampaignActivities:
@@ -152,12 +169,15 @@ class CampaignActivities:
 
     @activity.defn(name="crm_write")
     async def crm_write(self, inp: CrmWriteInput) -> CrmWriteResult:
-        """Check pause and consent right before writing, then write once to the CRM."""
+        """Check pause, consent and the frequency cap right before writing, then write once
+        to the CRM; the action holds a cap reservation from the gate until it is recorded."""
         _bind(inp.workflow_id, inp.customer_key)
         gate = await self._gate(inp)
         if gate is not None:
             return gate
         key = idempotency_key(inp.workflow_id, inp.step_id)
+        # On a retryable failure the reservation stays for the retry Temporal makes (a 5xx or
+        # a timeout may even have reached the CRM); on a definitive one it goes at once.
         try:
             record_id = await self._send(inp, key)
         except CrmRateLimited as exc:
@@ -168,6 +188,7 @@ class CampaignActivities:
                 next_retry_delay=timedelta(seconds=exc.retry_after),
             ) from exc
         except CrmRejected as exc:
+            await self._release(inp.workflow_id, inp.step_id)
             raise ApplicationError(
                 f"CRM rejected {exc.field or 'request'}: {exc.detail}",
                 type="CrmRejected",
@@ -175,17 +196,36 @@ class CampaignActivities:
             ) from exc
         except CrmError as exc:
             raise ApplicationError(f"CRM unavailable: {exc}", type="CrmUnavailable") from exc
+        except ApplicationError as exc:
+            if exc.non_retryable:
+                await self._release(inp.workflow_id, inp.step_id)
+            raise
         async with self._db.transaction() as session:
+            await reservations.lock_customer(session, inp.customer_key)
             await audit.append_audit(
                 session,
                 _event(inp.workflow_id, inp.step_id, "crm_written", inp, {"action": inp.action}),
             )
+            # In the same transaction: the action turns from in flight into written at once,
+            # so no cap check ever counts it twice or misses it.
+            await reservations.release(session, inp.workflow_id, inp.step_id)
         log.info("crm written", action=inp.action, attempt=activity.info().attempt)
         return CrmWriteResult(outcome=CrmOutcome.WRITTEN, crm_record_id=record_id)
 
-    async def _gate(self, inp: CrmWriteInput) -> CrmWriteResult | None:
-        """Pause, consent, then the frequency cap: the last word before the CRM is called."""
+    async def _release(self, workflow_id: str, step_id: str) -> None:
+        """Give back the cap slot of an action that will not be written."""
         async with self._db.transaction() as session:
+            await reservations.release(session, workflow_id, step_id)
+
+    async def _gate(self, inp: CrmWriteInput) -> CrmWriteResult | None:
+        """Pause, consent, then the frequency cap: the last word before the CRM is called.
+
+        One short transaction, never held across the CRM call.
+        """
+        async with self._db.transaction() as session:
+            # First: every transaction that takes a customer's lock takes it before the
+            # audit chain's lock (appended to below), so the two never deadlock.
+            await reservations.lock_customer(session, inp.customer_key)
             campaign = await campaigns.get_campaign(session, inp.campaign_id)
             if campaign is not None and campaign.status == "paused":
                 return CrmWriteResult(outcome=CrmOutcome.PAUSED, detail="campaign paused")
@@ -209,23 +249,44 @@ class CampaignActivities:
             return await self._cap(session, inp)
 
     async def _cap(self, session: AsyncSession, inp: CrmWriteInput) -> CrmWriteResult | None:
-        """Refuse the action when the customer already had ``cap_max_actions`` outbound
-        actions, from any campaign, within the cap's window (audit rows ``crm_written``).
+        """Refuse the action when the customer already has ``cap_max_actions`` outbound
+        actions, from any campaign, within the cap's window; otherwise reserve its slot.
 
-        A retry of an action that was already written is never capped: it is the same action.
-        The count and the CRM call are not one transaction, so two campaigns acting on one
-        customer in the same instant may both pass; the cap bounds volume, not exactly.
+        Runs under the customer's lock (see ``_gate``), and counts actions written (audit
+        rows ``crm_written``) and in flight (live reservations), so the cap is strict: of
+        campaigns acting on one customer at the same instant, only as many as there are
+        slots pass. Every action reserves, capped campaign or not, so a capped campaign also
+        sees an uncapped one's write in flight. A retry of an action that was written, or
+        whose reservation is still live, is never capped: it is the same action.
         """
-        if inp.cap_max_actions <= 0:
-            return None
         if await outbound.already_written(session, inp.workflow_id, inp.step_id):
-            return None
-        since = datetime.now(UTC) - timedelta(seconds=inp.cap_window_seconds)
-        recent = await outbound.outbound_since(
-            session, inp.customer_key, since, exclude=(inp.workflow_id, inp.step_id)
+            return None  # its crm_written row counts it; nothing to reserve
+        now = datetime.now(UTC)
+        own = await reservations.get_reservation(session, inp.workflow_id, inp.step_id)
+        holds_slot = own is not None and own.expires_at > now
+        if inp.cap_max_actions > 0 and not holds_slot:
+            since = now - timedelta(seconds=inp.cap_window_seconds)
+            recent = await outbound.outbound_since(
+                session, inp.customer_key, since, exclude=(inp.workflow_id, inp.step_id), now=now
+            )
+            if recent >= inp.cap_max_actions:
+                return await self._capped(session, inp, recent)
+        # Each attempt renews the reservation, so it only has to outlive one attempt.
+        await reservations.reserve(
+            session,
+            workflow_id=inp.workflow_id,
+            step_id=inp.step_id,
+            campaign_id=inp.campaign_id,
+            customer_key=inp.customer_key,
+            expires_at=now + reservation_ttl(activity.info()),
+            now=now,
         )
-        if recent < inp.cap_max_actions:
-            return None
+        return None
+
+    async def _capped(
+        self, session: AsyncSession, inp: CrmWriteInput, recent: int
+    ) -> CrmWriteResult:
+        """Record that the cap refused this action, with the count it was refused at."""
         await audit.append_audit(
             session,
             _event(
@@ -355,6 +416,9 @@ class CampaignActivities:
         except CrmError as exc:
             synced, detail = False, f"{type(exc).__name__}: {exc}"
         async with self._db.transaction() as session:
+            # The step's CRM write, if it was one, ended without being recorded: its cap slot
+            # goes back now rather than at the reservation's expiry.
+            await reservations.release(session, inp.workflow_id, inp.step_id)
             await segments.assign_segment(
                 session,
                 workflow_id=inp.workflow_id,
@@ -377,6 +441,31 @@ class CampaignActivities:
             )
         log.warning("fallback", segment=inp.segment, reason=inp.reason, crm_synced=synced)
         return FallbackResult(segment=inp.segment, crm_synced=synced, detail=detail)
+
+
+def reservation_ttl(info: activity.Info) -> timedelta:
+    """How long a cap reservation outlives the gate of the attempt that made or renewed it.
+
+    Every attempt renews its action's reservation at its gate, so one must last until the
+    next attempt's gate: this attempt may run, and its CRM call land, until its
+    start-to-close timeout (Temporal does not stop a timed-out attempt; the CRM client's own
+    timeout is shorter), the next one is due at most the retry policy's maximum interval
+    later, and ``RESERVATION_SLACK`` covers a wait in the task queue. For ``crm_write``
+    (60 s, at most 2 min between attempts) that is 4 minutes.
+
+    A bound rather than "until the workflow says so" because the action may end without
+    anyone to say it (workflow terminated or reset, worker lost). Actions that end without a
+    write in the usual ways release their slot at once (``CrmRejected``, ``resolve_fallback``),
+    so the bound only decides how long a vanished action keeps a slot. A retry that comes
+    later (e.g. after a long ``Retry-After``, when nothing was written) is checked afresh.
+    """
+    attempt = info.start_to_close_timeout or info.schedule_to_close_timeout
+    policy = info.retry_policy
+    if policy is None:
+        backoff = timedelta(seconds=1) * DEFAULT_BACKOFF_FACTOR
+    else:
+        backoff = policy.maximum_interval or policy.initial_interval * DEFAULT_BACKOFF_FACTOR
+    return (attempt or DEFAULT_ATTEMPT_TIMEOUT) + backoff + RESERVATION_SLACK
 
 
 def _event(

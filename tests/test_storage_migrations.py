@@ -17,6 +17,7 @@ from cohortflow.storage.tables import Base
 
 REPO = Path(__file__).resolve().parent.parent
 TABLES = set(Base.metadata.tables)
+HEAD = "0003"
 
 
 def _table_names(connection: Connection) -> set[str]:
@@ -63,10 +64,11 @@ async def test_upgrade_downgrade_upgrade(database_url: str) -> None:
         "cohort_members",
         "cohort_transitions",
         "launch_decisions",
+        "outbound_reservations",
     } == TABLES
     await migrate(database_url)
     assert _tables_without_alembic(await _tables(database_url)) == TABLES
-    assert await _revision(database_url) == "0002"
+    assert await _revision(database_url) == HEAD
 
     await downgrade(database_url)
     assert _tables_without_alembic(await _tables(database_url)) == set()
@@ -74,7 +76,7 @@ async def test_upgrade_downgrade_upgrade(database_url: str) -> None:
 
     await migrate(database_url)
     assert _tables_without_alembic(await _tables(database_url)) == TABLES
-    assert await _revision(database_url) == "0002"
+    assert await _revision(database_url) == HEAD
 
 
 def _tables_without_alembic(names: set[str]) -> set[str]:
@@ -84,7 +86,7 @@ def _tables_without_alembic(names: set[str]) -> set[str]:
 async def test_migrate_twice_is_a_no_op(database_url: str) -> None:
     await migrate(database_url)
     await migrate(database_url)
-    assert await _revision(database_url) == "0002"
+    assert await _revision(database_url) == HEAD
 
 
 async def test_migrated_schema_matches_the_models(db: Database) -> None:
@@ -112,5 +114,5 @@ async def test_alembic_command_line_reads_the_url_from_the_environment(database_
         )
         stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=60)
         assert process.returncode == 0, stderr.decode()
-    assert "0002 (head)" in stdout.decode()
+    assert f"{HEAD} (head)" in stdout.decode()
     assert _tables_without_alembic(await _tables(database_url)) == TABLES

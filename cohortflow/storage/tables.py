@@ -213,6 +213,30 @@ class AuditRow(Base):
     hash: Mapped[str] = mapped_column(String(64), unique=True)
 
 
+class OutboundReservation(Base):
+    """An outbound action that passed the frequency cap and has not been recorded yet.
+
+    Made in the same transaction as the cap check and removed in the same transaction as the
+    action's ``crm_written`` audit row, so every action counts exactly once against every
+    campaign's cap while the CRM call is in flight. An action that ends without a write stops
+    counting when its reservation is removed (refused, fallback) or at ``expires_at``.
+    Mutable, so it cannot live in the append-only ``audit_log``.
+    """
+
+    __tablename__ = "outbound_reservations"
+    # The cap counts one customer's live reservations.
+    __table_args__ = (
+        Index("ix_outbound_reservations_customer_key_expires_at", "customer_key", "expires_at"),
+    )
+
+    workflow_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    step_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    campaign_id: Mapped[str] = mapped_column(String(64))
+    customer_key: Mapped[str] = mapped_column(String(KEY_LEN))
+    reserved_at: Mapped[datetime]
+    expires_at: Mapped[datetime]
+
+
 class Event(Base):
     """One ingested event, keyed by its ``message_id`` so a re-sent batch inserts nothing.
 
