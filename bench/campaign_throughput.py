@@ -5,7 +5,7 @@ the baseline is the least a durable external write can cost: a workflow that run
 activity. Both run in the same process, on the same dev server (SQLite, WAL), with the same
 worker settings. The campaign is the demo's shape without approval: score (XGBoost) ->
 branch -> consent-gated CRM label -> 1 s durable timer -> CRM enrolment, through the sandbox
-CRM over HTTP.
+CRM over HTTP (its own process, as in every deployment).
 
     python -m bench.campaign_throughput --campaigns 200
 
@@ -19,25 +19,24 @@ import asyncio
 import contextlib
 import json
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-import uvicorn
 from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.campaign import CampaignActivities
 from bench._bare_workflow import BareWorkflow, noop
 from cohortflow.crm.client import CrmClient
-from cohortflow.crm.sandbox.app import SandboxConfig, create_app
 from cohortflow.launcher import Entry, Launcher
 from cohortflow.observability import configure_logging
 from cohortflow.runtime.devserver import DevServer
 from cohortflow.runtime.ports import free_port
+from cohortflow.runtime.process import spawn, stop, tail
+from cohortflow.runtime.supervisor import child_env, cohortflow_command, http_ok
 from cohortflow.settings import Settings
 from cohortflow.spec import CampaignSpec
 from cohortflow.storage import campaigns, consent, customers
@@ -145,26 +144,26 @@ async def _campaigns(
 
 
 @contextlib.contextmanager
-def _sandbox(db_path: Path) -> Iterator[str]:
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(SandboxConfig(db_path=db_path, rate_limit=1_000_000)),
-            host="127.0.0.1",
-            port=port,
-            log_config=None,
-            access_log=False,
-        )
+def _sandbox(root: Path) -> Iterator[str]:
+    """The sandbox CRM in its own process, as in `cohortflow up` and every deployment: the
+    CRM's CPU is not the worker's."""
+    settings = Settings(
+        data_dir=root, crm_sandbox_port=free_port(), crm_sandbox_rate_limit=1_000_000
     )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
+    url = settings.resolved_crm_url
+    proc = spawn(
+        cohortflow_command("crm-sandbox"), env=child_env(settings), log_path=root / "crm.log"
+    )
     try:
-        yield f"http://127.0.0.1:{port}"
+        healthy = http_ok(f"{url}/healthz")
+        deadline = time.monotonic() + 60
+        while not healthy():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the sandbox CRM did not start:\n{tail(root / 'crm.log')}")
+            time.sleep(0.1)
+        yield url
     finally:
-        server.should_exit = True
-        thread.join(10)
+        stop(proc)
 
 
 async def main(n: int) -> dict[str, object]:
@@ -184,7 +183,7 @@ async def main(n: int) -> dict[str, object]:
         await server.start()
         try:
             client = await connect(settings, tracing=False)
-            with _sandbox(root / "crm.db") as crm_url:
+            with _sandbox(root) as crm_url:
                 bare_rate = await _bare(client, n, f"bare-{uuid.uuid4().hex[:6]}")
                 campaign_rate, events = await _campaigns(client, db, registry.root, crm_url, n)
         finally:
