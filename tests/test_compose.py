@@ -18,7 +18,7 @@ from workflows.messages import SEARCH_ATTRIBUTE_TYPES
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE: dict[str, Any] = yaml.safe_load((REPO / "docker-compose.yml").read_text())
 SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
-COHORTFLOW_SERVICES = ("migrate", "worker", "api", "crm-sandbox")
+COHORTFLOW_SERVICES = ("migrate", "train-churn", "train-propensity", "worker", "api", "crm-sandbox")
 # Variable -> the required ${NAME:?} reference it must be read from.
 SECRETS = {
     "COHORTFLOW_PSEUDONYMISATION_KEY": "COHORTFLOW_PSEUDONYMISATION_KEY",
@@ -114,6 +114,15 @@ def test_app_services_wait_for_migrations_and_search_attributes() -> None:
         depends = SERVICES[name]["depends_on"]
         assert depends["migrate"]["condition"] == "service_completed_successfully"
         assert depends["temporal-setup"]["condition"] == "service_completed_successfully"
+
+
+def test_the_worker_starts_with_a_champion_of_every_model() -> None:
+    depends = SERVICES["worker"]["depends_on"]
+    for model in ("churn", "propensity"):
+        job = SERVICES[f"train-{model}"]
+        assert command(job)[1:] == ["model", "train", "--model", model, "--if-missing"]
+        assert depends[f"train-{model}"]["condition"] == "service_completed_successfully"
+        assert job["restart"] == "no"
 
 
 @pytest.mark.parametrize("service", COHORTFLOW_SERVICES)

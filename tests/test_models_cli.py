@@ -54,6 +54,16 @@ def versions(data_dir: Path) -> tuple[str, str]:
     return report["version"], version
 
 
+def test_train_if_missing_leaves_a_champion_alone(
+    data_dir: Path, versions: tuple[str, str]
+) -> None:
+    before = listed(data_dir)
+    again = cli("model", "train", "--if-missing", "--data-dir", str(data_dir))
+    assert again.exit_code == 0, again.output
+    assert again.stdout.strip() == f"churn has champion {versions[0]}; nothing trained"
+    assert listed(data_dir) == before
+
+
 def listed(data_dir: Path) -> dict[str, str | None]:
     result = cli("model", "list", "--data-dir", str(data_dir), "--json")
     assert result.exit_code == 0, result.output

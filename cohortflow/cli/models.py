@@ -55,6 +55,13 @@ def train(
         bool, typer.Option("--promote/--no-promote", help="Make the new version champion.")
     ] = True,
     operator: Annotated[str, typer.Option("--operator", help="Who promotes.")] = "cli",
+    if_missing: Annotated[
+        bool,
+        typer.Option(
+            "--if-missing",
+            help="Do nothing when the model already has a champion (for deployment jobs).",
+        ),
+    ] = False,
     json_output: Json = False,
 ) -> None:
     """Train a model with the strict time split, print its quality report, register it."""
@@ -64,6 +71,10 @@ def train(
     from scoring.train import TrainConfig, train_model
 
     registry = _registry(data_dir)
+    champion = registry.champion(model)
+    if if_missing and champion is not None:
+        print_line(f"{model} has champion {champion.version}; nothing trained")
+        return
     config = TrainConfig.for_model(model, seed=seed)
     # Progress goes to stderr so --json leaves stdout to the one JSON object.
     with Progress(
