@@ -43,6 +43,7 @@ from workflows.messages import (
     CrmWriteInput,
     CrmWriteResult,
     CustomerScore,
+    Decision,
     FallbackInput,
     FallbackResult,
     LoadSpecInput,
@@ -139,6 +140,7 @@ class CampaignActivities:
             ],
         )
         async with self._db.transaction() as session:
+            await _decisions(session, inp, inp.decisions)
             for i, customer in enumerate(result.customers):
                 await audit.append_audit(
                     session,
@@ -226,6 +228,7 @@ class CampaignActivities:
             # First: every transaction that takes a customer's lock takes it before the
             # audit chain's lock (appended to below), so the two never deadlock.
             await reservations.lock_customer(session, inp.customer_key)
+            await _decisions(session, inp, inp.decisions)
             campaign = await campaigns.get_campaign(session, inp.campaign_id)
             if campaign is not None and campaign.status == "paused":
                 return CrmWriteResult(outcome=CrmOutcome.PAUSED, detail="campaign paused")
@@ -349,6 +352,7 @@ class CampaignActivities:
     async def record_audit(self, inp: AuditInput) -> AuditResult:
         """Append a decision the workflow made; approval rows change in the same transaction."""
         async with self._db.transaction() as session:
+            await _decisions(session, inp, inp.decisions)
             appended = await audit.append_audit(
                 session, _event(inp.workflow_id, inp.step_id, inp.kind, inp, inp.payload)
             )
@@ -419,6 +423,7 @@ class CampaignActivities:
             # The step's CRM write, if it was one, ended without being recorded: its cap slot
             # goes back now rather than at the reservation's expiry.
             await reservations.release(session, inp.workflow_id, inp.step_id)
+            await _decisions(session, inp, inp.decisions)
             await segments.assign_segment(
                 session,
                 workflow_id=inp.workflow_id,
@@ -466,6 +471,34 @@ def reservation_ttl(info: activity.Info) -> timedelta:
     else:
         backoff = policy.maximum_interval or policy.initial_interval * DEFAULT_BACKOFF_FACTOR
     return (attempt or DEFAULT_ATTEMPT_TIMEOUT) + backoff + RESERVATION_SLACK
+
+
+async def _decisions(
+    session: AsyncSession,
+    source: ScoreInput | CrmWriteInput | AuditInput | FallbackInput,
+    decisions: list[Decision],
+) -> None:
+    """Append the workflow's decisions this activity carries, in the order they were made.
+
+    A retry appends nothing twice: rows are unique on (workflow, step, kind).
+    """
+    # A campaign scores its one customer; a batch from elsewhere carries no decisions.
+    if isinstance(source, ScoreInput):
+        customer_key = source.customer_keys[0] if source.customer_keys else ""
+    else:
+        customer_key = source.customer_key
+    for decision in decisions:
+        await audit.append_audit(
+            session,
+            audit.AuditEvent(
+                workflow_id=source.workflow_id,
+                step_id=decision.step_id,
+                kind=decision.kind,
+                campaign_id=source.campaign_id,
+                customer_key=customer_key,
+                payload=decision.payload,
+            ),
+        )
 
 
 def _event(

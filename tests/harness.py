@@ -235,10 +235,12 @@ HISTORIES = Path(__file__).parent / "histories"
 
 async def save_history_if_asked(handle: WorkflowHandle[Any, Any], name: str) -> None:
     """With ``COHORTFLOW_SAVE_HISTORIES=1``, keep this run's history for the replay tests:
-    how ``tests/histories/`` gets a history of each new workflow behaviour."""
-    if os.environ.get("COHORTFLOW_SAVE_HISTORIES") == "1":
+    how ``tests/histories/`` gets a history of each new workflow behaviour. A saved history
+    is a released version's record and is never overwritten."""
+    path = HISTORIES / f"{name}.json"
+    if os.environ.get("COHORTFLOW_SAVE_HISTORIES") == "1" and not path.exists():
         history = await handle.fetch_history()
-        (HISTORIES / f"{name}.json").write_text(history.to_json())
+        path.write_text(history.to_json())
 
 
 async def wait_for_state(

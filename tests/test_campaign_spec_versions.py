@@ -17,6 +17,7 @@ from cohortflow.storage import campaigns
 from tests.harness import Harness, wait_for_state
 from workflows.campaign import (
     CONTROL_SKIPS_APPROVAL_PATCH,
+    DECISIONS_RIDE_ALONG_PATCH,
     VARIANT_AUDIT_PATCH,
     CampaignWorkflow,
 )
@@ -197,6 +198,11 @@ def test_v3_history_records_that_control_skips_approval() -> None:
         VARIANT_AUDIT_PATCH,
         CONTROL_SKIPS_APPROVAL_PATCH,
     }
+
+
+def test_v4_history_records_that_decisions_ride_along() -> None:
+    # Saved by tests/test_campaign_workflow.py with COHORTFLOW_SAVE_HISTORIES=1.
+    assert DECISIONS_RIDE_ALONG_PATCH in patches("campaign_v4_decisions_ride_along")
 
 
 def patches(name: str) -> set[str]:

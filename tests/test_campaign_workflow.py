@@ -16,7 +16,13 @@ from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
 from cohortflow.crm.client import CrmClient
 from cohortflow.storage import approvals, consent
 from cohortflow.storage.tables import AuditRow, SegmentAssignment
-from tests.harness import Harness, spec_document, wait_for_state, without_approval
+from tests.harness import (
+    Harness,
+    save_history_if_asked,
+    spec_document,
+    wait_for_state,
+    without_approval,
+)
 from workflows.messages import (
     SA,
     CampaignResult,
@@ -220,3 +226,43 @@ async def test_a_repeated_launch_of_the_same_entry_is_a_no_op(harness: Harness) 
         second = await harness.launch(spec, version, key)
         assert (await second.describe()).run_id == (await first.describe()).run_id
     assert await audit_count(harness, first.id, "scored") == 1
+
+
+async def test_decisions_ride_with_the_next_activity_in_the_order_they_were_made(
+    harness: Harness,
+) -> None:
+    # The bench's shape: score, branch, label, wait, enrol. Only two local activities remain:
+    # the spec's load and the final record (which carries the last decisions).
+    document = spec_document()
+    document["steps"][1]["rules"][0]["all"][0]["value"] = 2.0  # nobody goes to approval
+    spec, version = await harness.apply(document)
+    key = await harness.customer()
+    async with harness.workers():
+        handle = await harness.launch(spec, version, key)
+        result = await harness.result(handle)
+    assert result.state == CampaignState.COMPLETED
+    markers = [
+        e.marker_recorded_event_attributes.marker_name
+        async for e in handle.fetch_history_events()
+        if e.event_type == EventType.EVENT_TYPE_MARKER_RECORDED
+    ]
+    assert markers.count("core_local_activity") == 2
+    async with harness.db.transaction() as session:
+        chain = (
+            await session.execute(
+                select(AuditRow.step_id, AuditRow.kind)
+                .where(AuditRow.workflow_id == handle.id)
+                .order_by(AuditRow.seq)
+            )
+        ).all()
+    assert [tuple(row) for row in chain] == [
+        ("entry", "variant_assigned"),
+        ("score", "scored"),
+        ("route", "branch"),
+        ("label", "consent_allowed"),
+        ("label", "crm_written"),
+        ("enrol", "consent_allowed"),
+        ("enrol", "crm_written"),
+        ("finish", "finished"),
+    ]
+    await save_history_if_asked(handle, "campaign_v4_decisions_ride_along")

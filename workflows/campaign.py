@@ -51,6 +51,7 @@ with workflow.unsafe.imports_passed_through():
         CustomerEvent,
         DecideRequest,
         DecideResult,
+        Decision,
         FallbackInput,
         FallbackResult,
         LoadSpecInput,
@@ -73,6 +74,9 @@ PLAN_LOCAL_TIME = "plan_local_time"
 VARIANT_AUDIT_PATCH = "variant-audit"
 # Control customers never get the action an approval guards, so operators are not asked.
 CONTROL_SKIPS_APPROVAL_PATCH = "control-skips-approval"
+# Decisions ride with the next activity (or one local activity before a wait) instead of a
+# local activity each: fewer worker round trips and database transactions per campaign.
+DECISIONS_RIDE_ALONG_PATCH = "decisions-ride-along"
 
 LOCAL_TIMEOUT = timedelta(seconds=30)
 SCORE_RETRY = RetryPolicy(maximum_attempts=3, non_retryable_error_types=["ScoringError"])
@@ -183,6 +187,8 @@ class CampaignWorkflow:
         self._early_events: list[CustomerEvent] = []  # arrived before the spec was loaded
         self._handing_over = False
         self._runs = 1
+        self._ride_along = False  # DECISIONS_RIDE_ALONG_PATCH
+        self._unrecorded: list[Decision] = []  # decisions no activity has carried yet
 
     # ------------------------------------------------------------------ the state machine
 
@@ -190,6 +196,7 @@ class CampaignWorkflow:
     async def run(self, inp: CampaignInput) -> CampaignResult:
         """Load the spec, then run its steps until a terminal state (or continue as new)."""
         self._input = inp
+        self._ride_along = workflow.patched(DECISIONS_RIDE_ALONG_PATCH)
         self._spec = await workflow.execute_local_activity(
             LOAD_SPEC,
             LoadSpecInput(inp.campaign_id, inp.version),
@@ -210,6 +217,7 @@ class CampaignWorkflow:
             state, reason = done.state, done.reason
         except _ContinueAsNew as handover:
             self._handing_over = True
+            await self._record_unrecorded()
             await workflow.wait_condition(workflow.all_handlers_finished)
             workflow.continue_as_new(
                 self._continuation(handover),
@@ -225,6 +233,7 @@ class CampaignWorkflow:
             "finish",
             "finished",
             {"state": state.value, "reason": reason, "variant": self._variant},
+            now=True,
         )
         self._transition(state, reason)
         await workflow.wait_condition(workflow.all_handlers_finished)
@@ -288,6 +297,7 @@ class CampaignWorkflow:
         inp = self._require_input()
         spec = self._require_spec()
         self._transition(CampaignState.SCORING, f"scoring with {', '.join(step.models)}")
+        carried = list(self._unrecorded)
         try:
             result = await workflow.execute_activity(
                 SCORE_CUSTOMER,
@@ -297,6 +307,7 @@ class CampaignWorkflow:
                     campaign_id=inp.campaign_id,
                     customer_keys=[inp.customer_key],
                     models=list(step.models),
+                    decisions=carried,
                 ),
                 result_type=ScoreResult,
                 start_to_close_timeout=timedelta(minutes=1),
@@ -304,6 +315,7 @@ class CampaignWorkflow:
             )
         except ActivityError as err:
             raise _Finished(CampaignState.FALLBACK, f"scoring_failed: {_cause(err)}") from err
+        del self._unrecorded[: len(carried)]
         customer = result.customers[0]
         self._scores = dict(customer.scores)
         self._features = dict(customer.features)
@@ -422,6 +434,7 @@ class CampaignWorkflow:
         while True:
             await self._wait_while_paused()
             self._transition(CampaignState.ACTING, f"CRM {step.action}")
+            carried = list(self._unrecorded)
             try:
                 result = await workflow.execute_activity(
                     CRM_WRITE,
@@ -438,6 +451,7 @@ class CampaignWorkflow:
                         list_id=step.list_id,
                         cap_max_actions=spec.cap_max_actions,
                         cap_window_seconds=spec.cap_window_seconds,
+                        decisions=carried,
                     ),
                     result_type=CrmWriteResult,
                     task_queue=self._require_input().crm_task_queue,
@@ -446,6 +460,7 @@ class CampaignWorkflow:
                 )
             except ActivityError as err:
                 raise _Finished(CampaignState.FALLBACK, f"crm_failed: {_cause(err)}") from err
+            del self._unrecorded[: len(carried)]
             if result.outcome == CrmOutcome.CONSENT_BLOCKED:
                 raise _Finished(CampaignState.CONSENT_BLOCKED, result.detail or "no consent")
             if result.outcome == CrmOutcome.PAUSED:
@@ -496,6 +511,7 @@ class CampaignWorkflow:
         Interrupts (cohort exit, exit events, consent revocation) end it at once; reaching
         the history bound hands the rest of the wait to a continuation.
         """
+        await self._record_unrecorded()
         remaining = until - workflow.now()
         self._waiting_until = until.isoformat(timespec="seconds")
         self._transition(CampaignState.WAITING, detail)
@@ -533,6 +549,7 @@ class CampaignWorkflow:
 
     async def _wait_while_paused(self) -> None:
         if self._paused:
+            await self._record_unrecorded()
             self._transition(self._state, "paused by an operator")
             await workflow.wait_condition(lambda: not self._paused or self._interrupted())
             self._check_interrupts()
@@ -756,6 +773,7 @@ class CampaignWorkflow:
                     customer_key=inp.customer_key,
                     segment=spec.safe_default_segment,
                     reason=reason,
+                    decisions=list(self._unrecorded),
                 ),
                 result_type=FallbackResult,
                 task_queue=self._require_input().crm_task_queue,
@@ -764,6 +782,7 @@ class CampaignWorkflow:
             )
         except ActivityError as err:
             raise ApplicationError(f"could not record the fallback: {_cause(err)}") from err
+        self._unrecorded.clear()
 
     async def _audit(
         self,
@@ -771,9 +790,19 @@ class CampaignWorkflow:
         kind: str,
         payload: dict[str, Any],
         approval: PendingApproval | None = None,
-    ) -> AuditResult:
+        *,
+        now: bool = False,
+    ) -> None:
+        """Record a decision: with the next activity (see DECISIONS_RIDE_ALONG_PATCH) unless
+        it changes an approval or ``now`` asks for it at once, with every one not yet recorded.
+        """
+        decision = Decision(step_id, kind, payload)
+        if self._ride_along and approval is None and not now:
+            self._unrecorded.append(decision)
+            return
         inp = self._require_input()
-        result: AuditResult = await workflow.execute_local_activity(
+        carried = list(self._unrecorded)
+        await workflow.execute_local_activity(
             RECORD_AUDIT,
             AuditInput(
                 workflow_id=workflow.info().workflow_id,
@@ -783,11 +812,18 @@ class CampaignWorkflow:
                 customer_key=inp.customer_key,
                 payload=payload,
                 approval=approval,
+                decisions=carried,
             ),
             result_type=AuditResult,
             start_to_close_timeout=LOCAL_TIMEOUT,
         )
-        return result
+        del self._unrecorded[: len(carried)]
+
+    async def _record_unrecorded(self) -> None:
+        """Before the campaign blocks (a wait, a pause, a hand-over), record what it decided."""
+        if self._unrecorded:
+            last = self._unrecorded.pop()
+            await self._audit(last.step_id, last.kind, last.payload, now=True)
 
     async def _local_time(
         self, until: str = "", quiet_start: str = "", quiet_end: str = ""

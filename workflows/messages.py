@@ -345,6 +345,16 @@ class LoadSpecInput:
 
 
 @dataclass
+class Decision:
+    """A decision the workflow made (arm drawn, branch taken, step skipped), appended to the
+    audit trail in the transaction of the next activity, which carries it."""
+
+    step_id: str
+    kind: str
+    payload: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class ScoreInput:
     """Score customers with named models; the audit row is keyed by (workflow, step)."""
 
@@ -353,6 +363,7 @@ class ScoreInput:
     campaign_id: str
     customer_keys: list[str]
     models: list[str]
+    decisions: list[Decision] = field(default_factory=list)
 
 
 @dataclass
@@ -398,6 +409,7 @@ class CrmWriteInput:
     # Frequency cap across campaigns: 0 means none.
     cap_max_actions: int = 0
     cap_window_seconds: float = 0.0
+    decisions: list[Decision] = field(default_factory=list)
 
 
 class CrmOutcome(enum.StrEnum):
@@ -429,6 +441,7 @@ class AuditInput:
     customer_key: str
     payload: dict[str, Any] = field(default_factory=dict)
     approval: PendingApproval | None = None  # set on approval_requested
+    decisions: list[Decision] = field(default_factory=list)  # appended first
 
 
 @dataclass
@@ -449,6 +462,7 @@ class FallbackInput:
     customer_key: str
     segment: str
     reason: str
+    decisions: list[Decision] = field(default_factory=list)
 
 
 @dataclass
