@@ -178,6 +178,36 @@ async def test_batch_accepts_good_events_rejects_bad_ones_by_path(api: str, db: 
         )
 
 
+async def test_a_later_track_event_keeps_the_contact_data_an_identify_stored(
+    api: str, db: Database
+) -> None:
+    def identify(message_id: str, **traits: Any) -> dict[str, Any]:
+        return {
+            "type": "identify",
+            "messageId": message_id,
+            "userId": "carol",
+            "timestamp": T0.isoformat(),
+            "traits": traits,
+        }
+
+    carol = PSEUDONYMISER.customer_key("carol")
+
+    async def contact() -> tuple[str | None, str]:
+        async with db.transaction() as session:
+            customer = await session.get(Customer, carol)
+            assert customer is not None
+            return customer.email, customer.timezone
+
+    first = identify("i-c1", email="carol@example.com", timezone="Pacific/Honolulu")
+    assert (await post(api, {"batch": [first]})).status_code == 200
+    # A purchase (no traits) must not reset the zone quiet hours are computed in.
+    assert (await post(api, {"batch": [track("t-c1", "carol")]})).status_code == 200
+    assert await contact() == ("carol@example.com", "Pacific/Honolulu")
+    moved = identify("i-c2", timezone="Asia/Tokyo")
+    assert (await post(api, {"batch": [moved]})).status_code == 200
+    assert await contact() == ("carol@example.com", "Asia/Tokyo")
+
+
 @pytest.mark.parametrize(
     ("body", "status", "loc"),
     [

@@ -43,7 +43,8 @@ async def upsert_identities(
     """Create customers seen for the first time; update contact data an identify carried.
 
     A track event carries no contact data, so its identity never blanks an e-mail address
-    an earlier identify stored (``COALESCE`` keeps the stored value).
+    or a time zone an earlier identify stored: ``COALESCE`` keeps the stored e-mail, and
+    the time zone is only written by identities that carry one.
     """
     created_at = utc(now)
     latest: dict[str, IdentityRecord] = {}
@@ -60,18 +61,19 @@ async def upsert_identities(
         }
         for i in latest.values()
     ]
-    if rows:
+    with_zone = [r for r, i in zip(rows, latest.values(), strict=True) if i.timezone]
+    without_zone = [r for r, i in zip(rows, latest.values(), strict=True) if not i.timezone]
+    for group, keeps_zone in ((with_zone, False), (without_zone, True)):
+        if not group:
+            continue
         stmt = upsert(session, Customer)
+        updates: dict[str, Any] = {"email": func.coalesce(stmt.excluded.email, Customer.email)}
+        if not keeps_zone:
+            updates["timezone"] = stmt.excluded.timezone
         # Many parameter sets for one compiled statement (see insert_events).
         await session.execute(
-            stmt.on_conflict_do_update(
-                index_elements=[Customer.customer_key],
-                set_={
-                    "email": func.coalesce(stmt.excluded.email, Customer.email),
-                    "timezone": stmt.excluded.timezone,
-                },
-            ),
-            rows,
+            stmt.on_conflict_do_update(index_elements=[Customer.customer_key], set_=updates),
+            group,
         )
     # Traits other than contact fields replace the stored ones only when an identify sent them.
     for identity in latest.values():
