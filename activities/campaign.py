@@ -167,6 +167,7 @@ class CampaignActivities:
                     ),
                 )
         log.info("scored", models=result.model_versions)
+        result.decisions_recorded = len(inp.decisions)
         return result
 
     @activity.defn(name="crm_write")
@@ -176,6 +177,7 @@ class CampaignActivities:
         _bind(inp.workflow_id, inp.customer_key)
         gate = await self._gate(inp)
         if gate is not None:
+            gate.decisions_recorded = len(inp.decisions)  # the gate's transaction wrote them
             return gate
         key = idempotency_key(inp.workflow_id, inp.step_id)
         # On a retryable failure the reservation stays for the retry Temporal makes (a 5xx or
@@ -190,7 +192,7 @@ class CampaignActivities:
                 next_retry_delay=timedelta(seconds=exc.retry_after),
             ) from exc
         except CrmRejected as exc:
-            await self._release(inp.workflow_id, inp.step_id)
+            await self._release(inp)
             raise ApplicationError(
                 f"CRM rejected {exc.field or 'request'}: {exc.detail}",
                 type="CrmRejected",
@@ -200,7 +202,7 @@ class CampaignActivities:
             raise ApplicationError(f"CRM unavailable: {exc}", type="CrmUnavailable") from exc
         except ApplicationError as exc:
             if exc.non_retryable:
-                await self._release(inp.workflow_id, inp.step_id)
+                await self._release(inp)
             raise
         async with self._db.transaction() as session:
             await reservations.lock_customer(session, inp.customer_key)
@@ -212,12 +214,17 @@ class CampaignActivities:
             # so no cap check ever counts it twice or misses it.
             await reservations.release(session, inp.workflow_id, inp.step_id)
         log.info("crm written", action=inp.action, attempt=activity.info().attempt)
-        return CrmWriteResult(outcome=CrmOutcome.WRITTEN, crm_record_id=record_id)
+        return CrmWriteResult(
+            outcome=CrmOutcome.WRITTEN,
+            crm_record_id=record_id,
+            decisions_recorded=len(inp.decisions),
+        )
 
-    async def _release(self, workflow_id: str, step_id: str) -> None:
+    async def _release(self, inp: CrmWriteInput) -> None:
         """Give back the cap slot of an action that will not be written."""
         async with self._db.transaction() as session:
-            await reservations.release(session, workflow_id, step_id)
+            await reservations.lock_customer(session, inp.customer_key)
+            await reservations.release(session, inp.workflow_id, inp.step_id)
 
     async def _gate(self, inp: CrmWriteInput) -> CrmWriteResult | None:
         """Pause, consent, then the frequency cap: the last word before the CRM is called.
@@ -421,7 +428,9 @@ class CampaignActivities:
             synced, detail = False, f"{type(exc).__name__}: {exc}"
         async with self._db.transaction() as session:
             # The step's CRM write, if it was one, ended without being recorded: its cap slot
-            # goes back now rather than at the reservation's expiry.
+            # goes back now rather than at the reservation's expiry. The customer's lock comes
+            # first, as in every transaction that touches reservations and the audit chain.
+            await reservations.lock_customer(session, inp.customer_key)
             await reservations.release(session, inp.workflow_id, inp.step_id)
             await _decisions(session, inp, inp.decisions)
             await segments.assign_segment(
@@ -445,7 +454,12 @@ class CampaignActivities:
                 ),
             )
         log.warning("fallback", segment=inp.segment, reason=inp.reason, crm_synced=synced)
-        return FallbackResult(segment=inp.segment, crm_synced=synced, detail=detail)
+        return FallbackResult(
+            segment=inp.segment,
+            crm_synced=synced,
+            detail=detail,
+            decisions_recorded=len(inp.decisions),
+        )
 
 
 def reservation_ttl(info: activity.Info) -> timedelta:

@@ -172,10 +172,13 @@ class Harness:
         )
 
     @contextlib.asynccontextmanager
-    async def workers(self) -> AsyncIterator[None]:
+    async def workers(
+        self, activities_type: type[CampaignActivities] = CampaignActivities
+    ) -> AsyncIterator[None]:
         """Run real activities against the real database, scorer and sandbox CRM."""
         async with CrmClient(self.sandbox.url) as crm:
-            activities = CampaignActivities(self.db, Scorer(ModelRegistry(self.registry_root)), crm)
+            scorer = Scorer(ModelRegistry(self.registry_root))
+            activities = activities_type(self.db, scorer, crm)
             built = build_workers(
                 self.client,
                 activities,

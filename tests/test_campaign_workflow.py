@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from datetime import timedelta
@@ -10,9 +11,11 @@ from typing import Any
 
 import pytest
 from sqlalchemy import func, select
+from temporalio import activity
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
 
+from activities.campaign import CampaignActivities
 from cohortflow.crm.client import CrmClient
 from cohortflow.storage import approvals, consent
 from cohortflow.storage.tables import AuditRow, SegmentAssignment
@@ -28,6 +31,8 @@ from workflows.messages import (
     CampaignResult,
     CampaignState,
     CohortExited,
+    CrmWriteInput,
+    CrmWriteResult,
     DecideRequest,
 )
 
@@ -115,6 +120,7 @@ async def test_decide_refuses_the_requester_then_an_approval_completes_the_campa
     assert contact is not None
     assert contact.properties["cohort_label"] == "test_cohort"
     assert contact.sequences == ["winback"]
+    await save_history_if_asked(handle, "campaign_v4_approved_completed")
 
 
 async def test_consent_revoked_in_the_store_during_a_wait_blocks_the_next_outbound_step(
@@ -266,3 +272,84 @@ async def test_decisions_ride_with_the_next_activity_in_the_order_they_were_made
         ("finish", "finished"),
     ]
     await save_history_if_asked(handle, "campaign_v4_decisions_ride_along")
+
+
+async def audit_chain(h: Harness, workflow_id: str) -> list[tuple[str, str]]:
+    """(step, kind) of the campaign's audit rows, in chain order."""
+    async with h.db.transaction() as session:
+        rows = await session.execute(
+            select(AuditRow.step_id, AuditRow.kind)
+            .where(AuditRow.workflow_id == workflow_id)
+            .order_by(AuditRow.seq)
+        )
+        return [(step, kind) for step, kind in rows]
+
+
+async def test_decisions_are_on_record_before_a_wait_and_after_a_fallback(
+    harness: Harness,
+) -> None:
+    document = without_approval(spec_document())
+    document["steps"] = [
+        {"id": "score", "type": "score", "models": ["churn"]},
+        {
+            "id": "route",
+            "type": "branch",
+            "rules": [{"all": [{"score": "churn", "op": ">", "value": 2.0}], "next": "label"}],
+            "default": "hold",
+        },
+        {"id": "hold", "type": "wait", "duration": "P1D"},
+        {"id": "label", "type": "crm", "action": "set_properties", "properties": {"a": "1"}},
+    ]
+    spec, version = await harness.apply(document)
+    key = await harness.customer()
+    harness.sandbox.inject(400, count=1)  # the label after the wait is refused: fallback
+    try:
+        async with harness.workers():
+            handle = await harness.launch(spec, version, key)
+            await wait_for_state(handle, CampaignState.WAITING)
+            # The branch was decided before the wait: on record while the campaign waits.
+            assert await audit_chain(harness, handle.id) == [
+                ("entry", "variant_assigned"),
+                ("score", "scored"),
+                ("route", "branch"),
+            ]
+            result = await harness.result(handle)
+    finally:
+        harness.sandbox.clear()
+    assert result.state == CampaignState.FALLBACK
+    chain = await audit_chain(harness, handle.id)
+    assert chain[:3] == [("entry", "variant_assigned"), ("score", "scored"), ("route", "branch")]
+    assert chain[-1] == ("finish", "finished")
+    assert ("label", "fallback") in chain
+    assert len(chain) == len(set(chain))  # nothing on record twice
+    await save_history_if_asked(handle, "campaign_v4_wait_then_crm_rejected_fallback")
+
+
+class ActivitiesFromBeforeRideAlong(CampaignActivities):
+    """A CRM-queue worker not yet upgraded: it knows nothing of carried decisions (its
+    converter drops the unknown field) and so answers that it recorded none."""
+
+    @activity.defn(name="crm_write")
+    async def crm_write(self, inp: CrmWriteInput) -> CrmWriteResult:
+        result = await super().crm_write(dataclasses.replace(inp, decisions=[]))
+        result.decisions_recorded = 0
+        return result
+
+
+async def test_decisions_a_worker_did_not_record_ride_on_to_the_next_record(
+    harness: Harness,
+) -> None:
+    document = spec_document()
+    document["steps"][1]["rules"][0]["all"][0]["value"] = 2.0  # nobody goes to approval
+    spec, version = await harness.apply(document)
+    key = await harness.customer()
+    async with harness.workers(ActivitiesFromBeforeRideAlong):
+        handle = await harness.launch(spec, version, key)
+        result = await harness.result(handle)
+    assert result.state == CampaignState.COMPLETED
+    chain = await audit_chain(harness, handle.id)
+    # The branch rode with the label's write, which dropped it; the workflow kept it and it
+    # went on record before the wait instead.
+    assert ("route", "branch") in chain
+    assert chain.index(("route", "branch")) < chain.index(("enrol", "crm_written"))
+    assert len(chain) == len(set(chain))

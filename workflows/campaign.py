@@ -315,7 +315,7 @@ class CampaignWorkflow:
             )
         except ActivityError as err:
             raise _Finished(CampaignState.FALLBACK, f"scoring_failed: {_cause(err)}") from err
-        del self._unrecorded[: len(carried)]
+        del self._unrecorded[: min(len(carried), result.decisions_recorded)]
         customer = result.customers[0]
         self._scores = dict(customer.scores)
         self._features = dict(customer.features)
@@ -353,7 +353,13 @@ class CampaignWorkflow:
 
     async def _approval(self, step: StepDef) -> str | None:
         spec = self._require_spec()
-        if self._variant == "control" and workflow.patched(CONTROL_SKIPS_APPROVAL_PATCH):
+        # A control run continued from before the patch may carry a pending request: that
+        # one is answered or expires as it was asked.
+        if (
+            self._variant == "control"
+            and self._pending is None
+            and workflow.patched(CONTROL_SKIPS_APPROVAL_PATCH)
+        ):
             await self._audit(step.id, "holdout_skipped", {"action": "approval"})
             return None
         resumed = self._take_deadline()
@@ -460,7 +466,7 @@ class CampaignWorkflow:
                 )
             except ActivityError as err:
                 raise _Finished(CampaignState.FALLBACK, f"crm_failed: {_cause(err)}") from err
-            del self._unrecorded[: len(carried)]
+            del self._unrecorded[: min(len(carried), result.decisions_recorded)]
             if result.outcome == CrmOutcome.CONSENT_BLOCKED:
                 raise _Finished(CampaignState.CONSENT_BLOCKED, result.detail or "no consent")
             if result.outcome == CrmOutcome.PAUSED:
@@ -763,8 +769,9 @@ class CampaignWorkflow:
         spec = self._require_spec()
         self._fallback_reason = reason.split(":", 1)[0]
         self._transition(CampaignState.FALLBACK, reason)
+        carried = list(self._unrecorded)
         try:
-            await workflow.execute_activity(
+            result = await workflow.execute_activity(
                 RESOLVE_FALLBACK,
                 FallbackInput(
                     workflow_id=workflow.info().workflow_id,
@@ -773,7 +780,7 @@ class CampaignWorkflow:
                     customer_key=inp.customer_key,
                     segment=spec.safe_default_segment,
                     reason=reason,
-                    decisions=list(self._unrecorded),
+                    decisions=carried,
                 ),
                 result_type=FallbackResult,
                 task_queue=self._require_input().crm_task_queue,
@@ -781,8 +788,10 @@ class CampaignWorkflow:
                 retry_policy=FALLBACK_RETRY,
             )
         except ActivityError as err:
+            # The workflow fails here: what it decided still goes on record first.
+            await self._record_unrecorded()
             raise ApplicationError(f"could not record the fallback: {_cause(err)}") from err
-        self._unrecorded.clear()
+        del self._unrecorded[: min(len(carried), result.decisions_recorded)]
 
     async def _audit(
         self,
@@ -796,34 +805,41 @@ class CampaignWorkflow:
         """Record a decision: with the next activity (see DECISIONS_RIDE_ALONG_PATCH) unless
         it changes an approval or ``now`` asks for it at once, with every one not yet recorded.
         """
-        decision = Decision(step_id, kind, payload)
         if self._ride_along and approval is None and not now:
-            self._unrecorded.append(decision)
+            self._unrecorded.append(Decision(step_id, kind, payload))
             return
-        inp = self._require_input()
         carried = list(self._unrecorded)
-        await workflow.execute_local_activity(
-            RECORD_AUDIT,
-            AuditInput(
-                workflow_id=workflow.info().workflow_id,
-                step_id=step_id,
-                kind=kind,
-                campaign_id=inp.campaign_id,
-                customer_key=inp.customer_key,
-                payload=payload,
-                approval=approval,
-                decisions=carried,
-            ),
-            result_type=AuditResult,
-            start_to_close_timeout=LOCAL_TIMEOUT,
-        )
+        await self._record(Decision(step_id, kind, payload), carried, approval)
         del self._unrecorded[: len(carried)]
 
     async def _record_unrecorded(self) -> None:
         """Before the campaign blocks (a wait, a pause, a hand-over), record what it decided."""
         if self._unrecorded:
-            last = self._unrecorded.pop()
-            await self._audit(last.step_id, last.kind, last.payload, now=True)
+            # The last decision is the record and the others ride with it. Nothing leaves the
+            # list before the local activity has answered: a cancel may come in between.
+            *earlier, last = self._unrecorded
+            await self._record(last, earlier, None)
+            del self._unrecorded[: len(earlier) + 1]
+
+    async def _record(
+        self, decision: Decision, earlier: list[Decision], approval: PendingApproval | None
+    ) -> None:
+        inp = self._require_input()
+        await workflow.execute_local_activity(
+            RECORD_AUDIT,
+            AuditInput(
+                workflow_id=workflow.info().workflow_id,
+                step_id=decision.step_id,
+                kind=decision.kind,
+                campaign_id=inp.campaign_id,
+                customer_key=inp.customer_key,
+                payload=decision.payload,
+                approval=approval,
+                decisions=earlier,
+            ),
+            result_type=AuditResult,
+            start_to_close_timeout=LOCAL_TIMEOUT,
+        )
 
     async def _local_time(
         self, until: str = "", quiet_start: str = "", quiet_end: str = ""

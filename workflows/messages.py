@@ -390,6 +390,9 @@ class ScoreResult:
 
     model_versions: dict[str, str]
     customers: list[CustomerScore]
+    # How many carried decisions were appended: a worker from before decisions rode along
+    # answers 0, so the workflow keeps them for the next activity (a rolling deploy is safe).
+    decisions_recorded: int = 0
 
 
 @dataclass
@@ -428,6 +431,9 @@ class CrmWriteResult:
     outcome: CrmOutcome
     crm_record_id: str = ""
     detail: str = ""
+    # How many carried decisions were appended: a worker from before decisions rode along
+    # answers 0, so the workflow keeps them for the next activity (a rolling deploy is safe).
+    decisions_recorded: int = 0
 
 
 @dataclass
@@ -472,6 +478,9 @@ class FallbackResult:
     segment: str
     crm_synced: bool
     detail: str = ""
+    # How many carried decisions were appended: a worker from before decisions rode along
+    # answers 0, so the workflow keeps them for the next activity (a rolling deploy is safe).
+    decisions_recorded: int = 0
 
 
 @dataclass

@@ -58,6 +58,9 @@ async def post_events(api: httpx.AsyncClient, events: list[dict[str, Any]]) -> d
         )
         response.raise_for_status()
         body = response.json()
+        if body.get("temporal") == "unreachable":
+            # Stored but never signalled: a rerun would see duplicates and signal nothing.
+            raise RuntimeError("the API could not reach Temporal to signal the campaigns")
         for name in totals:
             totals[name] += int(body.get(name) or 0)
     if totals["rejected"]:

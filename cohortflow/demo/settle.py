@@ -20,9 +20,9 @@ from temporalio.client import Client
 from workflows.messages import SUMMARY_STATES, CampaignState, CampaignStatus
 
 Progress = Callable[[str], None]
-SETTLED_STATES = frozenset(
-    {s.value for s in SUMMARY_STATES if s.terminal} | {CampaignState.AWAITING_APPROVAL.value}
-)
+# A running campaign in neither state is moving (a terminal state while it still writes its
+# last records counts as moving too).
+RESTING_STATES = (CampaignState.WAITING.value, CampaignState.AWAITING_APPROVAL.value)
 VARIANTS = ("treatment", "control")
 
 
@@ -33,19 +33,22 @@ class CampaignCounts:
     campaign_id: str
     states: dict[str, int]
     total: int
+    moving: int = 0  # running, and neither waiting nor awaiting approval
     variants: dict[str, int] = field(default_factory=dict)
     parked_at: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def unsettled(self) -> int:
-        """Campaigns still moving: neither settled nor waiting."""
-        settled = sum(v for k, v in self.states.items() if k in SETTLED_STATES)
-        return self.total - settled - self.states.get(CampaignState.WAITING.value, 0)
 
 
 async def count_campaign(client: Client, campaign_id: str) -> CampaignCounts:
     """Per-state and per-arm counts of one campaign, from visibility."""
     base = f'CampaignId = "{campaign_id}"'
+    # One query, not a difference of several: a campaign changing state between two counts
+    # would otherwise be counted twice or not at all.
+    resting = ", ".join(f'"{s}"' for s in RESTING_STATES)
+    moving = (
+        await client.count_workflows(
+            f'{base} AND ExecutionStatus = "Running" AND CampaignState NOT IN ({resting})'
+        )
+    ).count
     total = (await client.count_workflows(base)).count
     states = {}
     for state in SUMMARY_STATES:
@@ -56,7 +59,7 @@ async def count_campaign(client: Client, campaign_id: str) -> CampaignCounts:
         variants[variant] = (
             await client.count_workflows(f'{base} AND Variant = "{variant}"')
         ).count
-    return CampaignCounts(campaign_id, states, total, variants)
+    return CampaignCounts(campaign_id, states, total, moving, variants)
 
 
 async def parked_steps(client: Client, campaign_id: str, horizon: timedelta) -> Counter[str] | None:
@@ -97,9 +100,8 @@ async def wait_until_settled(
     horizon = timedelta(seconds=parked_after_seconds)
     while True:
         counts = [await count_campaign(client, c) for c in expected]
-        moving = sum(c.unsettled for c in counts)
-        on_poll(", ".join(f"{c.campaign_id} {c.total - c.unsettled}/{c.total}" for c in counts))
-        if moving == 0 and all(c.total >= expected[c.campaign_id] for c in counts):
+        on_poll(", ".join(f"{c.campaign_id} {c.total - c.moving}/{c.total}" for c in counts))
+        if all(c.moving == 0 and c.total >= expected[c.campaign_id] for c in counts):
             parked = [await parked_steps(client, c.campaign_id, horizon) for c in counts]
             if all(p is not None for p in parked):
                 for campaign, steps in zip(counts, parked, strict=True):
@@ -108,6 +110,6 @@ async def wait_until_settled(
         if time.monotonic() > deadline:
             raise TimeoutError(
                 f"campaigns did not settle in {limit_seconds:.0f}s: "
-                + ", ".join(f"{c.campaign_id} {c.unsettled} moving" for c in counts)
+                + ", ".join(f"{c.campaign_id} {c.moving} moving" for c in counts)
             )
         await asyncio.sleep(1.0)
