@@ -17,6 +17,7 @@ import httpx
 import pytest
 from sqlalchemy import delete, select
 
+from cohortflow import outbound
 from cohortflow.api.app import create_app
 from cohortflow.events.importer import import_events
 from cohortflow.events.ingest import Ingestor
@@ -206,6 +207,13 @@ async def test_a_later_track_event_keeps_the_contact_data_an_identify_stored(
     moved = identify("i-c2", timezone="Asia/Tokyo")
     assert (await post(api, {"batch": [moved]})).status_code == 200
     assert await contact() == ("carol@example.com", "Asia/Tokyo")
+    # A customer known only from a track event has no zone: campaigns use their default.
+    assert (await post(api, {"batch": [track("t-d1", "dave")]})).status_code == 200
+    async with db.transaction() as session:
+        dave = await session.get(Customer, PSEUDONYMISER.customer_key("dave"))
+        assert dave is not None and dave.timezone is None
+        zone = await outbound.customer_zone(session, dave.customer_key, "Europe/London")
+    assert zone.key == "Europe/London"
 
 
 @pytest.mark.parametrize(

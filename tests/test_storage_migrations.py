@@ -12,12 +12,13 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, inspect, text
 
+from cohortflow.storage import customers
 from cohortflow.storage.db import Database, downgrade, migrate
 from cohortflow.storage.tables import Base
 
 REPO = Path(__file__).resolve().parent.parent
 TABLES = set(Base.metadata.tables)
-HEAD = "0003"
+HEAD = "0004"
 
 
 def _table_names(connection: Connection) -> set[str]:
@@ -81,6 +82,33 @@ async def test_upgrade_downgrade_upgrade(database_url: str) -> None:
 
 def _tables_without_alembic(names: set[str]) -> set[str]:
     return names - {"alembic_version"}
+
+
+async def test_an_unknown_time_zone_is_stored_as_null_and_down_as_utc(database_url: str) -> None:
+    await migrate(database_url)
+    database = Database(database_url)
+    try:
+        async with database.transaction() as session:
+            await customers.upsert_customers(
+                session, [customers.CustomerRecord("c_tz", "src-tz", None)]
+            )
+        async with database.transaction() as session:
+            stored = await customers.get_customer(session, "c_tz")
+            assert stored is not None and stored.timezone is None
+    finally:
+        await database.dispose()
+    await downgrade(database_url, "0003")
+    database = Database(database_url)
+    try:
+        async with database.transaction() as session:
+            zone = await session.scalar(
+                text("SELECT timezone FROM customers WHERE customer_key = 'c_tz'")
+            )
+        assert zone == "UTC"
+    finally:
+        await database.dispose()
+    await migrate(database_url)
+    assert await _revision(database_url) == HEAD
 
 
 async def test_migrate_twice_is_a_no_op(database_url: str) -> None:

@@ -24,7 +24,7 @@ class CustomerRecord:
     customer_key: str
     source_id: str
     email: str | None
-    timezone: str = "UTC"
+    timezone: str | None = None  # None: campaigns use their spec's default_timezone
     attributes: dict[str, Any] = field(default_factory=dict)
 
 

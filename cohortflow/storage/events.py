@@ -55,7 +55,7 @@ async def upsert_identities(
             "customer_key": i.customer_key,
             "source_id": i.source_id,
             "email": i.email,
-            "timezone": i.timezone or "UTC",
+            "timezone": i.timezone,
             "attributes": i.attributes or {},
             "created_at": created_at,
         }

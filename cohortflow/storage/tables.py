@@ -87,7 +87,7 @@ class Customer(Base):
     customer_key: Mapped[str] = mapped_column(String(KEY_LEN), primary_key=True)
     source_id: Mapped[str] = mapped_column(String(200), unique=True)
     email: Mapped[str | None] = mapped_column(String(320))
-    timezone: Mapped[str] = mapped_column(String(64), default="UTC")
+    timezone: Mapped[str | None] = mapped_column(String(64))  # None: the spec's default
     attributes: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime]
 
