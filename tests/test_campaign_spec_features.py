@@ -644,3 +644,61 @@ async def test_a_stratified_arm_is_drawn_in_the_customers_score_band(harness: Ha
     assert assigned == [{"variant": expected, "holdout_percent": 50.0, "stratum": f"churn {band}"}]
     description = await handle.describe()
     assert description.typed_search_attributes.get(SA.VARIANT) == expected
+
+
+async def test_a_crm_step_a_loop_comes_back_to_writes_each_time(harness: Harness) -> None:
+    spec, version = await harness.apply(
+        document(
+            [
+                {
+                    "id": "label",
+                    "type": "crm",
+                    "action": "set_properties",
+                    "properties": {"a": "1"},
+                },
+                {
+                    "id": "hold",
+                    "type": "wait",
+                    "event": "purchase",
+                    "timeout": "P1D",
+                    "on_event": "done",
+                    "on_timeout": "nudge",
+                },
+                {
+                    "id": "nudge",
+                    "type": "crm",
+                    "action": "add_to_list",
+                    "list_id": "nudges",
+                    "next": "hold",
+                },
+                {"id": "done", "type": "exit"},
+            ]
+        )
+    )
+    key = await harness.customer()
+    assert harness.env is not None
+    async with harness.workers():
+        handle = await harness.launch(spec, version, key)
+        for _ in range(2):  # two unanswered days: two nudges
+            await wait_for_state(handle, CampaignState.WAITING)
+            await harness.env.sleep(timedelta(days=1, minutes=1))
+        await wait_for_state(handle, CampaignState.WAITING)
+        await handle.signal("customer_event", purchase(await server_now(harness)))
+        result = await harness.result(handle)
+    assert result.steps_run == ["label", "hold", "nudge", "hold", "nudge", "hold", "done"]
+    # Each visit has its own idempotency key and audit rows: the CRM saw two writes.
+    for visit in ("nudge", "nudge#2"):
+        assert harness.sandbox.attempts(f"{handle.id}:{visit}") == 1, visit
+    async with harness.db.transaction() as session:
+        written = await session.scalars(
+            select(AuditRow.step_id).where(
+                AuditRow.workflow_id == handle.id, AuditRow.kind == "crm_written"
+            )
+        )
+        assert sorted(written) == ["label", "nudge", "nudge#2"]
+    assert [r["outcome"] for r in await audit_rows(harness, handle.id, "event_wait")] == [
+        "timeout",
+        "timeout",
+        "event",
+    ]
+    await save_history_if_asked(handle, "campaign_v4_loop_nudged_twice")

@@ -303,7 +303,7 @@ class CampaignWorkflow:
                 SCORE_CUSTOMER,
                 ScoreInput(
                     workflow_id=workflow.info().workflow_id,
-                    step_id=step.id,
+                    step_id=self._visit_id(step.id),
                     campaign_id=inp.campaign_id,
                     customer_keys=[inp.customer_key],
                     models=list(step.models),
@@ -348,7 +348,7 @@ class CampaignWorkflow:
             if all(self._holds(c) for c in rule.all):
                 chosen, matched = rule.next, f"rules[{index}]"
                 break
-        await self._audit(step.id, "branch", {"taken": chosen, "matched": matched})
+        await self._audit(self._visit_id(step.id), "branch", {"taken": chosen, "matched": matched})
         return chosen
 
     async def _approval(self, step: StepDef) -> str | None:
@@ -428,7 +428,7 @@ class CampaignWorkflow:
         inp = self._require_input()
         spec = self._require_spec()
         if self._variant == "control":
-            await self._audit(step.id, "holdout_skipped", {"action": step.action})
+            await self._audit(self._visit_id(step.id), "holdout_skipped", {"action": step.action})
             return None
         opens = self._take_deadline()
         if spec.quiet_start:
@@ -446,7 +446,7 @@ class CampaignWorkflow:
                     CRM_WRITE,
                     CrmWriteInput(
                         workflow_id=workflow.info().workflow_id,
-                        step_id=step.id,
+                        step_id=self._visit_id(step.id),
                         campaign_id=inp.campaign_id,
                         customer_key=inp.customer_key,
                         action=step.action,
@@ -502,7 +502,9 @@ class CampaignWorkflow:
         finally:
             self._waiting_for = ""
         outcome = "event" if arrived else "timeout"
-        await self._audit(step.id, "event_wait", {"event": step.event, "outcome": outcome})
+        await self._audit(
+            self._visit_id(step.id), "event_wait", {"event": step.event, "outcome": outcome}
+        )
         return step.on_event if arrived else step.on_timeout
 
     async def _hold(
@@ -775,7 +777,7 @@ class CampaignWorkflow:
                 RESOLVE_FALLBACK,
                 FallbackInput(
                     workflow_id=workflow.info().workflow_id,
-                    step_id=self._step_id or "fallback",
+                    step_id=self._visit_id(self._step_id) if self._step_id else "fallback",
                     campaign_id=inp.campaign_id,
                     customer_key=inp.customer_key,
                     segment=spec.safe_default_segment,
@@ -792,6 +794,12 @@ class CampaignWorkflow:
             await self._record_unrecorded()
             raise ApplicationError(f"could not record the fallback: {_cause(err)}") from err
         del self._unrecorded[: min(len(carried), result.decisions_recorded)]
+
+    def _visit_id(self, step_id: str) -> str:
+        """The step's name in records and idempotency keys: its id on the first visit, then
+        ``id#n``, so a step a loop comes back to writes, and is audited, each time."""
+        visits = self._steps_run.count(step_id)
+        return step_id if visits <= 1 else f"{step_id}#{visits}"
 
     async def _audit(
         self,
