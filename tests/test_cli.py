@@ -280,6 +280,9 @@ def test_malformed_option_of_demo_and_up_creates_nothing(tmp_path: Path) -> None
     never = tmp_path / "never"
     assert_refused(cohortflow("demo", "--customers", "abc", "--data-dir", never), "--customers")
     assert_refused(cohortflow("demo", "--customers", "0", "--data-dir", never), "--customers")
+    bad_zone = cohortflow("demo", "--timezone", "Mars/Olympus", "--data-dir", never)
+    assert_refused(bad_zone, "--timezone", "'Mars/Olympus' is not an IANA time zone name")
+    assert_refused(cohortflow("demo", "--signups", "0", "--data-dir", never), "--signups")
     assert_refused(cohortflow("up", "--api-port", "70000", "--data-dir", never), "api_port")
     assert not never.exists()
     assert list(tmp_path.iterdir()) == []
