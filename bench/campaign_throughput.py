@@ -2,12 +2,13 @@
 
 On one machine the Temporal server is the ceiling (DESIGN.md, "What a campaign costs"), so
 the baseline is the least a durable external write can cost: a workflow that runs one
-activity. Both run in the same process, on the same dev server (SQLite, WAL), with the same
-worker settings. The campaign is the demo's shape without approval: score (XGBoost) ->
-branch -> consent-gated CRM label -> 1 s durable timer -> CRM enrolment, through the sandbox
-CRM over HTTP (its own process, as in every deployment).
+activity, with an in-process worker. Both run on the same dev server (SQLite, WAL). The
+campaign is the demo's shape without approval: score (XGBoost) -> branch -> consent-gated
+CRM label -> 1 s durable timer -> CRM enrolment, run by `cohortflow worker` processes
+(`--workers`) against the sandbox CRM over HTTP, each part in its own process as in every
+deployment. `BENCH_DATABASE_URL` puts the app database elsewhere (PostgreSQL).
 
-    python -m bench.campaign_throughput --campaigns 200
+    python -m bench.campaign_throughput --campaigns 200 [--workers 2]
 
 Ends with one JSON line: bench, ratio (campaigns/s over bare workflows/s), target, figures.
 """
@@ -18,6 +19,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import tempfile
 import time
 import uuid
@@ -28,9 +30,7 @@ from pathlib import Path
 from temporalio.client import Client
 from temporalio.worker import Worker
 
-from activities.campaign import CampaignActivities
 from bench._bare_workflow import BareWorkflow, noop
-from cohortflow.crm.client import CrmClient
 from cohortflow.launcher import Entry, Launcher
 from cohortflow.observability import configure_logging
 from cohortflow.runtime.devserver import DevServer
@@ -41,16 +41,14 @@ from cohortflow.settings import Settings
 from cohortflow.spec import CampaignSpec
 from cohortflow.storage import campaigns, consent, customers
 from cohortflow.storage.db import Database, migrate
-from cohortflow.temporal_client import connect
+from cohortflow.temporal_client import connect, wait_for_pollers
 from scoring.cdnow import load_transactions
 from scoring.features import FEATURE_NAMES
 from scoring.registry import ModelRegistry
-from scoring.scorer import Scorer
 from scoring.train import TrainConfig, train_churn
-from workers.campaign_worker import build_workers
 from workflows.messages import campaign_workflow_id
 
-TARGET = 0.3  # a campaign makes 3 activities, 1 timer and 3 local activities; bare makes 1
+TARGET = 0.3  # a campaign makes 3 activities, 1 timer and 2 local activities; bare makes 1
 
 
 SPEC = {
@@ -95,13 +93,8 @@ async def _bare(client: Client, n: int, queue: str) -> float:
         return n / (time.perf_counter() - started)
 
 
-async def _campaigns(
-    client: Client, db: Database, registry: Path, crm_url: str, n: int
-) -> tuple[float, int]:
-    suffix = uuid.uuid4().hex[:6]
-    settings = Settings(
-        task_queue=f"bench-{suffix}", crm_task_queue=f"bench-crm-{suffix}", crm_url=crm_url
-    )
+async def _campaigns(client: Client, settings: Settings, n: int, workers: int) -> tuple[float, int]:
+    db = Database(settings.resolved_database_url)
     spec = CampaignSpec.model_validate(SPEC)
     keys = [f"c_{uuid.uuid4().hex[:24]}" for _ in range(n)]
     features = dict.fromkeys(FEATURE_NAMES, 1.0)
@@ -117,15 +110,14 @@ async def _campaigns(
             session, [(k, "email", "marketing", True) for k in keys], source="bench"
         )
     launcher = Launcher(client, db, settings)
-    async with CrmClient(crm_url) as crm, contextlib.AsyncExitStack() as stack:
-        for worker in build_workers(
-            client,
-            CampaignActivities(db, Scorer(ModelRegistry(registry)), crm),
-            task_queue=settings.task_queue,
-            crm_task_queue=settings.crm_task_queue,
-            crm_max_activities_per_second=1000.0,
-        ):
-            await stack.enter_async_context(worker)
+    # `cohortflow worker` processes, as deployments run them.
+    root = settings.data_dir
+    processes = [
+        spawn(cohortflow_command("worker"), env=child_env(settings), log_path=root / f"w{i}.log")
+        for i in range(workers)
+    ]
+    try:
+        await wait_for_pollers(client, settings.task_queue, workers, limit_seconds=120)
         started = time.perf_counter()
         gate = asyncio.Semaphore(32)
 
@@ -139,6 +131,10 @@ async def _campaigns(
         ]
         await asyncio.gather(*(h.result() for h in handles))
         elapsed = time.perf_counter() - started
+    finally:
+        for process in processes:
+            stop(process)
+        await db.dispose()
     events = len([e async for e in handles[0].fetch_history_events()])
     return n / elapsed, events
 
@@ -166,7 +162,7 @@ def _sandbox(root: Path) -> Iterator[str]:
         stop(proc)
 
 
-async def main(n: int) -> dict[str, object]:
+async def main(n: int, workers: int) -> dict[str, object]:
     """Run both workloads and return the figures."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -175,20 +171,31 @@ async def main(n: int) -> dict[str, object]:
             train_churn(load_transactions(), TrainConfig(bootstrap_resamples=0)),
             promoted_by="bench",
         )
-        settings = Settings(data_dir=root, temporal_port=free_port(), temporal_ui_port=free_port())
-        url = f"sqlite+aiosqlite:///{root / 'app.db'}"
+        # BENCH_DATABASE_URL runs the app database elsewhere (e.g. PostgreSQL).
+        url = os.environ.get("BENCH_DATABASE_URL") or f"sqlite+aiosqlite:///{root / 'app.db'}"
         await migrate(url)
-        db = Database(url)
+        suffix = uuid.uuid4().hex[:6]
+        settings = Settings(
+            data_dir=root,
+            temporal_port=free_port(),
+            temporal_ui_port=free_port(),
+            database_url=url,
+            models_dir=registry.root,
+            task_queue=f"bench-{suffix}",
+            crm_task_queue=f"bench-crm-{suffix}",
+            crm_max_activities_per_second=1000.0,
+            log_level="WARNING",
+        )
         server = DevServer(settings)
         await server.start()
         try:
             client = await connect(settings, tracing=False)
             with _sandbox(root) as crm_url:
-                bare_rate = await _bare(client, n, f"bare-{uuid.uuid4().hex[:6]}")
-                campaign_rate, events = await _campaigns(client, db, registry.root, crm_url, n)
+                bare_rate = await _bare(client, n, f"bare-{suffix}")
+                with_crm = settings.model_copy(update={"crm_url": crm_url})
+                campaign_rate, events = await _campaigns(client, with_crm, n, workers)
         finally:
             server.stop()
-            await db.dispose()
     return {
         "bench": "campaign_throughput",
         "ratio": round(campaign_rate / bare_rate, 3),
@@ -197,6 +204,7 @@ async def main(n: int) -> dict[str, object]:
         "campaigns_per_s": round(campaign_rate, 2),
         "bare_workflows_per_s": round(bare_rate, 2),
         "campaign_history_events": events,
+        "worker_processes": workers,
         "note": "includes each campaign's 1 s durable timer",
     }
 
@@ -205,7 +213,14 @@ if __name__ == "__main__":
     configure_logging("console", "WARNING")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--campaigns", type=int, default=200, help="workflows of each kind")
-    figures = asyncio.run(main(parser.parse_args().campaigns))
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="campaign worker processes (`cohortflow worker`, as `cohortflow up` starts one)",
+    )
+    args = parser.parse_args()
+    figures = asyncio.run(main(args.campaigns, args.workers))
     print(f"bare one-activity workflows: {figures['bare_workflows_per_s']}/s")
     print(f"campaigns:                   {figures['campaigns_per_s']}/s")
     print(json.dumps(figures))

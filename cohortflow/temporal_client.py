@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
-from temporalio.api.enums.v1 import IndexedValueType
+from temporalio.api.enums.v1 import IndexedValueType, TaskQueueType
 from temporalio.api.operatorservice.v1 import (
     AddSearchAttributesRequest,
     ListSearchAttributesRequest,
 )
-from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest, DescribeTaskQueueRequest
 from temporalio.client import Client, Interceptor
 from temporalio.contrib.opentelemetry import TracingInterceptor
 from temporalio.service import RPCError, RPCStatusCode
@@ -115,3 +117,22 @@ async def _ready_client(address: str, namespace: str) -> Client:
     client = await Client.connect(address, namespace=namespace)
     await client.workflow_service.describe_namespace(DescribeNamespaceRequest(namespace=namespace))
     return client
+
+
+async def wait_for_pollers(
+    client: Client, task_queue: str, workers: int = 1, limit_seconds: float = 60.0
+) -> None:
+    """Until ``workers`` distinct worker processes poll ``task_queue`` for workflow tasks."""
+    deadline = time.monotonic() + limit_seconds
+    while time.monotonic() < deadline:
+        response = await client.workflow_service.describe_task_queue(
+            DescribeTaskQueueRequest(
+                namespace=client.namespace,
+                task_queue=TaskQueue(name=task_queue),
+                task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
+            )
+        )
+        if len({poller.identity for poller in response.pollers}) >= workers:
+            return
+        await asyncio.sleep(0.5)
+    raise RuntimeError(f"{workers} worker(s) did not poll {task_queue!r} within {limit_seconds:g}s")

@@ -8,16 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
 from rich.console import Console
-from temporalio.api.enums.v1 import TaskQueueType
-from temporalio.api.taskqueue.v1 import TaskQueue
-from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
-from temporalio.client import Client
 
 from cohortflow.demo.options import DemoOptions
 from cohortflow.demo.run import DemoSummary, print_summary, run_demo_job
@@ -34,7 +29,7 @@ from cohortflow.runtime.supervisor import (
 )
 from cohortflow.settings import Settings
 from cohortflow.storage.db import migrate
-from cohortflow.temporal_client import connect, ensure_search_attributes
+from cohortflow.temporal_client import connect, ensure_search_attributes, wait_for_pollers
 
 T = TypeVar("T")
 Announce = Callable[[str], None]
@@ -207,23 +202,7 @@ def run_demo(
 
 async def _demo(settings: Settings, options: DemoOptions, err: Console) -> DemoSummary:
     client = await connect(settings)
-    await _wait_for_worker(client, settings.task_queue)
+    # Launching before a worker polls works, but the progress would look stuck.
+    await wait_for_pollers(client, settings.task_queue)
     u = urls(settings)
     return await run_demo_job(settings, client, (u.api, u.temporal_ui), options, err)
-
-
-async def _wait_for_worker(client: Client, task_queue: str, limit_seconds: float = 60.0) -> None:
-    """Launching before a worker polls works, but the progress would look stuck."""
-    deadline = time.monotonic() + limit_seconds
-    while time.monotonic() < deadline:
-        response = await client.workflow_service.describe_task_queue(
-            DescribeTaskQueueRequest(
-                namespace=client.namespace,
-                task_queue=TaskQueue(name=task_queue),
-                task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
-            )
-        )
-        if response.pollers:
-            return
-        await asyncio.sleep(0.5)
-    raise RuntimeError(f"no worker polled {task_queue!r} within {limit_seconds:g}s")
