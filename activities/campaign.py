@@ -496,22 +496,10 @@ async def _decisions(
 
     A retry appends nothing twice: rows are unique on (workflow, step, kind).
     """
-    # A campaign scores its one customer; a batch from elsewhere carries no decisions.
-    if isinstance(source, ScoreInput):
-        customer_key = source.customer_keys[0] if source.customer_keys else ""
-    else:
-        customer_key = source.customer_key
     for decision in decisions:
         await audit.append_audit(
             session,
-            audit.AuditEvent(
-                workflow_id=source.workflow_id,
-                step_id=decision.step_id,
-                kind=decision.kind,
-                campaign_id=source.campaign_id,
-                customer_key=customer_key,
-                payload=decision.payload,
-            ),
+            _event(source.workflow_id, decision.step_id, decision.kind, source, decision.payload),
         )
 
 
@@ -519,15 +507,20 @@ def _event(
     workflow_id: str,
     step_id: str,
     kind: str,
-    source: CrmWriteInput | AuditInput | FallbackInput,
+    source: ScoreInput | CrmWriteInput | AuditInput | FallbackInput,
     payload: dict[str, Any],
 ) -> audit.AuditEvent:
+    # A campaign scores its one customer; a batch from elsewhere carries no decisions.
+    if isinstance(source, ScoreInput):
+        customer_key = source.customer_keys[0] if source.customer_keys else ""
+    else:
+        customer_key = source.customer_key
     return audit.AuditEvent(
         workflow_id=workflow_id,
         step_id=step_id,
         kind=kind,
         campaign_id=source.campaign_id,
-        customer_key=source.customer_key,
+        customer_key=customer_key,
         payload=payload,
     )
 

@@ -27,6 +27,7 @@ from activities.campaign import CampaignActivities, reservation_ttl
 from cohortflow import outbound
 from cohortflow.crm.client import CrmClient
 from cohortflow.schedule import next_local_time
+from cohortflow.spec import CampaignSpec
 from cohortflow.storage import audit, consent, customers, reservations
 from cohortflow.storage.db import Database
 from cohortflow.storage.tables import AuditRow, OutboundReservation
@@ -549,6 +550,20 @@ def control_key(campaign_id: str, percent: float) -> str:
             return key
 
 
+async def run_for_a_control_customer(
+    harness: Harness, spec: CampaignSpec, version: int
+) -> tuple[str, WorkflowHandle[Any, CampaignResult], CampaignResult]:
+    """Store a customer the 20% holdout puts in control and run the campaign to its end."""
+    key = control_key(spec.campaign_id, 20)
+    async with harness.db.transaction() as session:
+        await customers.upsert_customers(
+            session, [customers.CustomerRecord(key, f"src-{key}", f"{key}@example.com")]
+        )
+    async with harness.workers():
+        handle = await harness.launch(spec, version, key)
+        return key, handle, await harness.result(handle)
+
+
 async def test_a_control_customer_gets_no_outbound_action_but_runs_to_the_end(
     harness: Harness,
 ) -> None:
@@ -561,14 +576,7 @@ async def test_a_control_customer_gets_no_outbound_action_but_runs_to_the_end(
         holdout_percent=20,
     )
     spec, version = await harness.apply(doc)
-    key = control_key(spec.campaign_id, 20)
-    async with harness.db.transaction() as session:
-        await customers.upsert_customers(
-            session, [customers.CustomerRecord(key, f"src-{key}", f"{key}@example.com")]
-        )
-    async with harness.workers():
-        handle = await harness.launch(spec, version, key)
-        result = await harness.result(handle)
+    key, handle, result = await run_for_a_control_customer(harness, spec, version)
     assert result.state == CampaignState.COMPLETED
     assert result.steps_run == ["label", "hold", "enrol"]
     assert await audit_rows(harness, handle.id, "variant_assigned") == [
@@ -598,14 +606,7 @@ async def test_a_control_customer_is_never_put_before_an_operator(harness: Harne
             sensitive=True,
         )
     )
-    key = control_key(spec.campaign_id, 20)
-    async with harness.db.transaction() as session:
-        await customers.upsert_customers(
-            session, [customers.CustomerRecord(key, f"src-{key}", f"{key}@example.com")]
-        )
-    async with harness.workers():
-        handle = await harness.launch(spec, version, key)
-        result = await harness.result(handle)
+    _, handle, result = await run_for_a_control_customer(harness, spec, version)
     assert result.state == CampaignState.COMPLETED
     assert result.steps_run == ["approve", "label"]
     assert await audit_rows(harness, handle.id, "approval_requested") == []

@@ -253,15 +253,7 @@ async def test_decisions_ride_with_the_next_activity_in_the_order_they_were_made
         if e.event_type == EventType.EVENT_TYPE_MARKER_RECORDED
     ]
     assert markers.count("core_local_activity") == 2
-    async with harness.db.transaction() as session:
-        chain = (
-            await session.execute(
-                select(AuditRow.step_id, AuditRow.kind)
-                .where(AuditRow.workflow_id == handle.id)
-                .order_by(AuditRow.seq)
-            )
-        ).all()
-    assert [tuple(row) for row in chain] == [
+    assert await audit_chain(harness, handle.id) == [
         ("entry", "variant_assigned"),
         ("score", "scored"),
         ("route", "branch"),
