@@ -5,7 +5,7 @@ from __future__ import annotations
 from temporalio import activity
 from temporalio.client import Client
 
-from cohortflow.launcher import Launcher
+from cohortflow.campaigns.launcher import Launcher
 from cohortflow.settings import Settings
 from cohortflow.spec import CampaignSpec, parse_spec
 from cohortflow.storage import campaigns, cohorts, launches

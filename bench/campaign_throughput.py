@@ -1,6 +1,7 @@
 """Campaign throughput on the embedded dev server, against a bare one-activity workflow.
 
-On one machine the Temporal server is the ceiling (DESIGN.md, "What a campaign costs"), so
+On one machine the Temporal server is the ceiling (docs/architecture.md, "What a campaign
+costs"), so
 the baseline is the least a durable external write can cost: a workflow that runs one
 activity, with an in-process worker. Both run on the same dev server (SQLite, WAL). The
 campaign is the demo's shape without approval: score (XGBoost) -> branch -> consent-gated
@@ -31,7 +32,7 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from bench._bare_workflow import BareWorkflow, noop
-from cohortflow.launcher import Entry, Launcher
+from cohortflow.campaigns.launcher import Entry, Launcher
 from cohortflow.observability import configure_logging
 from cohortflow.runtime.devserver import DevServer
 from cohortflow.runtime.ports import free_port
@@ -46,7 +47,7 @@ from scoring.cdnow import load_transactions
 from scoring.features import FEATURE_NAMES
 from scoring.registry import ModelRegistry
 from scoring.train import TrainConfig, train_churn
-from workflows.messages import campaign_workflow_id
+from workflows.campaign.contract import campaign_workflow_id
 
 TARGET = 0.3  # a campaign makes 3 activities, 1 timer and 2 local activities; bare makes 1
 

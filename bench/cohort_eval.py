@@ -35,7 +35,7 @@ from sqlalchemy import Connection, text
 from cohortflow.cohorts.evaluator import evaluate, membership
 from cohortflow.cohorts.rules import parse_cohort
 from cohortflow.events.synth import SPAN_DAYS, START, generate, store
-from cohortflow.ids import Pseudonymiser
+from cohortflow.pseudonymisation import Pseudonymiser
 from cohortflow.storage import cohorts
 from cohortflow.storage.db import Database, migrate
 

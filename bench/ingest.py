@@ -33,7 +33,7 @@ from cohortflow.events.importer import import_events
 from cohortflow.events.ingest import Ingestor
 from cohortflow.events.sources import read_jsonl
 from cohortflow.events.synth import generate, write_jsonl
-from cohortflow.ids import Pseudonymiser
+from cohortflow.pseudonymisation import Pseudonymiser
 from cohortflow.runtime.ports import free_port
 from cohortflow.storage.db import Database, migrate
 from cohortflow.storage.tables import CustomerFeatures

@@ -42,8 +42,7 @@ import pandas as pd
 import xgboost as xgb
 from temporalio.testing import ActivityEnvironment
 
-from activities.campaign import CampaignActivities
-from cohortflow.crm.client import CrmClient
+from activities.campaign.scoring import ScoringActivities
 from cohortflow.storage import customers
 from cohortflow.storage.db import Database, migrate
 from scoring.bgnbd import BgNbdParams
@@ -52,7 +51,7 @@ from scoring.features import FEATURE_NAMES, bgnbd_columns, rfm_features
 from scoring.registry import ModelInfo, ModelRegistry
 from scoring.scorer import Scorer
 from scoring.train import TrainConfig, train_model
-from workflows.messages import ScoreInput
+from workflows.campaign.activity_io import ScoreInput
 
 BATCHES = (1_000, 10_000, 100_000)
 TARGET = 0.8
@@ -172,7 +171,7 @@ async def latency(registry: ModelRegistry, population: pd.DataFrame, calls: int)
             await customers.upsert_features(
                 session, [(k, r, now) for k, r in zip(keys, rows, strict=True)]
             )
-        activities = CampaignActivities(db, Scorer(registry), CrmClient("http://127.0.0.1:9"))
+        activities = ScoringActivities(db, Scorer(registry))
         env = ActivityEnvironment()
         timings = []
         try:

@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from cohortflow.errors import Invalid
+
 
 class Settings(BaseSettings):
     """Runtime configuration. Defaults give the embedded, single-machine setup."""
@@ -16,7 +18,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="COHORTFLOW_", extra="ignore")
 
     data_dir: Path = Field(Path(".cohortflow"), description="Where embedded state lives.")
-    environment: Literal["development", "production"] = "development"
+    environment: Literal["development", "production"] = Field(
+        "development", description="production refuses one-machine defaults (check_production)."
+    )
 
     temporal_address: str | None = Field(
         None, description="host:port of a Temporal cluster; unset means the embedded dev server."
@@ -78,7 +82,44 @@ class Settings(BaseSettings):
     @property
     def resolved_crm_url(self) -> str:
         """Base URL of the CRM the connector talks to."""
-        return self.crm_url or f"http://{self.crm_sandbox_host}:{self.crm_sandbox_port}"
+        return self.crm_url or self.crm_sandbox_url
+
+    @property
+    def crm_sandbox_url(self) -> str:
+        """Where the bundled sandbox CRM answers."""
+        return f"http://{self.crm_sandbox_host}:{self.crm_sandbox_port}"
+
+    def check_production(self) -> None:
+        """In production, refuse the defaults that only suit one machine; raise
+        :class:`Invalid` naming every offending setting by its variable, on one line.
+
+        A generated pseudonymisation key lives in one data dir, so another replica (or a new
+        volume) would mint different customer keys for the same people; an unset CRM URL
+        means the sandbox, which nobody reads; an unset token means unauthenticated calls.
+
+        Called by the long-running services, which between them write to the CRM and
+        pseudonymise customer ids, and share one configuration: the worker, the HTTP API,
+        ``up`` and ``demo``. Each checks all three, so whichever starts first names every
+        gap. One-shot jobs (``db``, ``model``, operator commands) and ``crm-sandbox`` are not
+        checked: they neither call the CRM nor generate a key (operator commands only read
+        an existing one), so a migration or training job runs without the CRM's secret.
+        """
+        if self.environment != "production":
+            return
+        problems: list[tuple[str, str]] = []  # (variable, what is wrong with it)
+        if self.pseudonymisation_key is None:
+            problems.append(("COHORTFLOW_PSEUDONYMISATION_KEY", "must be set"))
+        if self.crm_token is None:
+            problems.append(("COHORTFLOW_CRM_TOKEN", "must be set"))
+        if self.crm_url is None:
+            problems.append(("COHORTFLOW_CRM_URL", "must be set"))
+        elif self.crm_url.rstrip("/") == self.crm_sandbox_url:
+            problems.append(("COHORTFLOW_CRM_URL", f"must not be the sandbox CRM {self.crm_url}"))
+        if not problems:
+            return
+        clauses = [f"{variable} {what}" for variable, what in problems]
+        listed = clauses[0] if len(clauses) == 1 else f"{', '.join(clauses[:-1])} and {clauses[-1]}"
+        raise Invalid(f"{listed} when COHORTFLOW_ENVIRONMENT=production", field=problems[0][0])
 
     @property
     def resolved_crm_sandbox_db(self) -> Path:

@@ -21,7 +21,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from workflows.messages import (
+from workflows.campaign.definition import (
     ApprovalPolicy,
     BranchRule,
     CampaignSpecDef,
@@ -293,8 +293,16 @@ class CampaignSpec(_Model):
     frequency_cap: FrequencyCapSpec | None = None
     quiet_hours: QuietHoursSpec | None = None
     default_timezone: str = "UTC"
+    # How long a CRM action may keep failing for reasons that are not this record's (the CRM
+    # down, rate limited) before the customer goes to the safe default segment instead.
+    action_deadline: str | None = None
     approval: ApprovalSpec = Field(default_factory=ApprovalSpec)
     steps: list[StepSpec] = Field(min_length=1)
+
+    @field_validator("action_deadline")
+    @classmethod
+    def _deadline(cls, value: str | None) -> str | None:
+        return None if value is None else _positive_duration(value)
 
     @field_validator("default_timezone")
     @classmethod
@@ -349,6 +357,9 @@ class CampaignSpec(_Model):
             quiet_start=quiet.start if quiet else "",
             quiet_end=quiet.end if quiet else "",
             default_timezone=self.default_timezone,
+            action_deadline_seconds=(
+                parse_duration(self.action_deadline).total_seconds() if self.action_deadline else 0
+            ),
         )
 
 

@@ -13,21 +13,33 @@ from temporalio.api.operatorservice.v1 import (
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest, DescribeTaskQueueRequest
 from temporalio.client import Client, Interceptor
+from temporalio.common import SearchAttributeIndexedValueType
 from temporalio.contrib.opentelemetry import TracingInterceptor
 from temporalio.service import RPCError, RPCStatusCode
 
 from cohortflow.settings import Settings
-from workflows.messages import SEARCH_ATTRIBUTE_TYPES
+from workflows.campaign.contract import SEARCH_ATTRIBUTES
 
-_INDEXED_VALUE_TYPES: dict[str, IndexedValueType.ValueType] = {
-    "Text": IndexedValueType.INDEXED_VALUE_TYPE_TEXT,
-    "Keyword": IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD,
-    "Int": IndexedValueType.INDEXED_VALUE_TYPE_INT,
-    "Double": IndexedValueType.INDEXED_VALUE_TYPE_DOUBLE,
-    "Bool": IndexedValueType.INDEXED_VALUE_TYPE_BOOL,
-    "Datetime": IndexedValueType.INDEXED_VALUE_TYPE_DATETIME,
-    "KeywordList": IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD_LIST,
+# The names the `temporal` CLI and `docker-compose.yml` use for each indexed value type.
+_TYPE_NAMES = {
+    SearchAttributeIndexedValueType.TEXT: "Text",
+    SearchAttributeIndexedValueType.KEYWORD: "Keyword",
+    SearchAttributeIndexedValueType.INT: "Int",
+    SearchAttributeIndexedValueType.DOUBLE: "Double",
+    SearchAttributeIndexedValueType.BOOL: "Bool",
+    SearchAttributeIndexedValueType.DATETIME: "Datetime",
+    SearchAttributeIndexedValueType.KEYWORD_LIST: "KeywordList",
 }
+
+
+def search_attribute_types() -> dict[str, str]:
+    """Every campaign search attribute's name and type name, from the typed keys alone."""
+    return {key.name: _TYPE_NAMES[key.indexed_value_type] for key in SEARCH_ATTRIBUTES}
+
+
+def _wanted() -> dict[str, IndexedValueType.ValueType]:
+    # The SDK's enum has the protobuf enum's numbers.
+    return {k.name: IndexedValueType.ValueType(k.indexed_value_type) for k in SEARCH_ATTRIBUTES}
 
 
 class SearchAttributeConflict(RuntimeError):
@@ -56,7 +68,7 @@ async def ensure_search_attributes(client: Client, namespace: str) -> None:
         # The time-skipping test server cannot list search attributes, only add them.
         if exc.status != RPCStatusCode.UNIMPLEMENTED:
             raise
-        missing = {name: _INDEXED_VALUE_TYPES[t] for name, t in SEARCH_ATTRIBUTE_TYPES.items()}
+        missing = _wanted()
     # One per call: the test server rejects a whole call when one of its attributes exists.
     for name, value_type in missing.items():
         try:
@@ -79,14 +91,13 @@ async def _missing_search_attributes(
     )
     existing = {**listed.system_attributes, **listed.custom_attributes}
     missing: dict[str, IndexedValueType.ValueType] = {}
-    for name, type_name in SEARCH_ATTRIBUTE_TYPES.items():
-        wanted = _INDEXED_VALUE_TYPES[type_name]
+    for name, wanted in _wanted().items():
         if name not in existing:
             missing[name] = wanted
         elif existing[name] != wanted:
             raise SearchAttributeConflict(
                 f"search attribute {name} is {IndexedValueType.Name(existing[name])} in "
-                f"namespace {namespace}, cohortflow needs {type_name}"
+                f"namespace {namespace}, cohortflow needs {IndexedValueType.Name(wanted)}"
             )
     return missing
 

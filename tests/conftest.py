@@ -50,6 +50,13 @@ async def _postgres_admin(base: URL) -> asyncpg.Connection:
     pytest.skip(reason)
 
 
+# For a test of one dialect's own behaviour: runs only there, rather than skipping elsewhere.
+sqlite_only = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+postgres_only = pytest.mark.parametrize(
+    "database_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
     """A URL of an empty database: a SQLite file, or a PostgreSQL database made for the test."""

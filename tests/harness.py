@@ -18,13 +18,18 @@ from typing import Any
 import httpx
 import uvicorn
 from fastapi import FastAPI
-from temporalio.client import Client, WorkflowHandle
+from temporalio.api.common.v1 import SearchAttributes, WorkflowExecution
+from temporalio.api.workflowservice.v1 import DescribeWorkflowExecutionRequest
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
+from temporalio.common import TypedSearchAttributes
+from temporalio.converter import decode_typed_search_attributes
 from temporalio.testing import WorkflowEnvironment
 
 from activities.campaign import CampaignActivities
+from activities.campaign.crm import CrmActivities
+from cohortflow.campaigns.launcher import FIRST_ENTRY, Entry, Launcher
 from cohortflow.crm.client import CrmClient
 from cohortflow.crm.sandbox.app import SandboxConfig, create_app
-from cohortflow.launcher import FIRST_ENTRY, Entry, Launcher
 from cohortflow.runtime.ports import free_port
 from cohortflow.settings import Settings
 from cohortflow.spec import CampaignSpec
@@ -36,8 +41,10 @@ from scoring.registry import ModelRegistry
 from scoring.scorer import Scorer
 from scoring.train import TrainConfig, train_churn
 from workers.campaign_worker import build_workers
-from workflows.campaign import CampaignWorkflow
-from workflows.messages import CampaignResult, CampaignState, CampaignStatus, campaign_workflow_id
+from workflows.campaign.contract import PATCHES, CampaignState, campaign_workflow_id
+from workflows.campaign.messages import CampaignResult, CampaignStatus
+from workflows.campaign.state import CampaignInput
+from workflows.campaign.workflow import CampaignWorkflow
 
 # A lapsed one-time buyer: every model feature present, one of them missing (NaN -> None).
 FEATURES: dict[str, float | None] = {name: 1.0 for name in FEATURE_NAMES}
@@ -148,6 +155,15 @@ def without_approval(document: dict[str, Any]) -> dict[str, Any]:
     return {**document, "sensitive": False, "steps": steps}
 
 
+@dataclass(frozen=True)
+class Described:
+    """What a test reads from a workflow's description."""
+
+    run_id: str
+    status: WorkflowExecutionStatus
+    typed_search_attributes: TypedSearchAttributes
+
+
 class Harness:
     """A database, the sandbox CRM and workers on unique task queues, for one test."""
 
@@ -172,13 +188,11 @@ class Harness:
         )
 
     @contextlib.asynccontextmanager
-    async def workers(
-        self, activities_type: type[CampaignActivities] = CampaignActivities
-    ) -> AsyncIterator[None]:
+    async def workers(self, crm_type: type[CrmActivities] = CrmActivities) -> AsyncIterator[None]:
         """Run real activities against the real database, scorer and sandbox CRM."""
         async with CrmClient(self.sandbox.url) as crm:
             scorer = Scorer(ModelRegistry(self.registry_root))
-            activities = activities_type(self.db, scorer, crm)
+            activities = CampaignActivities.build(self.db, scorer, crm, crm_type=crm_type)
             built = build_workers(
                 self.client,
                 activities,
@@ -200,9 +214,10 @@ class Harness:
             )
         return spec, version
 
-    async def customer(self, granted: bool = True, **features: float | None) -> str:
-        """A stored customer with features and (by default) e-mail marketing consent."""
-        key = f"c_{uuid.uuid4().hex[:24]}"
+    async def customer(self, granted: bool = True, key: str = "", **features: float | None) -> str:
+        """A stored customer (``key``, or a new one) with features and (by default) e-mail
+        marketing consent."""
+        key = key or f"c_{uuid.uuid4().hex[:24]}"
         async with self.db.transaction() as session:
             await customers.upsert_customers(
                 session,
@@ -224,6 +239,51 @@ class Harness:
         workflow_id = campaign_workflow_id(spec.campaign_id, key, FIRST_ENTRY)
         return self.client.get_workflow_handle_for(CampaignWorkflow.run, workflow_id)
 
+    async def start(
+        self, spec: CampaignSpec, version: int, key: str, **fields: Any
+    ) -> WorkflowHandle[CampaignWorkflow, CampaignResult]:
+        """Start a campaign directly, with input fields a launch never sets (a history bound,
+        a carried state)."""
+        inp = CampaignInput(
+            spec.campaign_id,
+            version,
+            key,
+            FIRST_ENTRY,
+            spec.entry_cohort,
+            crm_task_queue=self.settings.crm_task_queue,
+            **fields,
+        )
+        return await self.client.start_workflow(
+            CampaignWorkflow.run,
+            inp,
+            id=campaign_workflow_id(spec.campaign_id, key, FIRST_ENTRY),
+            task_queue=self.settings.task_queue,
+        )
+
+    async def describe(self, handle: WorkflowHandle[Any, Any]) -> Described:
+        """Run id, status and typed search attributes of the handle's latest run.
+
+        Read from the service, leaving out attributes a workflow unset: the time-skipping
+        test server keeps those as null payloads, which the SDK's ``describe()`` cannot
+        decode (the dev server and real clusters drop them).
+        """
+        raw = await self.client.workflow_service.describe_workflow_execution(
+            DescribeWorkflowExecutionRequest(
+                namespace=self.client.namespace, execution=WorkflowExecution(workflow_id=handle.id)
+            )
+        )
+        info = raw.workflow_execution_info
+        fields = {
+            name: payload
+            for name, payload in info.search_attributes.indexed_fields.items()
+            if payload.metadata.get("encoding") != b"binary/null"
+        }
+        return Described(
+            info.execution.run_id,
+            WorkflowExecutionStatus(info.status),
+            decode_typed_search_attributes(SearchAttributes(indexed_fields=fields)),
+        )
+
     async def result(self, handle: WorkflowHandle[Any, CampaignResult]) -> CampaignResult:
         """Wait for the campaign's end, letting a time-skipping server jump over its timers."""
         if self.env is None:
@@ -237,10 +297,11 @@ HISTORIES = Path(__file__).parent / "histories"
 
 
 async def save_history_if_asked(handle: WorkflowHandle[Any, Any], name: str) -> None:
-    """With ``COHORTFLOW_SAVE_HISTORIES=1``, keep this run's history for the replay tests:
-    how ``tests/histories/`` gets a history of each new workflow behaviour. A saved history
-    is a released version's record and is never overwritten."""
-    path = HISTORIES / f"{name}.json"
+    """With ``COHORTFLOW_SAVE_HISTORIES=1``, keep this run's history for the replay tests as
+    ``campaign_{generation}_{name}.json``, the generation being the newest patch's: how
+    ``tests/histories/`` gets a history of each new workflow behaviour. A saved history is a
+    released version's record and is never overwritten."""
+    path = HISTORIES / f"campaign_{PATCHES[-1].since}_{name}.json"
     if os.environ.get("COHORTFLOW_SAVE_HISTORIES") == "1" and not path.exists():
         history = await handle.fetch_history()
         path.write_text(history.to_json())
@@ -254,7 +315,7 @@ async def wait_for_state(
     last: CampaignStatus | None = None
     while time.monotonic() < deadline:
         with contextlib.suppress(Exception):
-            last = await handle.query("status", result_type=CampaignStatus)
+            last = await handle.query(CampaignWorkflow.status)
             if last.state == state:
                 return last
         await asyncio.sleep(0.1)

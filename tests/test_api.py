@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import func, select
 
 from cohortflow.api.app import create_app
-from cohortflow.ids import Pseudonymiser
+from cohortflow.pseudonymisation import Pseudonymiser
 from cohortflow.settings import Settings
 from cohortflow.storage import approvals, campaigns, consent, customers
 from cohortflow.storage.tables import Approval, AuditRow
@@ -30,7 +30,7 @@ from tests.harness import (
     wait_for_state,
     without_approval,
 )
-from workflows.messages import CampaignState
+from workflows.campaign.contract import CampaignState
 
 pytestmark = pytest.mark.devserver
 

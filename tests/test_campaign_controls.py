@@ -12,14 +12,16 @@ import pytest
 from sqlalchemy import func, select
 from temporalio.client import WorkflowHandle
 
-from cohortflow.controls import Controls
+from cohortflow.campaigns.controls import Controls
 from cohortflow.crm.client import CrmClient
 from cohortflow.errors import Conflict
-from cohortflow.ids import Pseudonymiser
+from cohortflow.pseudonymisation import Pseudonymiser
 from cohortflow.storage import campaigns
 from cohortflow.storage.tables import AuditRow
 from tests.harness import Harness, spec_document, wait_for_state, without_approval
-from workflows.messages import CampaignResult, CampaignState, CampaignStatus, idempotency_key
+from workflows.campaign.contract import CampaignState, idempotency_key
+from workflows.campaign.messages import CampaignResult, CampaignStatus
+from workflows.campaign.workflow import CampaignWorkflow
 
 pytestmark = pytest.mark.devserver
 
@@ -43,7 +45,7 @@ async def status_until(
     deadline = time.monotonic() + limit
     last: CampaignStatus | None = None
     while time.monotonic() < deadline:
-        last = await handle.query("status", result_type=CampaignStatus)
+        last = await handle.query(CampaignWorkflow.status)
         if condition(last):
             return last
         await asyncio.sleep(0.1)
@@ -80,7 +82,7 @@ async def test_pause_holds_the_next_crm_step_and_resume_completes(dev_harness: H
 
         # The one-second wait is long over; the campaign holds before its `enrol` write.
         await asyncio.sleep(2.5)
-        status = await handle.query("status", result_type=CampaignStatus)
+        status = await handle.query(CampaignWorkflow.status)
         assert status.paused
         assert status.state == CampaignState.WAITING
         assert status.step_id == "enrol"
@@ -163,7 +165,7 @@ async def test_crm_write_while_the_store_says_paused_without_a_signal_waits(
         assert status.state == CampaignState.ACTING
         assert status.step_id == "label"
         await asyncio.sleep(1.0)
-        status = await handle.query("status", result_type=CampaignStatus)
+        status = await handle.query(CampaignWorkflow.status)
         assert status.paused and status.state == CampaignState.ACTING
         label_key = idempotency_key(handle.id, "label")
         assert dev_harness.sandbox.attempts(label_key) == 0

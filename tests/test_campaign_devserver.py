@@ -4,24 +4,60 @@ and operators deciding through the same code the CLI and the API use."""
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.api.sdk.v1 import WorkflowMetadata
+from temporalio.client import WorkflowHandle
+from temporalio.converter import DataConverter
 
-from cohortflow.controls import Controls
+from cohortflow.campaigns.controls import Controls
 from cohortflow.crm.client import CrmClient
 from cohortflow.errors import Conflict, Invalid, NotFound
-from cohortflow.ids import Pseudonymiser
+from cohortflow.pseudonymisation import Pseudonymiser
 from tests.harness import Harness, spec_document, wait_for_state
-from workflows.messages import CampaignState
+from workflows.campaign.contract import SA, CampaignState
 
 pytestmark = pytest.mark.devserver
 
 
-def short_wait(document: dict[str, object]) -> dict[str, object]:
+async def current_details(handle: WorkflowHandle[Any, Any]) -> str:
+    """What the Temporal UI shows as the workflow's current details."""
+    metadata = await handle.query("__temporal_workflow_metadata", result_type=WorkflowMetadata)
+    return str(metadata.current_details)
+
+
+def deadline_before(moment: datetime, days: int) -> str:
+    later = (moment + timedelta(days=days)).astimezone(UTC).isoformat(timespec="seconds")
+    return f'ApprovalDeadline < "{later}"'
+
+
+async def count_soon(harness: Harness, query: str) -> int:
+    """Visibility is eventually consistent: the count once it settles on the expected side."""
+    count = 0
+    for _ in range(50):
+        count = (await harness.client.count_workflows(query)).count
+        if count:
+            break
+        await asyncio.sleep(0.1)
+    return count
+
+
+async def summaries_of(handle: WorkflowHandle[Any, Any]) -> set[str]:
+    """The summaries the UI shows on the history's activities and timers."""
+    converter = DataConverter.default.payload_converter
+    return {
+        str(converter.from_payload(event.user_metadata.summary))
+        async for event in handle.fetch_history_events()
+        if event.HasField("user_metadata") and event.user_metadata.HasField("summary")
+    }
+
+
+def short_wait(document: dict[str, object], duration: str = "PT1S") -> dict[str, object]:
     steps = [
-        {**s, "duration": "PT1S"} if s.get("type") == "wait" else s
+        {**s, "duration": duration} if s.get("type") == "wait" else s
         for s in document["steps"]  # type: ignore[attr-defined]
     ]
     return {**document, "steps": steps}
@@ -53,7 +89,8 @@ async def test_a_campaign_runs_through_the_sandbox_crm_over_http_with_a_durable_
 async def test_summary_details_and_visibility_while_awaiting_approval_then_operator_decides(
     dev_harness: Harness,
 ) -> None:
-    spec, version = await dev_harness.apply(short_wait(spec_document()))
+    # Waits long enough for the search attributes of the wait to be seen.
+    spec, version = await dev_harness.apply(short_wait(spec_document(), "PT4S"))
     key = await dev_harness.customer()
     settings = dev_harness.settings
     controls = Controls(dev_harness.db, settings, Pseudonymiser(b"k" * 32), dev_harness.client)
@@ -69,17 +106,16 @@ async def test_summary_details_and_visibility_while_awaiting_approval_then_opera
             == f"Test campaign v{version} · {key} · entered test_cohort"
         )
         details = await description.static_details()
-        assert details is not None and "`approve` approval" in details
-        metadata = await handle.query("__temporal_workflow_metadata", result_type=WorkflowMetadata)
-        assert approval_id in metadata.current_details
-        assert status.pending_approval.expires_at in metadata.current_details
+        assert details is not None and "3. `approve` approval" in details
+        shown = await current_details(handle)
+        expires = datetime.fromisoformat(status.pending_approval.expires_at)
+        assert f"approval `{approval_id}` until {expires:%Y-%m-%d %H:%M} UTC" in shown
+        assert "route: rules[0] -> approve (churn " in shown  # the branch and its values
 
-        query = f'CampaignId = "{spec.campaign_id}" AND AwaitingApproval = true'
-        for _ in range(50):
-            if (await dev_harness.client.count_workflows(query)).count == 1:
-                break
-            await asyncio.sleep(0.1)
-        assert (await dev_harness.client.count_workflows(query)).count == 1
+        # What an SRE asks the Temporal UI: approvals that expire within four days, not three.
+        campaign = f'CampaignId = "{spec.campaign_id}" AND AwaitingApproval = true'
+        assert await count_soon(dev_harness, f"{campaign} AND {deadline_before(expires, 1)}") == 1
+        assert await count_soon(dev_harness, f"{campaign} AND {deadline_before(expires, -1)}") == 0
 
         listed = await controls.list_approvals()
         assert [a.approval_id for a in listed] == [approval_id]
@@ -90,7 +126,19 @@ async def test_summary_details_and_visibility_while_awaiting_approval_then_opera
         assert bad.value.field == "operator"
         decided = await controls.decide(approval_id, approve=True, operator="alice", reason="ok")
         assert decided.decision == "approved"
+        waiting = await wait_for_state(handle, CampaignState.WAITING)
+        assert "approve: approved by alice: ok" in await current_details(handle)
+        until = datetime.fromisoformat(waiting.waiting_until) + timedelta(seconds=1)
+        parked = f'CampaignId = "{spec.campaign_id}" AND WaitUntil < "{until.isoformat()}"'
+        assert await count_soon(dev_harness, parked) == 1
         result = await dev_harness.result(handle)
         assert result.state == CampaignState.COMPLETED
+        # Every activity and timer says what it is for; the deadlines go once they are over.
+        summaries = await summaries_of(handle)
+        assert "approve: approval expires" in summaries and "pause: wait" in summaries
+        assert "score: score churn" in summaries and "enrol: enroll_sequence winback" in summaries
+        attributes = (await handle.describe()).typed_search_attributes
+        assert attributes.get(SA.APPROVAL_DEADLINE) is None
+        assert attributes.get(SA.WAIT_UNTIL) is None
         with pytest.raises(Conflict):
             await controls.decide(approval_id, approve=False, operator="bob", reason="late")

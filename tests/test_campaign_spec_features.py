@@ -23,16 +23,15 @@ from temporalio.client import WorkflowHandle
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
-from activities.campaign import CampaignActivities, reservation_ttl
-from cohortflow import outbound
+from activities.campaign.crm import CrmActivities
+from activities.campaign.fallback import FallbackActivities
+from activities.campaign.gate import reservation_ttl
 from cohortflow.crm.client import CrmClient
 from cohortflow.schedule import next_local_time
 from cohortflow.spec import CampaignSpec
-from cohortflow.storage import audit, consent, customers, reservations
+from cohortflow.storage import audit, consent, customers, outbound, reservations
 from cohortflow.storage.db import Database
 from cohortflow.storage.tables import AuditRow, OutboundReservation
-from scoring.registry import ModelRegistry
-from scoring.scorer import Scorer
 from tests.harness import (
     Harness,
     Sandbox,
@@ -40,17 +39,12 @@ from tests.harness import (
     serve_sandbox,
     wait_for_state,
 )
-from workflows.campaign import CRM_RETRY, holdout_variant, score_band
-from workflows.messages import (
-    SA,
-    CampaignResult,
-    CampaignState,
-    CrmOutcome,
-    CrmWriteInput,
-    CustomerEvent,
-    FallbackInput,
-    idempotency_key,
-)
+from workflows.campaign.activity_io import CrmOutcome, CrmWriteInput, FallbackInput
+from workflows.campaign.calls import CRM
+from workflows.campaign.contract import SA, AuditKind, CampaignState, idempotency_key
+from workflows.campaign.interpreter import holdout_variant, score_band
+from workflows.campaign.messages import CampaignResult, CustomerEvent
+from workflows.campaign.workflow import CampaignWorkflow
 
 
 def document(steps: list[dict[str, Any]], **settings: Any) -> dict[str, Any]:
@@ -127,7 +121,7 @@ async def test_an_awaited_event_takes_the_on_event_branch(harness: Harness) -> N
         handle = await harness.launch(spec, version, key)
         status = await wait_for_state(handle, CampaignState.WAITING)
         assert status.waiting_for_event == "purchase"
-        await handle.signal("customer_event", purchase(await server_now(harness)))
+        await handle.signal(CampaignWorkflow.customer_event, purchase(await server_now(harness)))
         result = await harness.result(handle)
     assert result.state == CampaignState.COMPLETED
     assert result.steps_run == ["label", "hold", "thanks", "done"]
@@ -135,7 +129,7 @@ async def test_an_awaited_event_takes_the_on_event_branch(harness: Harness) -> N
         {"event": "purchase", "outcome": "event"}
     ]
     assert await workflow_span(handle) < timedelta(hours=1)
-    await save_history_if_asked(handle, "campaign_v4_event_wait_thanked")
+    await save_history_if_asked(handle, "event_wait_thanked")
 
 
 async def test_without_the_event_the_wait_times_out_into_on_timeout(harness: Harness) -> None:
@@ -145,7 +139,9 @@ async def test_without_the_event_the_wait_times_out_into_on_timeout(harness: Har
         handle = await harness.launch(spec, version, key)
         await wait_for_state(handle, CampaignState.WAITING)
         # An event the wait does not name changes nothing.
-        await handle.signal("customer_event", CustomerEvent("page_view", "not a time"))
+        await handle.signal(
+            CampaignWorkflow.customer_event, CustomerEvent("page_view", "not a time")
+        )
         result = await harness.result(handle)
     assert result.steps_run == ["label", "hold", "nudge", "done"]
     assert await workflow_span(handle) >= timedelta(days=3)
@@ -168,7 +164,7 @@ async def test_an_exit_event_ends_a_long_wait_at_once_and_the_conversion_is_reco
     async with harness.workers():
         handle = await harness.launch(spec, version, key)
         await wait_for_state(handle, CampaignState.WAITING)
-        await handle.signal("customer_event", purchase(await server_now(harness)))
+        await handle.signal(CampaignWorkflow.customer_event, purchase(await server_now(harness)))
         result = await harness.result(handle)
     assert (result.state, result.reason) == (CampaignState.EXITED, "event purchase")
     assert await workflow_span(handle) < timedelta(hours=1)
@@ -190,7 +186,8 @@ async def test_a_purchase_outside_the_conversion_window_is_not_a_conversion(
         handle = await harness.launch(spec, version, key)
         await wait_for_state(handle, CampaignState.WAITING)
         await handle.signal(
-            "customer_event", purchase(await server_now(harness) - timedelta(days=30))
+            CampaignWorkflow.customer_event,
+            purchase(await server_now(harness) - timedelta(days=30)),
         )
         result = await harness.result(handle)
     assert result.state == CampaignState.COMPLETED
@@ -327,18 +324,16 @@ def slow_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
 
 
 @contextlib.asynccontextmanager
-async def activities_on(
-    db: Database, crm_url: str, tmp_path: Path
-) -> AsyncIterator[CampaignActivities]:
+async def activities_on(db: Database, crm_url: str, tmp_path: Path) -> AsyncIterator[CrmActivities]:
     """The real activities on ``db`` and a sandbox CRM (crm_write needs no model)."""
     async with CrmClient(crm_url) as crm:
-        yield CampaignActivities(db, Scorer(ModelRegistry(tmp_path / "models")), crm)
+        yield CrmActivities(db, crm)
 
 
 @pytest.fixture
 async def crm_activities(
     db: Database, sandbox: Sandbox, tmp_path: Path
-) -> AsyncIterator[CampaignActivities]:
+) -> AsyncIterator[CrmActivities]:
     """The real activities on ``db`` and the session's sandbox CRM."""
     async with activities_on(db, sandbox.url, tmp_path) as activities:
         yield activities
@@ -351,9 +346,9 @@ def crm_env(attempt: int = 1) -> ActivityEnvironment:
         env.info,
         activity_type="crm_write",
         attempt=attempt,
-        start_to_close_timeout=timedelta(seconds=60),
+        start_to_close_timeout=CRM.start_to_close,
         schedule_to_close_timeout=None,
-        retry_policy=CRM_RETRY,
+        retry_policy=CRM.retry,
     )
     return env
 
@@ -396,11 +391,13 @@ async def counted(db: Database, key: str) -> int:
     """The customer's outbound actions this week, as the cap counts them."""
     since = datetime.now(UTC) - timedelta(seconds=WEEK_SECONDS)
     async with db.transaction() as session:
-        return await outbound.outbound_since(session, key, since, exclude=None)
+        return await outbound.outbound_since(
+            session, key, since, written_kind=AuditKind.CRM_WRITTEN, exclude=None
+        )
 
 
 async def fail_once(
-    sandbox: Sandbox, activities: CampaignActivities, inp: CrmWriteInput, status: int
+    sandbox: Sandbox, activities: CrmActivities, inp: CrmWriteInput, status: int
 ) -> ApplicationError:
     """Run ``crm_write`` for ``inp`` while the CRM answers ``status``; the error it raised."""
     sandbox.inject(status)
@@ -450,7 +447,7 @@ async def test_concurrent_campaigns_never_pass_the_cap_together(
 
 
 async def test_an_action_in_flight_holds_its_slot_until_it_is_written(
-    db: Database, sandbox: Sandbox, crm_activities: CampaignActivities
+    db: Database, sandbox: Sandbox, crm_activities: CrmActivities
 ) -> None:
     key = await consenting_customer(db)
     first, second = (write_input(key, f"slot{i}", cap=1) for i in range(2))
@@ -473,7 +470,7 @@ async def test_an_action_in_flight_holds_its_slot_until_it_is_written(
 
 
 async def test_an_uncapped_campaigns_write_in_flight_counts_for_a_capped_one(
-    db: Database, sandbox: Sandbox, crm_activities: CampaignActivities
+    db: Database, sandbox: Sandbox, crm_activities: CrmActivities
 ) -> None:
     key = await consenting_customer(db)
     uncapped, capped = write_input(key, "free", cap=0), write_input(key, "capped", cap=1)
@@ -485,7 +482,7 @@ async def test_an_uncapped_campaigns_write_in_flight_counts_for_a_capped_one(
 
 
 async def test_a_refused_action_gives_its_slot_back(
-    db: Database, sandbox: Sandbox, crm_activities: CampaignActivities
+    db: Database, sandbox: Sandbox, crm_activities: CrmActivities
 ) -> None:
     key = await consenting_customer(db)
     first, second = (write_input(key, f"refused{i}", cap=1) for i in range(2))
@@ -497,22 +494,26 @@ async def test_a_refused_action_gives_its_slot_back(
 
 
 async def test_the_fallback_gives_the_failed_actions_slot_back(
-    db: Database, sandbox: Sandbox, crm_activities: CampaignActivities
+    db: Database, sandbox: Sandbox, crm_activities: CrmActivities
 ) -> None:
     key = await consenting_customer(db)
     first, second = (write_input(key, f"gaveup{i}", cap=1) for i in range(2))
     await fail_once(sandbox, crm_activities, first, 503)
-    # Retries exhausted: the workflow puts the customer in the safe default segment.
-    await crm_env().run(
-        crm_activities.resolve_fallback,
-        FallbackInput(first.workflow_id, "label", first.campaign_id, key, "nurture", "crm_failed"),
-    )
+    # The spec's deadline for the action passed: the workflow puts the customer in the safe
+    # default segment.
+    async with CrmClient(sandbox.url) as crm:
+        await crm_env().run(
+            FallbackActivities(db, crm).resolve_fallback,
+            FallbackInput(
+                first.workflow_id, "label", first.campaign_id, key, "nurture", "crm_failed"
+            ),
+        )
     assert await in_flight(db, key) == []
     assert (await crm_env().run(crm_activities.crm_write, second)).outcome == "written"
 
 
 async def test_an_expired_reservation_stops_counting_and_its_retry_is_checked_again(
-    db: Database, sandbox: Sandbox, crm_activities: CampaignActivities
+    db: Database, sandbox: Sandbox, crm_activities: CrmActivities
 ) -> None:
     key = await consenting_customer(db)
     first, second = (write_input(key, f"expired{i}", cap=1) for i in range(2))
@@ -584,7 +585,7 @@ async def test_a_control_customer_gets_no_outbound_action_but_runs_to_the_end(
     ]
     assert len(await audit_rows(harness, handle.id, "holdout_skipped")) == 2
     assert await audit_rows(harness, handle.id, "crm_written") == []
-    description = await handle.describe()
+    description = await harness.describe(handle)
     assert description.typed_search_attributes.get(SA.VARIANT) == "control"
     async with CrmClient(harness.sandbox.url) as crm:
         assert await crm.get_contact(key) is None
@@ -620,7 +621,7 @@ async def test_a_control_customer_is_never_put_before_an_operator(harness: Harne
         if e.event_type == EventType.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES
     ]
     assert not any(b"awaiting_approval" in a.indexed_fields["CampaignState"].data for a in states)
-    await save_history_if_asked(handle, "campaign_v3_control_skips_approval")
+    await save_history_if_asked(handle, "control_skips_approval")
 
 
 async def test_a_stratified_arm_is_drawn_in_the_customers_score_band(harness: Harness) -> None:
@@ -638,12 +639,12 @@ async def test_a_stratified_arm_is_drawn_in_the_customers_score_band(harness: Ha
     async with harness.workers():
         handle = await harness.launch(spec, version, key)
         await harness.result(handle)
-        status = await handle.query("status")
-    band = score_band(status["scores"]["churn"], [0.5])
+        status = await handle.query(CampaignWorkflow.status)
+    band = score_band(status.scores["churn"], [0.5])
     expected = holdout_variant(spec.campaign_id, key, 50, band)
     assigned = await audit_rows(harness, handle.id, "variant_assigned")
     assert assigned == [{"variant": expected, "holdout_percent": 50.0, "stratum": f"churn {band}"}]
-    description = await handle.describe()
+    description = await harness.describe(handle)
     assert description.typed_search_attributes.get(SA.VARIANT) == expected
 
 
@@ -684,7 +685,7 @@ async def test_a_crm_step_a_loop_comes_back_to_writes_each_time(harness: Harness
             await wait_for_state(handle, CampaignState.WAITING)
             await harness.env.sleep(timedelta(days=1, minutes=1))
         await wait_for_state(handle, CampaignState.WAITING)
-        await handle.signal("customer_event", purchase(await server_now(harness)))
+        await handle.signal(CampaignWorkflow.customer_event, purchase(await server_now(harness)))
         result = await harness.result(handle)
     assert result.steps_run == ["label", "hold", "nudge", "hold", "nudge", "hold", "done"]
     # Each visit has its own idempotency key and audit rows: the CRM saw two writes.
@@ -702,4 +703,4 @@ async def test_a_crm_step_a_loop_comes_back_to_writes_each_time(harness: Harness
         "timeout",
         "event",
     ]
-    await save_history_if_asked(handle, "campaign_v4_loop_nudged_twice")
+    await save_history_if_asked(handle, "loop_nudged_twice")

@@ -7,28 +7,57 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 from temporalio.client import WorkflowHandle, WorkflowHistory
 
-from cohortflow.storage import campaigns
+from cohortflow.crm.client import CrmClient
+from cohortflow.storage import approvals, campaigns
 from tests.harness import Harness, wait_for_state
-from workflows.campaign import (
-    CONTROL_SKIPS_APPROVAL_PATCH,
-    DECISIONS_RIDE_ALONG_PATCH,
-    VARIANT_AUDIT_PATCH,
-    CampaignWorkflow,
-)
-from workflows.messages import (
-    CampaignInput,
-    CampaignResult,
+from workflows.campaign.contract import (
     CampaignState,
-    CampaignStatus,
-    CustomerEvent,
-    DecideRequest,
 )
+from workflows.campaign.messages import CampaignResult, CampaignStatus, CustomerEvent, DecideRequest
+from workflows.campaign.workflow import CampaignWorkflow
+
+# ---------------------------------------------------------------- runs continued before the split
+
+# The spec the histories campaign_v4_carried_* ran (saved on the code before the campaign
+# package split): each of their runs ended by continuing as new, and the input it handed to the
+# next run is in its last event.
+CARRIED_SPEC: dict[str, Any] = {
+    "campaign_id": "carried_before_split",
+    "name": "Carried across the package split",
+    "owner": "crm-team",
+    "entry_cohort": "test_cohort",
+    "safe_default_segment": "nurture_default",
+    "sensitive": True,
+    "approval": {"timeout": "P3D"},
+    "steps": [
+        {"id": "score", "type": "score", "models": ["churn"]},
+        {"id": "approve", "type": "approval", "reason": "long campaign"},
+        {"id": "hold", "type": "wait", "duration": "P1D"},
+        {
+            "id": "first_purchase",
+            "type": "wait",
+            "event": "purchase",
+            "timeout": "P2D",
+            "on_event": "label",
+            "on_timeout": "gave_up",
+        },
+        {
+            "id": "label",
+            "type": "crm",
+            "action": "set_properties",
+            "properties": {"churn": "{score.churn}", "variant": "{variant}"},
+        },
+        {"id": "done", "type": "exit"},
+        {"id": "gave_up", "type": "exit", "outcome": "exited"},
+    ],
+}
 
 
 def versioned(campaign_id: str, last_step: str) -> dict[str, Any]:
@@ -71,7 +100,7 @@ async def test_running_campaigns_finish_on_their_version_and_new_entries_take_th
 
 
 async def status_of(handle: WorkflowHandle[Any, CampaignResult]) -> CampaignStatus:
-    return await handle.query("status", result_type=CampaignStatus)
+    return await handle.query(CampaignWorkflow.status)
 
 
 async def push_until_continued(handle: WorkflowHandle[Any, CampaignResult], runs: int) -> None:
@@ -80,60 +109,21 @@ async def push_until_continued(handle: WorkflowHandle[Any, CampaignResult], runs
         status = await status_of(handle)
         if status.runs >= runs:
             return
-        await handle.signal("customer_event", CustomerEvent("page_view", "2026-01-01T00:00:00Z"))
+        await handle.signal(
+            CampaignWorkflow.customer_event, CustomerEvent("page_view", "2026-01-01T00:00:00Z")
+        )
         await asyncio.sleep(0.05)
     raise AssertionError(f"the campaign never reached run {runs}")
 
 
 async def test_a_long_campaign_continues_as_new_without_losing_anything(harness: Harness) -> None:
-    spec, version = await harness.apply(
-        {
-            "campaign_id": f"l{uuid.uuid4().hex[:10]}",
-            "name": "Long",
-            "owner": "crm-team",
-            "entry_cohort": "test_cohort",
-            "safe_default_segment": "nurture_default",
-            "sensitive": True,
-            "approval": {"timeout": "P3D"},
-            "steps": [
-                {"id": "approve", "type": "approval", "reason": "long campaign"},
-                {"id": "hold", "type": "wait", "duration": "P1D"},
-                {
-                    "id": "first_purchase",
-                    "type": "wait",
-                    "event": "purchase",
-                    "timeout": "P2D",
-                    "on_event": "label",
-                    "on_timeout": "gave_up",
-                },
-                {
-                    "id": "label",
-                    "type": "crm",
-                    "action": "set_properties",
-                    "properties": {"x": "1"},
-                },
-                {"id": "done", "type": "exit"},
-                {"id": "gave_up", "type": "exit", "outcome": "exited"},
-            ],
-        }
-    )
+    # The campaign of the histories saved before the split, without its score step.
+    document = {**CARRIED_SPEC, "campaign_id": f"l{uuid.uuid4().hex[:10]}", "name": "Long"}
+    spec, version = await harness.apply({**document, "steps": CARRIED_SPEC["steps"][1:]})
     key = await harness.customer()
     workflow_id = f"campaign:{spec.campaign_id}:{key}:1"
     async with harness.workers():
-        handle = await harness.client.start_workflow(
-            CampaignWorkflow.run,
-            CampaignInput(
-                spec.campaign_id,
-                version,
-                key,
-                "1",
-                "test_cohort",
-                crm_task_queue=harness.settings.crm_task_queue,
-                history_limit=40,
-            ),
-            id=workflow_id,
-            task_queue=harness.settings.task_queue,
-        )
+        handle = await harness.start(spec, version, key, history_limit=40)
         latest = harness.client.get_workflow_handle_for(CampaignWorkflow.run, workflow_id)
         asked = await wait_for_state(latest, CampaignState.AWAITING_APPROVAL)
         await push_until_continued(latest, 2)
@@ -164,7 +154,9 @@ async def test_a_long_campaign_continues_as_new_without_losing_anything(harness:
             "purchase",
             awaiting.waiting_until,
         )
-        await latest.signal("customer_event", CustomerEvent("purchase", "2026-01-01T00:00:00Z"))
+        await latest.signal(
+            CampaignWorkflow.customer_event, CustomerEvent("purchase", "2026-01-01T00:00:00Z")
+        )
         result = await harness.result(latest)
         final = await status_of(latest)
     assert handle.id == workflow_id
@@ -177,43 +169,123 @@ async def test_a_long_campaign_continues_as_new_without_losing_anything(harness:
 HISTORIES = Path(__file__).parent / "histories"
 
 
-def test_v2_histories_of_the_new_behaviour_are_kept_for_replay() -> None:
-    # tests/test_replay.py replays every campaign_v*.json on today's code.
-    names = {p.stem for p in HISTORIES.glob("campaign_v2_*.json")}
-    assert names >= {
-        "campaign_v2_event_wait_converted",
-        "campaign_v2_local_time_quiet_hours_capped",
-        "campaign_v2_stratified_holdout_exit_event",
-        "campaign_v2_continued_as_new_mid_approval",
-        "campaign_v2_resumed_approval_completed",
-    }
-    # The entry audit of the holdout arm is new in v2, behind its patch id.
-    assert patches("campaign_v2_event_wait_converted") == {VARIANT_AUDIT_PATCH}
-    assert all(not patches(p.stem) for p in HISTORIES.glob("campaign_v1_*.json"))
+def handed_over(name: str) -> dict[str, Any]:
+    """The input a run saved before the split handed to its continuation, as JSON."""
+    path = HISTORIES / f"campaign_v4_carried_{name}.json"
+    history = WorkflowHistory.from_json(name, path.read_text())
+    last = history.events[-1].workflow_execution_continued_as_new_event_attributes
+    document: dict[str, Any] = json.loads(last.input.payloads[0].data)
+    return document
 
 
-def test_v3_history_records_that_control_skips_approval() -> None:
-    # Saved by tests/test_campaign_spec_features.py with COHORTFLOW_SAVE_HISTORIES=1.
-    assert patches("campaign_v3_control_skips_approval") == {
-        VARIANT_AUDIT_PATCH,
-        CONTROL_SKIPS_APPROVAL_PATCH,
-    }
+def shifted(document: dict[str, Any], now: datetime) -> dict[str, Any]:
+    """The same JSON with its instants moved so the oldest is ``now``: the resumed waits keep
+    their length whenever this test runs."""
+    carried = document["carried"]
+    entered = datetime.fromisoformat(carried["entered_at"])
+
+    def moved(text: str) -> str:
+        return (now + (datetime.fromisoformat(text) - entered)).isoformat() if text else ""
+
+    carried["entered_at"] = moved(carried["entered_at"])
+    carried["deadline"] = moved(carried["deadline"])
+    pending = carried.get("pending_approval")
+    if pending:
+        pending["requested_at"] = moved(pending["requested_at"])
+        pending["expires_at"] = moved(pending["expires_at"])
+    return document
 
 
-def test_v4_history_records_that_decisions_ride_along() -> None:
-    # Saved by tests/test_campaign_workflow.py with COHORTFLOW_SAVE_HISTORIES=1.
-    assert DECISIONS_RIDE_ALONG_PATCH in patches("campaign_v4_decisions_ride_along")
+@pytest.mark.parametrize("name", ["mid_approval", "mid_wait", "mid_event_wait"])
+async def test_a_run_continued_as_new_before_the_split_resumes_on_this_code(
+    harness: Harness, name: str
+) -> None:
+    document = shifted(handed_over(name), await server_now(harness))
+    carried = document["carried"]
+    assert "current" not in carried  # the old JSON, not this code's
+    spec, version = await harness.apply(CARRIED_SPEC)
+    assert (spec.campaign_id, version) == (document["campaign_id"], document["version"])
+    key = await harness.customer(key=document["customer_key"])
+    document["crm_task_queue"] = harness.settings.crm_task_queue
+    workflow_id = f"campaign:{spec.campaign_id}:{key}:{name}"
+    pending = carried["pending_approval"]
+    if name == "mid_approval":
+        await store_pending(harness, workflow_id, key, pending)
+    async with harness.workers():
+        handle = await harness.client.start_workflow(
+            "CampaignWorkflow",
+            document,
+            id=workflow_id,
+            task_queue=harness.settings.task_queue,
+            result_type=CampaignResult,
+        )
+        status = await wait_for_state(
+            handle,
+            CampaignState.AWAITING_APPROVAL if pending else CampaignState.WAITING,
+        )
+        assert status.step_id == carried["step_id"]
+        assert (status.scores, status.variant) == (carried["scores"], carried["variant"])
+        assert status.runs == carried["runs"]
+        if pending:
+            assert status.pending_approval is not None
+            assert status.pending_approval.expires_at == pending["expires_at"]
+            await handle.execute_update(
+                CampaignWorkflow.decide,
+                DecideRequest(pending["approval_id"], True, "alice", "resumed after the split"),
+            )
+        else:
+            assert status.waiting_until == datetime.fromisoformat(carried["deadline"]).isoformat(
+                timespec="seconds"
+            )
+        result = await resume_to_the_end(harness, handle)
+    assert result.state == CampaignState.COMPLETED
+    assert result.steps_run == ["score", "approve", "hold", "first_purchase", "label", "done"]
+    async with CrmClient(harness.sandbox.url) as crm:
+        contact = await crm.get_contact(key)
+    assert contact is not None
+    assert contact.properties["churn"] == f"{carried['scores']['churn']:.4f}"
 
 
-def patches(name: str) -> set[str]:
-    """The patch ids recorded in a saved history."""
-    history = WorkflowHistory.from_json(name, (HISTORIES / f"{name}.json").read_text())
-    found = set()
-    for event in history.events:
-        marker = event.marker_recorded_event_attributes
-        if (
-            event.HasField("marker_recorded_event_attributes")
-            and marker.marker_name == "core_patch"
-        ):
-            found |= {json.loads(p.data)["id"] for p in marker.details["patch-data"].payloads}
-    return found
+async def server_now(harness: Harness) -> datetime:
+    """The time-skipping server's clock, which runs ahead of the wall clock after skips."""
+    assert harness.env is not None
+    return await harness.env.get_current_time()
+
+
+async def store_pending(harness: Harness, workflow_id: str, key: str, pending: Any) -> None:
+    """The approval row the old run stored when it asked."""
+    async with harness.db.transaction() as session:
+        await approvals.add_pending(
+            session,
+            approval_id=pending["approval_id"],
+            workflow_id=workflow_id,
+            step_id=pending["step_id"],
+            campaign_id=CARRIED_SPEC["campaign_id"],
+            customer_key=key,
+            reason=pending["reason"],
+            scores={},
+            requested_at=datetime.fromisoformat(pending["requested_at"]),
+            expires_at=datetime.fromisoformat(pending["expires_at"]),
+        )
+
+
+async def resume_to_the_end(
+    harness: Harness, handle: WorkflowHandle[Any, CampaignResult]
+) -> CampaignResult:
+    """Let the one-day wait pass, then buy during the wait for a purchase."""
+    assert harness.env is not None
+    for _ in range(200):
+        status = await status_of(handle)
+        if status.waiting_for_event == "purchase":
+            break
+        if status.step_id == "hold" and status.state == CampaignState.WAITING:
+            await harness.env.sleep(timedelta(days=1, minutes=1))
+        await asyncio.sleep(0.05)
+    assert status.waiting_for_event == "purchase", status
+    await handle.signal(
+        CampaignWorkflow.customer_event, CustomerEvent("purchase", "2026-01-01T00:00:00Z")
+    )
+    # Waited for with time skipping locked: unlocked, the test server may skip past the
+    # workflow and activity tasks still to come (sdk-java#1291).
+    await wait_for_state(handle, CampaignState.COMPLETED)
+    return await handle.result()

@@ -10,15 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from temporalio import activity
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
 
-from activities.campaign import CampaignActivities
+from activities.campaign.crm import CrmActivities
 from cohortflow.crm.client import CrmClient
 from cohortflow.storage import approvals, consent
-from cohortflow.storage.tables import AuditRow, SegmentAssignment
+from cohortflow.storage.tables import AuditRow, CampaignSpecVersion, SegmentAssignment
 from tests.harness import (
     Harness,
     save_history_if_asked,
@@ -26,15 +26,11 @@ from tests.harness import (
     wait_for_state,
     without_approval,
 )
-from workflows.messages import (
-    SA,
-    CampaignResult,
-    CampaignState,
-    CohortExited,
-    CrmWriteInput,
-    CrmWriteResult,
-    DecideRequest,
-)
+from workflows.campaign.activity_io import CrmWriteInput, CrmWriteResult
+from workflows.campaign.contract import SA, CampaignState
+from workflows.campaign.messages import CampaignResult, CohortExited, DecideRequest
+from workflows.campaign.state import RunState
+from workflows.campaign.workflow import CampaignWorkflow
 
 
 async def audit_count(h: Harness, workflow_id: str, kind: str) -> int:
@@ -50,14 +46,15 @@ async def audit_count(h: Harness, workflow_id: str, kind: str) -> int:
 
 
 async def label_once_through_a_fault(
-    harness: Harness, status: int, retry_after: float = 1.0
+    harness: Harness, status: int, retry_after: float = 1.0, count: int = 1, **fields: Any
 ) -> tuple[str, WorkflowHandle[Any, CampaignResult], CampaignResult]:
-    """Score and label one customer while the CRM answers ``status`` to the first request."""
+    """Score and label one customer while the CRM answers ``status`` to the first ``count``
+    requests; ``fields`` are set on the spec."""
     document = without_approval(spec_document())
     document["steps"] = [s for s in document["steps"] if s["id"] in ("score", "label")]
-    spec, version = await harness.apply(document)
+    spec, version = await harness.apply({**document, **fields})
     key = await harness.customer()
-    harness.sandbox.inject(status, count=1, retry_after=retry_after)
+    harness.sandbox.inject(status, count=count, retry_after=retry_after)
     try:
         async with harness.workers():
             handle = await harness.launch(spec, version, key)
@@ -103,12 +100,17 @@ async def test_decide_refuses_the_requester_then_an_approval_completes_the_campa
         approval_id = status.pending_approval.approval_id
         with pytest.raises(WorkflowUpdateFailedError) as refused:
             await handle.execute_update(
-                "decide", DecideRequest(approval_id, True, "crm-team", "self-approval")
+                CampaignWorkflow.decide,
+                DecideRequest(approval_id, True, "crm-team", "self-approval"),
             )
         assert "cannot approve" in str(refused.value.cause)
         with pytest.raises(WorkflowUpdateFailedError):
-            await handle.execute_update("decide", DecideRequest("apr_unknown", True, "al", "x"))
-        await handle.execute_update("decide", DecideRequest(approval_id, True, "alice", "ok"))
+            await handle.execute_update(
+                CampaignWorkflow.decide, DecideRequest("apr_unknown", True, "al", "x")
+            )
+        await handle.execute_update(
+            CampaignWorkflow.decide, DecideRequest(approval_id, True, "alice", "ok")
+        )
         result = await harness.result(handle)
     assert result.state == CampaignState.COMPLETED
     assert result.steps_run == ["score", "route", "approve", "label", "pause", "enrol"]
@@ -120,7 +122,7 @@ async def test_decide_refuses_the_requester_then_an_approval_completes_the_campa
     assert contact is not None
     assert contact.properties["cohort_label"] == "test_cohort"
     assert contact.sequences == ["winback"]
-    await save_history_if_asked(handle, "campaign_v4_approved_completed")
+    await save_history_if_asked(handle, "approved_completed")
 
 
 async def test_consent_revoked_in_the_store_during_a_wait_blocks_the_next_outbound_step(
@@ -149,7 +151,7 @@ async def test_cohort_exit_interrupts_a_wait_at_once(harness: Harness) -> None:
     async with harness.workers():
         handle = await harness.launch(spec, version, key)
         await wait_for_state(handle, CampaignState.WAITING)
-        await handle.signal("cohort_exited", CohortExited(cohort_id="test_cohort"))
+        await handle.signal(CampaignWorkflow.cohort_exited, CohortExited(cohort_id="test_cohort"))
         result = await harness.result(handle)
     assert result.state == CampaignState.EXITED
     events = [e async for e in handle.fetch_history_events()]
@@ -172,7 +174,7 @@ async def test_corrupted_model_file_sends_the_campaign_to_the_fallback(
         result = await harness.result(handle)
     assert result.state == CampaignState.FALLBACK
     assert result.reason.startswith("scoring_failed: ")
-    description = await handle.describe()
+    description = await harness.describe(handle)
     assert description.typed_search_attributes.get(SA.FALLBACK_REASON) == "scoring_failed"
     assert description.typed_search_attributes.get(SA.CAMPAIGN_STATE) == "fallback"
     async with harness.db.transaction() as session:
@@ -223,6 +225,26 @@ async def test_an_activity_that_fails_after_its_audit_write_leaves_one_audit_row
     assert await audit_count(harness, handle.id, "crm_written") == 1
 
 
+async def test_a_crm_that_stays_down_is_waited_for_not_turned_into_a_fallback(
+    harness: Harness,
+) -> None:
+    # More failed attempts than any fixed budget the old policy had (8), over minutes.
+    _, handle, result = await label_once_through_a_fault(harness, 503, count=12)
+    assert result.state == CampaignState.COMPLETED
+    assert harness.sandbox.attempts(f"{handle.id}:label") == 13
+
+
+async def test_the_spec_action_deadline_ends_a_crm_outage_in_the_safe_segment(
+    harness: Harness,
+) -> None:
+    _, handle, result = await label_once_through_a_fault(
+        harness, 503, count=1_000, action_deadline="PT2M"
+    )
+    assert result.state == CampaignState.FALLBACK
+    assert result.reason.startswith("crm_failed: ") and result.segment == "nurture_default"
+    assert 2 < harness.sandbox.attempts(f"{handle.id}:label") < 20
+
+
 async def test_a_repeated_launch_of_the_same_entry_is_a_no_op(harness: Harness) -> None:
     spec, version = await harness.apply(without_approval(spec_document()))
     key = await harness.customer()
@@ -230,7 +252,7 @@ async def test_a_repeated_launch_of_the_same_entry_is_a_no_op(harness: Harness) 
         first = await harness.launch(spec, version, key)
         await harness.result(first)
         second = await harness.launch(spec, version, key)
-        assert (await second.describe()).run_id == (await first.describe()).run_id
+        assert (await harness.describe(second)).run_id == (await harness.describe(first)).run_id
     assert await audit_count(harness, first.id, "scored") == 1
 
 
@@ -263,7 +285,7 @@ async def test_decisions_ride_with_the_next_activity_in_the_order_they_were_made
         ("enrol", "crm_written"),
         ("finish", "finished"),
     ]
-    await save_history_if_asked(handle, "campaign_v4_decisions_ride_along")
+    await save_history_if_asked(handle, "decisions_ride_along")
 
 
 async def audit_chain(h: Harness, workflow_id: str) -> list[tuple[str, str]]:
@@ -314,10 +336,10 @@ async def test_decisions_are_on_record_before_a_wait_and_after_a_fallback(
     assert chain[-1] == ("finish", "finished")
     assert ("label", "fallback") in chain
     assert len(chain) == len(set(chain))  # nothing on record twice
-    await save_history_if_asked(handle, "campaign_v4_wait_then_crm_rejected_fallback")
+    await save_history_if_asked(handle, "wait_then_crm_rejected_fallback")
 
 
-class ActivitiesFromBeforeRideAlong(CampaignActivities):
+class ActivitiesFromBeforeRideAlong(CrmActivities):
     """A CRM-queue worker not yet upgraded: it knows nothing of carried decisions (its
     converter drops the unknown field) and so answers that it recorded none."""
 
@@ -335,7 +357,7 @@ async def test_decisions_a_worker_did_not_record_ride_on_to_the_next_record(
     document["steps"][1]["rules"][0]["all"][0]["value"] = 2.0  # nobody goes to approval
     spec, version = await harness.apply(document)
     key = await harness.customer()
-    async with harness.workers(ActivitiesFromBeforeRideAlong):
+    async with harness.workers(crm_type=ActivitiesFromBeforeRideAlong):
         handle = await harness.launch(spec, version, key)
         result = await harness.result(handle)
     assert result.state == CampaignState.COMPLETED
@@ -345,3 +367,62 @@ async def test_decisions_a_worker_did_not_record_ride_on_to_the_next_record(
     assert ("route", "branch") in chain
     assert chain.index(("route", "branch")) < chain.index(("enrol", "crm_written"))
     assert len(chain) == len(set(chain))
+
+
+async def test_a_stored_spec_made_invalid_by_hand_sends_a_new_campaign_to_its_safe_segment(
+    harness: Harness,
+) -> None:
+    spec, version = await harness.apply(without_approval(spec_document()))
+    broken = {**spec.model_dump(mode="json"), "steps": [{"id": "label", "type": "teleport"}]}
+    async with harness.db.transaction() as session:
+        await session.execute(
+            update(CampaignSpecVersion)
+            .where(CampaignSpecVersion.campaign_id == spec.campaign_id)
+            .values(spec=broken)
+        )
+    key = await harness.customer()
+    started = time.monotonic()
+    async with harness.workers():
+        handle = await harness.launch(spec, version, key)
+        result = await harness.result(handle)
+    assert time.monotonic() - started < 10, "a spec that cannot load is not retried"
+    assert result.state == CampaignState.FALLBACK
+    assert result.segment == "nurture_default"  # the segment the broken document still names
+    assert result.reason.startswith(f"spec_invalid: campaign {spec.campaign_id} v{version}: ")
+    assert "steps[0].type" in result.reason
+    description = await harness.describe(handle)
+    assert description.typed_search_attributes.get(SA.FALLBACK_REASON) == "spec_invalid"
+    assert await audit_count(harness, handle.id, "fallback") == 1
+    await save_history_if_asked(handle, "spec_invalid_fallback")
+
+
+async def test_an_awaited_event_heard_during_a_hand_over_ends_the_resumed_wait(
+    harness: Harness,
+) -> None:
+    document = without_approval(spec_document())
+    document["steps"] = [
+        {"id": "bought", "type": "wait", "event": "purchase", "timeout": "P3D", "on_event": "ty"},
+        {"id": "ty", "type": "crm", "action": "set_properties", "properties": {"ty": "1"}},
+    ]
+    spec, version = await harness.apply(document)
+    key = await harness.customer()
+    assert harness.env is not None
+    now = await harness.env.get_current_time()
+    # What a run hands over when the purchase arrived after it decided to continue as new.
+    carried = RunState(
+        step_id="bought",
+        entered_at=now.isoformat(),
+        deadline=(now + timedelta(days=3)).isoformat(),
+        steps_run=["bought"],
+        events_awaited=["purchase"],
+        current=CampaignState.WAITING,
+        runs=2,
+    )
+    async with harness.workers():
+        handle = await harness.start(spec, version, key, carried=carried)
+        await wait_for_state(handle, CampaignState.COMPLETED)
+        result = await handle.result()
+    assert result.steps_run == ["bought", "ty"]
+    events = [e async for e in handle.fetch_history_events()]
+    assert not any(e.event_type == EventType.EVENT_TYPE_TIMER_FIRED for e in events)
+    await save_history_if_asked(handle, "handover_event_heard")

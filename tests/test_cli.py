@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import typer
 
-from cohortflow.ids import Pseudonymiser
+from cohortflow.pseudonymisation import Pseudonymiser
 from cohortflow.runtime.ports import free_port
 from cohortflow.settings import Settings
 from cohortflow.spec import CampaignSpec
@@ -310,6 +310,48 @@ def test_a_taken_port_is_one_line_naming_it_and_creates_nothing(
         run = cohortflow(command, "--data-dir", never, *chain(*options.items()), cwd=tmp_path)
     assert_refused(run, f"127.0.0.1:{port}", setting)
     assert list(tmp_path.iterdir()) == []
+
+
+SAFE_PRODUCTION = {
+    "COHORTFLOW_ENVIRONMENT": "production",
+    "COHORTFLOW_PSEUDONYMISATION_KEY": "0123456789abcdef0123456789abcdef",
+    "COHORTFLOW_CRM_TOKEN": "crm-token",
+    "COHORTFLOW_CRM_URL": "https://crm.example.com",
+}
+
+
+@pytest.mark.parametrize(
+    ("command", "variable", "value", "needle"),
+    [
+        ("worker", "COHORTFLOW_PSEUDONYMISATION_KEY", None, "must be set"),
+        ("api", "COHORTFLOW_CRM_TOKEN", None, "must be set"),
+        ("up", "COHORTFLOW_CRM_URL", None, "must be set"),
+        (
+            "demo",
+            "COHORTFLOW_CRM_URL",
+            "http://127.0.0.1:8100",
+            "must not be the sandbox CRM http://127.0.0.1:8100",
+        ),
+    ],
+)
+def test_production_refuses_an_unsafe_default_in_one_line_and_creates_nothing(
+    tmp_path: Path, command: str, variable: str, value: str | None, needle: str
+) -> None:
+    env = cli_env() | SAFE_PRODUCTION
+    if value is None:
+        del env[variable]
+    else:
+        env[variable] = value
+    run = cohortflow(command, "--data-dir", tmp_path / "never", env=env, cwd=tmp_path)
+    assert_refused(run, f"{variable} {needle} when COHORTFLOW_ENVIRONMENT=production")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_production_jobs_that_neither_write_to_the_crm_nor_make_keys_run(tmp_path: Path) -> None:
+    env = cli_env() | {"COHORTFLOW_ENVIRONMENT": "production"}
+    run = cohortflow("db", "upgrade", "--data-dir", tmp_path / "data", env=env)
+    assert run.code == 0, run
+    assert (tmp_path / "data" / "cohortflow.db").exists()
 
 
 @pytest.mark.parametrize(

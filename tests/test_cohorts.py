@@ -146,7 +146,12 @@ async def test_evaluation_stores_entries_and_exits_once(db: Database) -> None:
             for t in await session.scalars(select(CohortTransition).order_by(CohortTransition.seq))
         ]
         history = await cohorts.history(session, key("big"))
+        last_entered = await cohorts.last_transition_seq(session, "test_cohort", cohorts.ENTERED)
+        last_exited = await cohorts.last_transition_seq(session, "test_cohort", cohorts.EXITED)
+        no_cohort = await cohorts.last_transition_seq(session, "no_cohort", cohorts.ENTERED)
     assert kinds == [("entered", key("big")), ("entered", key("small")), ("exited", key("big"))]
+    assert (last_entered, last_exited) == (third.diff.last_seq, fourth.diff.last_seq)
+    assert no_cohort is None
     assert [t.at for t in history] == [T0 + timedelta(days=7), T0 + timedelta(days=10)]
 
 

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from cohortflow.settings import Settings
-from workflows.messages import SEARCH_ATTRIBUTE_TYPES
+from cohortflow.temporal_client import search_attribute_types
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE: dict[str, Any] = yaml.safe_load((REPO / "docker-compose.yml").read_text())
@@ -22,6 +22,8 @@ COHORTFLOW_SERVICES = ("migrate", "train-churn", "train-propensity", "worker", "
 # Variable -> the required ${NAME:?} reference it must be read from.
 SECRETS = {
     "COHORTFLOW_PSEUDONYMISATION_KEY": "COHORTFLOW_PSEUDONYMISATION_KEY",
+    "COHORTFLOW_CRM_URL": "COHORTFLOW_CRM_URL",
+    "COHORTFLOW_CRM_TOKEN": "COHORTFLOW_CRM_TOKEN",
     "POSTGRES_PASSWORD": "POSTGRES_PASSWORD",
     "POSTGRES_PWD": "POSTGRES_PASSWORD",
 }
@@ -37,6 +39,11 @@ def environment(service: dict[str, Any]) -> dict[str, str]:
 def command(service: dict[str, Any]) -> list[str]:
     cmd = service["command"]
     return cmd.split() if isinstance(cmd, str) else [str(part) for part in cmd]
+
+
+def interpolate(value: str, dotenv: dict[str, str]) -> str:
+    """``value`` with each ``${NAME:?message}`` replaced as compose would from ``dotenv``."""
+    return re.sub(r"\$\{(\w+):\?[^}]*\}", lambda m: dotenv[m.group(1)], value)
 
 
 def published(service: dict[str, Any]) -> list[tuple[int, int]]:
@@ -92,6 +99,31 @@ def test_secrets_come_from_the_environment_not_the_file() -> None:
         assert "COHORTFLOW_PSEUDONYMISATION_KEY" in environment(SERVICES[name]), name
 
 
+def test_production_services_pass_the_production_check_once_dotenv_is_filled() -> None:
+    dotenv = {
+        "POSTGRES_PASSWORD": "pw",
+        "COHORTFLOW_PSEUDONYMISATION_KEY": "0123456789abcdef0123456789abcdef",
+        "COHORTFLOW_CRM_URL": "https://crm.example.com",
+        "COHORTFLOW_CRM_TOKEN": "crm-token",
+    }
+    for name in ("worker", "api"):
+        env = {
+            key.removeprefix("COHORTFLOW_").lower(): interpolate(value, dotenv)
+            for key, value in environment(SERVICES[name]).items()
+        }
+        settings = Settings.model_validate(env)
+        assert settings.environment == "production", name
+        assert settings.resolved_crm_url == "https://crm.example.com", name
+        settings.check_production()
+
+
+def test_the_sandbox_crm_runs_only_under_its_profile() -> None:
+    assert SERVICES["crm-sandbox"]["profiles"] == ["sandbox"]
+    for name, service in SERVICES.items():
+        if "profiles" not in service:
+            assert "crm-sandbox" not in service.get("depends_on", {}), name
+
+
 @pytest.mark.parametrize(
     ("service", "field"), [("api", "api_port"), ("crm-sandbox", "crm_sandbox_port")]
 )
@@ -106,7 +138,7 @@ def test_published_ports_match_settings_defaults(service: str, field: str) -> No
 def test_setup_registers_every_search_attribute_with_its_type() -> None:
     script = " ".join(command(SERVICES["temporal-setup"]))
     registered = dict(re.findall(r"--name (\w+) --type (\w+)", script))
-    assert registered == SEARCH_ATTRIBUTE_TYPES
+    assert registered == search_attribute_types()
 
 
 def test_app_services_wait_for_migrations_and_search_attributes() -> None:

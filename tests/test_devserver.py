@@ -24,14 +24,13 @@ from cohortflow.runtime.binaries import temporal_test_server
 from cohortflow.runtime.devserver import DevServer
 from cohortflow.runtime.ports import PortInUse, free_port
 from cohortflow.settings import Settings
-from cohortflow.temporal_client import connect, ensure_search_attributes
+from cohortflow.temporal_client import connect, ensure_search_attributes, search_attribute_types
 from tests.processes import running, wait_until
-from workflows.messages import SEARCH_ATTRIBUTE_TYPES
 
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED_TYPES = {
     name: IndexedValueType.Value(f"INDEXED_VALUE_TYPE_{type_name.upper()}")
-    for name, type_name in SEARCH_ATTRIBUTE_TYPES.items()
+    for name, type_name in search_attribute_types().items()
 }
 
 

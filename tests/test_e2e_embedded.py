@@ -31,11 +31,13 @@ from temporalio.client import Client
 
 from cohortflow.demo.drip import buyers, signup_ids
 from cohortflow.demo.options import DEMO_TIMEZONES, DRIP_SPEC, WINBACK_SPEC, DemoOptions, seeded
-from cohortflow.ids import Pseudonymiser
+from cohortflow.pseudonymisation import Pseudonymiser
 from cohortflow.runtime.binaries import temporal_cli
 from cohortflow.runtime.ports import ensure_free, free_port
 from cohortflow.settings import Settings
-from workflows.messages import SUMMARY_STATES, CampaignState, CampaignStatus
+from workflows.campaign.contract import SUMMARY_STATES, CampaignState
+from workflows.campaign.messages import CampaignStatus
+from workflows.campaign.workflow import CampaignWorkflow
 
 pytestmark = [pytest.mark.e2e, pytest.mark.devserver, pytest.mark.timeout(300)]
 
@@ -175,9 +177,8 @@ def temporal_count(address: str, query: str) -> int:
 def status_of(address: str, workflow_id: str) -> CampaignStatus:
     async def query() -> CampaignStatus:
         client = await Client.connect(address)
-        status: CampaignStatus = await client.get_workflow_handle(workflow_id).query(
-            "status", result_type=CampaignStatus
-        )
+        handle = client.get_workflow_handle_for(CampaignWorkflow.run, workflow_id)
+        status: CampaignStatus = await handle.query(CampaignWorkflow.status)
         return status
 
     return asyncio.run(query())

@@ -17,16 +17,16 @@ import httpx
 import pytest
 from sqlalchemy import delete, select
 
-from cohortflow import outbound
+from cohortflow import schedule
 from cohortflow.api.app import create_app
 from cohortflow.events.importer import import_events
 from cohortflow.events.ingest import Ingestor
 from cohortflow.events.sources import cdnow_events
-from cohortflow.ids import Pseudonymiser
+from cohortflow.pseudonymisation import Pseudonymiser
 from cohortflow.runtime.ports import free_port
 from cohortflow.settings import Settings
 from cohortflow.storage import events as event_store
-from cohortflow.storage.customers import get_features
+from cohortflow.storage.customers import get_features, timezone_name
 from cohortflow.storage.db import Database
 from cohortflow.storage.feature_store import recompute_all
 from cohortflow.storage.tables import Customer, CustomerFeatures, Event
@@ -212,8 +212,9 @@ async def test_a_later_track_event_keeps_the_contact_data_an_identify_stored(
     async with db.transaction() as session:
         dave = await session.get(Customer, PSEUDONYMISER.customer_key("dave"))
         assert dave is not None and dave.timezone is None
-        zone = await outbound.customer_zone(session, dave.customer_key, "Europe/London")
-    assert zone.key == "Europe/London"
+        name = await timezone_name(session, dave.customer_key)
+    assert name == ""
+    assert schedule.zone(name, "Europe/London").key == "Europe/London"
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ from cohortflow.events.ingest import Ingestor, TemporalSignaller
 from cohortflow.settings import Settings
 from cohortflow.storage.db import Database, migrate
 from tests.test_events import PSEUDONYMISER, T0, track
-from workflows.messages import SA
+from workflows.campaign.contract import SA
 
 pytestmark = pytest.mark.devserver
 

@@ -21,17 +21,17 @@ from temporalio.service import RPCError
 from temporalio.worker import Worker
 
 from activities.launch import LaunchActivities
+from cohortflow.campaigns.launcher import Launcher, reentry_refusal
 from cohortflow.cohorts.evaluator import evaluate
 from cohortflow.cohorts.rules import parse_cohort
 from cohortflow.cohorts.service import CohortService
-from cohortflow.launcher import Launcher, reentry_refusal
 from cohortflow.settings import Settings
 from cohortflow.spec import ReentrySpec, parse_spec
 from cohortflow.storage import campaigns, cohorts, customers
 from cohortflow.storage.db import Database, migrate
 from tests.harness import spec_document
+from workflows.campaign.contract import SA, campaign_workflow_id
 from workflows.launch import LaunchCampaignsWorkflow, LaunchInput, LaunchProgress
-from workflows.messages import SA, campaign_workflow_id
 
 REPO = Path(__file__).resolve().parent.parent
 T0 = datetime(2026, 2, 1, tzinfo=UTC)

@@ -14,8 +14,7 @@ import pytest
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
-from activities.campaign import CampaignActivities
-from cohortflow.crm.client import CrmClient
+from activities.campaign.scoring import ScoringActivities
 from cohortflow.storage import audit, customers
 from cohortflow.storage.db import Database, migrate
 from scoring.cdnow import load_transactions
@@ -23,7 +22,7 @@ from scoring.features import FEATURE_NAMES, rfm_features
 from scoring.registry import ModelInfo, ModelRegistry
 from scoring.scorer import Scorer
 from scoring.train import TrainConfig, TrainedModel, train_model
-from workflows.messages import ScoreInput
+from workflows.campaign.activity_io import ScoreInput
 
 KEYS = [f"c_{i:038d}" for i in range(5)]
 
@@ -75,7 +74,7 @@ def registry_with(
 async def score(
     db: Database, registry: ModelRegistry, workflow_id: str, keys: list[str] = KEYS[:1]
 ) -> tuple[Any, dict[str, Any]]:
-    activities = CampaignActivities(db, Scorer(registry), CrmClient("http://127.0.0.1:9"))
+    activities = ScoringActivities(db, Scorer(registry))
     inp = ScoreInput(workflow_id, "score", "camp", keys, ["churn"])
     result = await ActivityEnvironment().run(activities.score_customer, inp)
     async with db.transaction() as session:

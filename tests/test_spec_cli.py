@@ -17,9 +17,10 @@ import pytest
 import yaml
 from sqlalchemy import func, select
 
-from cohortflow.report import Arm, build_report, newcombe, render
+from cohortflow.campaigns.report import Arm, build_report, newcombe, render
 from cohortflow.storage import audit, campaigns, consent, customers
 from cohortflow.storage.db import Database, migrate
+from cohortflow.storage.events import EventRecord, insert_events
 from cohortflow.storage.tables import AuditRow
 from tests.harness import FEATURES
 
@@ -155,7 +156,7 @@ async def test_preview_shows_a_customers_path_and_writes_nothing(
         "lapsed",
     ]
     assert "would set_properties cohort_label=new_signups, lifecycle_stage=onboarding" in out[1]
-    assert out[-1] == "ends: completed (exit step)"
+    assert out[-1] == "ends: completed (reached exit step lapsed)"
     bought = preview(
         data_dir, str(DRIP), "--customer", "c_preview_consented", "--event", "purchase"
     )
@@ -189,14 +190,24 @@ async def test_preview_counts_the_frequency_cap_from_the_audit_trail(
     assert await audit_rows(data_dir) == 3
 
 
-async def seed_outcomes(data_dir: Path, outcomes: Sequence[tuple[str, str, bool]]) -> None:
-    """Entries of winback_sensitive with their arm, end state and whether they converted."""
+ENTERED = datetime(2026, 3, 2, 9, tzinfo=UTC)
+
+
+async def seed_outcomes(
+    data_dir: Path,
+    outcomes: Sequence[tuple[str, str, bool]],
+    *,
+    entered: Sequence[datetime] = (),
+) -> None:
+    """Entries of winback_sensitive (customer ``c_N`` entering at ``entered[N]``, else
+    ENTERED) with their arm, end state and whether they bought a day after entering."""
     db = database(data_dir)
     async with db.transaction() as session:
         spec: dict[str, Any] = yaml.safe_load(WINBACK.read_text())
         await campaigns.save_spec_version(session, spec["campaign_id"], spec, "tests")
         for n, (variant, state, converted) in enumerate(outcomes):
             workflow_id = f"campaign:winback_sensitive:c_{n}:1"
+            at = entered[n] if n < len(entered) else ENTERED
             await campaigns.record_entry(
                 session,
                 workflow_id=workflow_id,
@@ -205,11 +216,10 @@ async def seed_outcomes(data_dir: Path, outcomes: Sequence[tuple[str, str, bool]
                 entry_id="1",
                 cohort_id="lapsing_high_value",
                 version=1,
+                launched_at=at,
             )
             rows = [("entry", "variant_assigned", {"variant": variant})]
             rows.append(("finish", "finished", {"state": state, "variant": variant}))
-            if converted:
-                rows.append(("goal", "converted", {"variant": variant}))
             for step, kind, payload in rows:
                 await audit.append_audit(
                     session,
@@ -217,10 +227,16 @@ async def seed_outcomes(data_dir: Path, outcomes: Sequence[tuple[str, str, bool]
                         workflow_id, step, kind, "winback_sensitive", f"c_{n}", payload
                     ),
                 )
+            if converted:
+                await insert_events(session, [purchase(f"c_{n}", at + timedelta(days=1))])
     await db.dispose()
 
 
-async def test_report_counts_arms_and_the_uplift_from_recorded_conversions(
+def purchase(key: str, at: datetime, event: str = "purchase") -> EventRecord:
+    return EventRecord(f"m-{key}-{event}-{at.isoformat()}", key, "track", event, at)
+
+
+async def test_report_counts_arms_and_the_uplift_from_ingested_conversions(
     data_dir: Path,
 ) -> None:
     outcomes = [("treatment", "completed", n < 30) for n in range(100)]
@@ -230,40 +246,43 @@ async def test_report_counts_arms_and_the_uplift_from_recorded_conversions(
     spec = yaml.safe_load(WINBACK.read_text())
     db = database(data_dir)
     async with db.transaction() as session:
-        built = await build_report(session, "winback_sensitive", spec, count_events=None)
+        built = await build_report(session, "winback_sensitive", spec)
     await db.dispose()
     assert (built.entered, built.states) == (201, {"completed": 200, "exited": 1})
     assert built.arms == {"treatment": Arm(101, 100, 30), "control": Arm(100, 100, 10)}
-    assert built.conversion_source == "audit"
     assert built.uplift == newcombe(30, 101, 10, 100)
+    assert built.notes == []
     text = render(built)
-    assert text[-2].startswith("uplift (treatment - control): +19.7% (95% CI +")
-    assert text[-1].startswith("note: conversions from the audit trail")
+    assert text[-2] == "conversion: purchase (from events)"
+    assert text[-1].startswith("uplift (treatment - control): +19.7% (95% CI +")
 
 
-async def test_report_counts_conversions_from_ingested_events_in_each_window(
+async def test_report_counts_only_the_conversion_event_within_each_entrys_window(
     data_dir: Path,
 ) -> None:
-    await seed_outcomes(
-        data_dir, [("treatment", "completed", False)] * 4 + [("control", "completed", False)] * 4
-    )
-    asked: list[tuple[str, timedelta]] = []
-
-    async def count_events(
-        session: Any, keys: Sequence[str], event: str, start: datetime, end: datetime
-    ) -> dict[str, int]:
-        asked.append((event, end - start))
-        return {k: int(k in ("c_0", "c_1", "c_4")) for k in keys}
-
+    later = ENTERED + timedelta(days=20)
+    outcomes = [("treatment", "completed", False)] * 4 + [("control", "completed", False)] * 2
+    await seed_outcomes(data_dir, outcomes, entered=[ENTERED] * 4 + [ENTERED, later])
     db = database(data_dir)
     async with db.transaction() as session:
+        await insert_events(
+            session,
+            [
+                purchase("c_0", ENTERED + timedelta(days=29)),  # within P30D: converted
+                purchase("c_1", ENTERED + timedelta(days=31)),  # after the window
+                purchase("c_2", ENTERED - timedelta(days=1)),  # before entering
+                purchase("c_3", ENTERED + timedelta(days=1), event="page_view"),  # not the goal
+                purchase("c_4", ENTERED + timedelta(days=2)),  # control, converted
+                purchase("c_5", ENTERED + timedelta(days=2)),  # before its own (later) entry
+            ],
+        )
+    async with db.transaction() as session:
         built = await build_report(
-            session, "winback_sensitive", yaml.safe_load(WINBACK.read_text()), count_events
+            session, "winback_sensitive", yaml.safe_load(WINBACK.read_text())
         )
     await db.dispose()
-    assert built.conversion_source == "events"
-    assert (built.arms["treatment"].converted, built.arms["control"].converted) == (2, 1)
-    assert asked and all(e == "purchase" and span >= timedelta(days=30) for e, span in asked)
+    assert (built.arms["treatment"].converted, built.arms["control"].converted) == (1, 1)
+    assert built.conversion_event == "purchase"
 
 
 async def test_report_command_prints_the_arms(data_dir: Path) -> None:

@@ -6,10 +6,10 @@ from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from cohortflow.preview import PreviewContext, summarise, walk
+from cohortflow.campaigns.preview import PreviewContext, summarise, walk
 from cohortflow.spec import parse_spec
-from workflows.campaign import holdout_variant
-from workflows.messages import CampaignSpecDef
+from workflows.campaign.definition import CampaignSpecDef
+from workflows.campaign.interpreter import holdout_variant
 
 
 def definition(**settings: Any) -> CampaignSpecDef:
@@ -56,40 +56,40 @@ def context(key: str, churn: float, **overrides: Any) -> PreviewContext:
     return PreviewContext(**(values | overrides))
 
 
-def test_the_walk_follows_branches_and_renders_the_writes() -> None:
-    result = walk(definition(), context("c_1", 0.8))
+async def test_the_walk_follows_branches_and_renders_the_writes() -> None:
+    result = await walk(definition(), context("c_1", 0.8))
     assert result.path == "score > route > label > enrol > done"
     assert [s.crm_write for s in result.steps if s.crm_write] == [
         "set_properties arm=treatment, churn=0.8000",
         "enroll_sequence sequence s",
     ]
-    assert walk(definition(), context("c_1", 0.2)).path == "score > route > done"
+    assert (await walk(definition(), context("c_1", 0.2))).path == "score > route > done"
 
 
-def test_quiet_hours_delay_the_write_to_the_local_end_across_dst() -> None:
+async def test_quiet_hours_delay_the_write_to_the_local_end_across_dst() -> None:
     spec = definition(quiet_hours={"start": "21:00", "end": "08:00"})
-    label = walk(spec, context("c_1", 0.8)).steps[2]
+    label = (await walk(spec, context("c_1", 0.8))).steps[2]
     assert label.detail.startswith("quiet hours: waits until 2026-11-01T13:00+00:00")
 
 
-def test_the_cap_takes_on_capped_and_control_writes_nothing() -> None:
+async def test_the_cap_takes_on_capped_and_control_writes_nothing() -> None:
     spec = definition(frequency_cap={"max_actions": 2, "per": "P7D"})
-    capped = walk(spec, context("c_1", 0.8, recent_actions=2))
+    capped = await walk(spec, context("c_1", 0.8, recent_actions=2))
     assert capped.path == "score > route > label > done"
     assert "frequency cap reached (2/2)" in capped.steps[2].detail
     # One slot left: the label takes it, then the enrolment is capped and falls through.
-    one_left = walk(spec, context("c_1", 0.8, recent_actions=1))
+    one_left = await walk(spec, context("c_1", 0.8, recent_actions=1))
     assert [s.crm_write != "" for s in one_left.steps if s.type == "crm"] == [True, False]
     held = definition(holdout_percent=50)
     control = next(
         f"c_{n}" for n in range(100) if holdout_variant("preview_test", f"c_{n}", 50) == "control"
     )
-    result = walk(held, context(control, 0.8))
+    result = await walk(held, context(control, 0.8))
     assert result.variant == "control" and not any(s.crm_write for s in result.steps)
     assert result.outcome == "completed"
 
 
-def test_a_control_customer_skips_the_approval_a_treated_one_waits_for() -> None:
+async def test_a_control_customer_skips_the_approval_a_treated_one_waits_for() -> None:
     spec = definition(
         steps=[
             {"id": "score", "type": "score", "models": ["churn"]},
@@ -102,26 +102,26 @@ def test_a_control_customer_skips_the_approval_a_treated_one_waits_for() -> None
     keys = [f"c_{n}" for n in range(100)]
     control = next(k for k in keys if holdout_variant("preview_test", k, 50) == "control")
     treated = next(k for k in keys if holdout_variant("preview_test", k, 50) == "treatment")
-    skipped = walk(spec, context(control, 0.8))
+    skipped = await walk(spec, context(control, 0.8))
     assert skipped.steps[1].detail == "skipped: control arm (holdout)"
     assert skipped.outcome == "completed"
-    refused = walk(spec, context(treated, 0.8, approve=False))
+    refused = await walk(spec, context(treated, 0.8, approve=False))
     assert refused.path == "score > approve" and refused.outcome == "rejected"
 
 
-def test_a_model_that_cannot_score_ends_the_walk_in_the_safe_default() -> None:
-    result = walk(definition(), context("c_1", 0.8, scores={}))
+async def test_a_model_that_cannot_score_ends_the_walk_in_the_safe_default() -> None:
+    result = await walk(definition(), context("c_1", 0.8, scores={}))
     assert (result.path, result.outcome) == ("score", "fallback")
     assert result.reason == "scoring failed: segment nurture_default"
 
 
-def test_a_cohort_summary_counts_paths_outcomes_and_writes() -> None:
+async def test_a_cohort_summary_counts_paths_outcomes_and_writes() -> None:
     spec = definition()
     results = [
-        walk(spec, context("c_a", 0.9)),
-        walk(spec, context("c_b", 0.7)),
-        walk(spec, context("c_c", 0.1)),
-        walk(spec, context("c_d", 0.9, consent={})),
+        await walk(spec, context("c_a", 0.9)),
+        await walk(spec, context("c_b", 0.7)),
+        await walk(spec, context("c_c", 0.1)),
+        await walk(spec, context("c_d", 0.9, consent={})),
     ]
     paths, outcomes, writes = summarise(results)
     assert paths == {

@@ -9,9 +9,9 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from cohortflow.report import newcombe, wilson
+from cohortflow.campaigns.report import newcombe, wilson
 from cohortflow.schedule import in_quiet_hours, next_local_time, quiet_hours_end
-from workflows.campaign import holdout_variant, score_band
+from workflows.campaign.interpreter import holdout_variant, score_band
 
 NEW_YORK = ZoneInfo("America/New_York")
 

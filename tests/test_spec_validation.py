@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from temporalio.converter import DataConverter
 
-from cohortflow.preview import PreviewContext, walk
+from cohortflow.campaigns.preview import PreviewContext, walk
 from cohortflow.spec import SpecError, json_schema, load_spec_file, load_spec_text, parse_spec
-from workflows.messages import CampaignSpecDef
+from workflows.campaign.definition import CampaignSpecDef
 
 ROOT = Path(__file__).resolve().parents[1]
 # `examples/` links to the packaged `cohortflow/examples/`, which the demo runs.
@@ -315,7 +315,7 @@ def documents(draw: st.DrawFn) -> dict[str, Any]:
     return document
 
 
-def assert_runnable(definition: CampaignSpecDef, scores: float, events: bool) -> None:
+async def assert_runnable(definition: CampaignSpecDef, scores: float, events: bool) -> None:
     """What the interpreter relies on: closed references, waits in every loop, durations it
     can time, a payload Temporal can carry, and a walk that never crashes."""
     ids = {s.id for s in definition.steps}
@@ -337,7 +337,7 @@ def assert_runnable(definition: CampaignSpecDef, scores: float, events: bool) ->
         consent={("email", "marketing"): True},
         events=frozenset({"purchase"}) if events else frozenset(),
     )
-    result = walk(definition, ctx)
+    result = await walk(definition, ctx)
     approvals = [s.step_id for s in result.steps if s.type == "approval"]
     assert len(approvals) == len(set(approvals)), "an approval asked twice"
     # A loop must pass a wait: between two waits the walk visits each step at most once.
@@ -349,7 +349,7 @@ def assert_runnable(definition: CampaignSpecDef, scores: float, events: bool) ->
 
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(documents(), st.floats(0, 1), st.booleans())
-def test_validator_never_crashes_nor_accepts_what_the_interpreter_cannot_run(
+async def test_validator_never_crashes_nor_accepts_what_the_interpreter_cannot_run(
     document: dict[str, Any], score: float, events: bool
 ) -> None:
     try:
@@ -357,7 +357,7 @@ def test_validator_never_crashes_nor_accepts_what_the_interpreter_cannot_run(
     except SpecError as exc:
         assert exc.problems and all(": " in p for p in exc.problems)
         return
-    assert_runnable(spec.to_definition(1), score, events)
+    await assert_runnable(spec.to_definition(1), score, events)
 
 
 @settings(max_examples=200, deadline=None)

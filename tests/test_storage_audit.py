@@ -18,12 +18,14 @@ from cohortflow.storage.audit import (
     GENESIS_HASH,
     AuditEvent,
     append_audit,
+    audit_for_campaign,
     audit_for_customer,
     audit_for_workflow,
     verify_chain,
 )
 from cohortflow.storage.db import Database
 from cohortflow.storage.tables import AuditRow
+from tests.conftest import postgres_only
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -173,6 +175,22 @@ async def test_reads_by_customer_and_workflow(db: Database) -> None:
     assert nobody == []
 
 
+async def test_reads_by_campaign_and_kinds(db: Database) -> None:
+    async with db.transaction() as session:
+        await append_audit(session, event("wf-a", "s1", kind="finished"))
+        await append_audit(session, event("wf-a", "s0", kind="scored"))
+        await append_audit(session, event("wf-b", "s1", kind="variant_assigned"))
+        await append_audit(session, AuditEvent("wf-c", "s1", "finished", "other", "c_wf-c", {}))
+    async with db.transaction() as session:
+        rows = await audit_for_campaign(session, "camp", ("variant_assigned", "finished"))
+        none = await audit_for_campaign(session, "camp", ())
+    assert [(r.seq, r.workflow_id, r.kind) for r in rows] == [
+        (1, "wf-a", "finished"),
+        (3, "wf-b", "variant_assigned"),
+    ]
+    assert none == []
+
+
 # ---------------------------------------------------------------- the database's guard
 
 
@@ -197,9 +215,8 @@ async def test_database_rejects_delete_all(db: Database) -> None:
     assert await row_count(db) == 2
 
 
+@postgres_only
 async def test_postgres_rejects_truncate(db: Database) -> None:
-    if db.dialect != "postgresql":
-        pytest.skip("TRUNCATE exists only on PostgreSQL")
     await append_many(db, 2)
     with pytest.raises(DBAPIError, match="append-only"):
         async with db.transaction() as session:

@@ -24,6 +24,7 @@ from cohortflow.storage.campaigns import (
     get_campaign,
     get_spec,
     list_campaigns,
+    list_entries,
     record_entry,
     save_spec_version,
     set_campaign_status,
@@ -40,6 +41,7 @@ from cohortflow.storage.customers import (
 from cohortflow.storage.db import Database
 from cohortflow.storage.segments import assign_segment
 from cohortflow.storage.tables import SegmentAssignment
+from tests.conftest import postgres_only, sqlite_only
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 PLUS_2 = timezone(timedelta(hours=2))
@@ -69,9 +71,8 @@ def try_write_lock(path: str) -> bool:
         other.close()
 
 
+@sqlite_only
 async def test_sqlite_connections_use_wal_and_wait_for_locks(db: Database) -> None:
-    if db.dialect != "sqlite":
-        pytest.skip("SQLite pragmas")
     async with db.transaction() as session:
         pragmas = {
             name: (await session.execute(text(f"PRAGMA {name}"))).scalar_one()
@@ -85,9 +86,8 @@ async def test_sqlite_connections_use_wal_and_wait_for_locks(db: Database) -> No
     }
 
 
+@sqlite_only
 async def test_sqlite_transactions_take_the_write_lock_up_front(db: Database) -> None:
-    if db.dialect != "sqlite":
-        pytest.skip("SQLite locking")
     path = sqlite_path(db)
     assert try_write_lock(path)
     async with db.transaction() as session:
@@ -96,17 +96,15 @@ async def test_sqlite_transactions_take_the_write_lock_up_front(db: Database) ->
     assert try_write_lock(path)
 
 
+@sqlite_only
 async def test_sqlite_read_transactions_leave_writers_alone(db: Database) -> None:
-    if db.dialect != "sqlite":
-        pytest.skip("SQLite locking")
     async with db.read_transaction() as session:
         await session.execute(text("SELECT count(*) FROM audit_log"))
         assert try_write_lock(sqlite_path(db))
 
 
+@postgres_only
 async def test_postgres_read_transactions_are_read_only(db: Database) -> None:
-    if db.dialect != "postgresql":
-        pytest.skip("PostgreSQL read-only transactions")
     async with db.read_transaction() as session:
         assert (await session.execute(text("SHOW transaction_read_only"))).scalar_one() == "on"
     async with db.transaction() as session:
@@ -232,6 +230,39 @@ async def test_record_entry_is_idempotent(db: Database) -> None:
     async with db.transaction() as session:
         assert await count_entries(session, "winback") == 3
         assert await count_entries(session, "other") == 0
+
+
+async def test_list_entries_gives_one_campaigns_entries_oldest_first(db: Database) -> None:
+    async with db.transaction() as session:
+        for workflow_id, campaign, hours in (("wf-b", "winback", 2), ("wf-a", "winback", 1)):
+            await record_entry(
+                session,
+                workflow_id=workflow_id,
+                campaign_id=campaign,
+                customer_key=f"c_{workflow_id}",
+                entry_id="1",
+                cohort_id="lapsed",
+                version=1,
+                launched_at=(T0 + timedelta(hours=hours)).astimezone(PLUS_2),
+            )
+        await record_entry(
+            session,
+            workflow_id="wf-other",
+            campaign_id="other",
+            customer_key="c_1",
+            entry_id="1",
+            cohort_id="lapsed",
+            version=1,
+            launched_at=T0,
+        )
+    async with db.transaction() as session:
+        entries = await list_entries(session, "winback")
+        nothing = await list_entries(session, "nope")
+    assert [(e.workflow_id, e.customer_key, e.launched_at) for e in entries] == [
+        ("wf-a", "c_wf-a", T0 + timedelta(hours=1)),
+        ("wf-b", "c_wf-b", T0 + timedelta(hours=2)),
+    ]
+    assert nothing == []
 
 
 # ---------------------------------------------------------------- approvals

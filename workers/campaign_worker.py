@@ -22,7 +22,7 @@ from cohortflow.settings import Settings
 from cohortflow.storage.db import Database
 from scoring.registry import ModelRegistry
 from scoring.scorer import Scorer
-from workflows.campaign import CampaignWorkflow
+from workflows.campaign.workflow import CampaignWorkflow
 from workflows.launch import LaunchCampaignsWorkflow
 
 log = structlog.get_logger(__name__)
@@ -44,10 +44,10 @@ def build_workers(
         task_queue=task_queue,
         workflows=[CampaignWorkflow, LaunchCampaignsWorkflow],
         activities=[
-            activities.load_spec,
-            activities.score_customer,
-            activities.record_audit,
-            activities.plan_local_time,
+            activities.spec.load_spec,
+            activities.scoring.score_customer,
+            activities.audit.record_audit,
+            activities.local_time.plan_local_time,
             *launch_activities,
         ],
         max_concurrent_activities=50,
@@ -55,7 +55,7 @@ def build_workers(
     crm = Worker(
         client,
         task_queue=crm_task_queue,
-        activities=[activities.crm_write, activities.resolve_fallback],
+        activities=[activities.crm.crm_write, activities.fallback.resolve_fallback],
         max_task_queue_activities_per_second=crm_max_activities_per_second,
         max_concurrent_activities=50,
     )
@@ -77,7 +77,7 @@ async def serve(settings: Settings, client: Client, stop: asyncio.Event) -> None
     async with CrmClient(
         settings.resolved_crm_url, token=token, timeout=settings.crm_timeout_seconds
     ) as crm:
-        activities = CampaignActivities(
+        activities = CampaignActivities.build(
             db, Scorer(ModelRegistry(settings.resolved_models_dir)), crm
         )
         workers = build_workers(

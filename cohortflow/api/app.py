@@ -17,9 +17,9 @@ from temporalio.client import Client
 from cohortflow.api.cohorts import cohorts_router
 from cohortflow.api.events import events_router
 from cohortflow.api.models import models_router
-from cohortflow.controls import Controls
+from cohortflow.campaigns.controls import Controls
 from cohortflow.errors import OperatorError
-from cohortflow.ids import Pseudonymiser
+from cohortflow.pseudonymisation import Pseudonymiser
 from cohortflow.settings import Settings
 from cohortflow.storage.db import Database
 from cohortflow.temporal_client import connect

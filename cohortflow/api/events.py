@@ -11,7 +11,7 @@ from pydantic import BaseModel
 
 from cohortflow.events.ingest import Ingestor, TemporalSignaller
 from cohortflow.events.schema import MAX_BATCH_BYTES, MAX_BATCH_EVENTS
-from cohortflow.ids import Pseudonymiser
+from cohortflow.pseudonymisation import Pseudonymiser
 from cohortflow.settings import Settings
 from cohortflow.storage.db import Database
 from cohortflow.temporal_client import connect

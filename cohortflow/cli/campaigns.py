@@ -31,8 +31,8 @@ if TYPE_CHECKING:
     # and XGBoost, so each command imports what it needs when it runs.
     from sqlalchemy.ext.asyncio import AsyncSession
 
-    from cohortflow.controls import CampaignAction
-    from cohortflow.preview import PreviewResult
+    from cohortflow.campaigns.controls import CampaignAction
+    from cohortflow.campaigns.preview import PreviewResult
     from cohortflow.settings import Settings
     from cohortflow.spec import CampaignSpec
     from cohortflow.storage.db import Database
@@ -255,7 +255,7 @@ def campaign_preview(
     caps, quiet hours and the CRM writes it would make. Reads only; writes nothing."""
     from datetime import UTC, datetime
 
-    from cohortflow.preview import gather_context, summarise, walk
+    from cohortflow.campaigns.preview import gather_context, summarise, walk
     from cohortflow.spec import parse_spec
     from scoring.registry import ModelRegistry
     from scoring.scorer import Scorer
@@ -287,7 +287,7 @@ def campaign_preview(
                         events=frozenset(event or ()),
                         approve=not reject,
                     )
-                    results.append(walk(definition, context))
+                    results.append(await walk(definition, context))
                     notes += [n for n in missing if n not in notes]
             return results, notes
 
@@ -311,16 +311,9 @@ def campaign_preview(
 
 
 async def _cohort_members(session: AsyncSession, cohort_id: str) -> list[str]:
-    """The cohort's current members, from the cohort store when this build has one."""
-    import importlib
+    """The cohort's current members."""
+    from cohortflow.storage.cohorts import member_keys
 
-    try:
-        module = importlib.import_module("cohortflow.storage.cohorts")
-    except ImportError:
-        module = None
-    member_keys = getattr(module, "member_keys", None)
-    if member_keys is None:
-        raise Unavailable("cohort membership is not available in this build; use --customer")
     keys = sorted(await member_keys(session, cohort_id))
     if not keys:
         raise NotFound(f"cohort {cohort_id!r} has no members", field="cohort")
@@ -330,13 +323,13 @@ async def _cohort_members(session: AsyncSession, cohort_id: str) -> list[str]:
 @campaign_app.command("report")
 def campaign_report(campaign_id: CampaignArg, data_dir: DataDir = None) -> None:
     """Entered, completed and conversions by holdout arm, and the uplift with a 95% CI."""
-    from cohortflow.report import build_report, load_count_events, render
+    from cohortflow.campaigns.report import build_report, render
 
     async def report() -> list[str]:
         async with _database(settings_for(data_dir=data_dir)) as db:
             _number, document = await _stored(db, campaign_id, None)
             async with db.transaction() as session:
-                built = await build_report(session, campaign_id, document, load_count_events())
+                built = await build_report(session, campaign_id, document)
             return render(built)
 
     for line in run(report):

@@ -15,8 +15,8 @@ from cohortflow.errors import Invalid
 from cohortflow.settings import Settings
 
 if TYPE_CHECKING:
-    from cohortflow.controls import Controls
-    from cohortflow.ids import Pseudonymiser
+    from cohortflow.campaigns.controls import Controls
+    from cohortflow.pseudonymisation import Pseudonymiser
 
 T = TypeVar("T")
 
@@ -72,7 +72,7 @@ def setup_observability(settings: Settings, service: str) -> None:
 async def ready(settings: Settings) -> Pseudonymiser:
     """Refuse to run against a database or data dir that was never set up; create nothing."""
     from cohortflow.errors import Unavailable
-    from cohortflow.ids import KeyMissing, Pseudonymiser
+    from cohortflow.pseudonymisation import KeyMissing, Pseudonymiser
     from cohortflow.storage.db import current_revision
 
     if await current_revision(settings.resolved_database_url) is None:
@@ -117,7 +117,7 @@ def control(data_dir: Path | None, action: Callable[[Controls], Awaitable[T]]) -
 
 async def _with_controls(settings: Settings, action: Callable[[Controls], Awaitable[T]]) -> T:
     """Run ``action`` with Controls over the configured database and Temporal."""
-    from cohortflow.controls import Controls
+    from cohortflow.campaigns.controls import Controls
     from cohortflow.storage.db import Database
     from cohortflow.temporal_client import connect
 

@@ -9,12 +9,12 @@ from datetime import datetime
 from typing import Any
 
 import structlog
-from sqlalchemy import func, select
 from temporalio.client import Client
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
+from cohortflow.campaigns import visibility
 from cohortflow.cohorts.evaluator import Evaluation, ScoreFn, evaluate, model_scores
 from cohortflow.cohorts.rules import CohortDefinition, CohortError, ScoreRule, leaves, parse_cohort
 from cohortflow.errors import Invalid, NotFound
@@ -22,12 +22,12 @@ from cohortflow.settings import Settings
 from cohortflow.spec import CampaignSpec, parse_spec
 from cohortflow.storage import campaigns, cohorts
 from cohortflow.storage.db import Database
-from cohortflow.storage.tables import CohortTransition
+from workflows.campaign.contract import SA
+from workflows.campaign.messages import CohortExited
+from workflows.campaign.workflow import CampaignWorkflow
 from workflows.launch import LaunchCampaignsWorkflow, LaunchInput, launch_workflow_id
-from workflows.messages import CohortExited
 
 log = structlog.get_logger(__name__)
-SIGNAL_QUERY_KEYS = 50
 
 
 @dataclass
@@ -122,16 +122,16 @@ class CohortService:
         client = self._client
         if client is None or not keys:
             return 0
-        sent = 0
         signal = CohortExited(cohort_id=cohort_id, reason=f"left cohort {cohort_id}")
-        for start in range(0, len(keys), SIGNAL_QUERY_KEYS):
-            terms = " OR ".join(
-                f'CustomerKey = "{k}"' for k in keys[start : start + SIGNAL_QUERY_KEYS]
+        sent = 0
+        for chunk in visibility.chunks(keys):
+            query = visibility.running(
+                visibility.one_of(SA.CUSTOMER_KEY, chunk),
+                visibility.equals(SA.COHORT_ID, cohort_id),
             )
-            query = f'({terms}) AND CohortId = "{cohort_id}" AND ExecutionStatus = "Running"'
-            async for wf in client.list_workflows(query):
-                await client.get_workflow_handle(wf.id).signal("cohort_exited", signal)
-                sent += 1
+            sent += await visibility.signal_running(
+                client, query, CampaignWorkflow.cohort_exited, signal
+            )
         return sent
 
     async def campaigns_for(self, cohort_id: str) -> list[tuple[CampaignSpec, int]]:
@@ -162,24 +162,19 @@ class CohortService:
         if client is None:
             return []
         async with self.db.transaction() as session:
-            up_to = await session.scalar(
-                select(func.max(CohortTransition.seq)).where(
-                    CohortTransition.cohort_id == cohort_id,
-                    CohortTransition.kind == cohorts.ENTERED,
-                )
-            )
+            up_to = await cohorts.last_transition_seq(session, cohort_id, cohorts.ENTERED)
             if up_to is None:
                 return []
             total = await cohorts.count_transitions(
-                session, cohort_id, cohorts.ENTERED, up_to_seq=int(up_to)
+                session, cohort_id, cohorts.ENTERED, up_to_seq=up_to
             )
         started: list[LaunchStarted] = []
         for spec, version in await self.campaigns_for(cohort_id):
-            workflow_id = launch_workflow_id(spec.campaign_id, cohort_id, int(up_to))
+            workflow_id = launch_workflow_id(spec.campaign_id, cohort_id, up_to)
             try:
                 await client.start_workflow(
                     LaunchCampaignsWorkflow.run,
-                    LaunchInput(spec.campaign_id, version, cohort_id, int(up_to), total),
+                    LaunchInput(spec.campaign_id, version, cohort_id, up_to, total),
                     id=workflow_id,
                     task_queue=self._settings.task_queue,
                     id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,

@@ -25,7 +25,7 @@ from cohortflow.demo.options import (
     timezone_for,
 )
 from cohortflow.events.schema import MAX_BATCH_EVENTS
-from cohortflow.ids import Pseudonymiser
+from cohortflow.pseudonymisation import Pseudonymiser
 from cohortflow.settings import Settings
 from cohortflow.spec import load_spec_file
 from cohortflow.storage import customers

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cohortflow.launcher import Entry, Launcher
+from cohortflow.campaigns.launcher import Entry, Launcher
 from cohortflow.spec import CampaignSpec
 from cohortflow.storage import campaigns
 from cohortflow.storage.db import Database

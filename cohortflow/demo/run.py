@@ -19,15 +19,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from temporalio.client import Client
 
+from cohortflow.campaigns.launcher import Launcher
 from cohortflow.demo.drip import first_purchases, prepare_drip
 from cohortflow.demo.launching import Launch, launch_all
 from cohortflow.demo.options import DemoOptions
 from cohortflow.demo.settle import CampaignCounts, wait_until_settled
 from cohortflow.demo.winback import prepare_winback
-from cohortflow.launcher import Launcher
 from cohortflow.settings import Settings
 from cohortflow.storage.db import Database
-from workflows.messages import CampaignState
+from workflows.campaign.contract import CampaignState
 
 
 @dataclass

@@ -17,7 +17,10 @@ from datetime import UTC, datetime, timedelta
 
 from temporalio.client import Client
 
-from workflows.messages import SUMMARY_STATES, CampaignState, CampaignStatus
+from cohortflow.campaigns import visibility
+from workflows.campaign.contract import SA, SUMMARY_STATES, CampaignState
+from workflows.campaign.messages import CampaignStatus
+from workflows.campaign.workflow import CampaignWorkflow
 
 Progress = Callable[[str], None]
 # A running campaign in neither state is moving (a terminal state while it still writes its
@@ -40,25 +43,17 @@ class CampaignCounts:
 
 async def count_campaign(client: Client, campaign_id: str) -> CampaignCounts:
     """Per-state and per-arm counts of one campaign, from visibility."""
-    base = f'CampaignId = "{campaign_id}"'
+    base = visibility.equals(SA.CAMPAIGN_ID, campaign_id)
+
+    async def count(*conditions: str) -> int:
+        return (await client.count_workflows(visibility.all_of(base, *conditions))).count
+
     # One query, not a difference of several: a campaign changing state between two counts
     # would otherwise be counted twice or not at all.
-    resting = ", ".join(f'"{s}"' for s in RESTING_STATES)
-    moving = (
-        await client.count_workflows(
-            f'{base} AND ExecutionStatus = "Running" AND CampaignState NOT IN ({resting})'
-        )
-    ).count
-    total = (await client.count_workflows(base)).count
-    states = {}
-    for state in SUMMARY_STATES:
-        query = f'{base} AND CampaignState = "{state.value}"'
-        states[state.value] = (await client.count_workflows(query)).count
-    variants = {}
-    for variant in VARIANTS:
-        variants[variant] = (
-            await client.count_workflows(f'{base} AND Variant = "{variant}"')
-        ).count
+    moving = await count(visibility.running(visibility.none_of(SA.CAMPAIGN_STATE, RESTING_STATES)))
+    total = await count()
+    states = {s.value: await count(visibility.equals(SA.CAMPAIGN_STATE, s)) for s in SUMMARY_STATES}
+    variants = {v: await count(visibility.equals(SA.VARIANT, v)) for v in VARIANTS}
     return CampaignCounts(campaign_id, states, total, moving, variants)
 
 
@@ -66,13 +61,15 @@ async def parked_steps(client: Client, campaign_id: str, horizon: timedelta) -> 
     """The waiting campaigns by step and what they wait for, when every one of them waits
     beyond ``horizon``; None while some wait ends sooner (or a campaign moved on since
     visibility saw it)."""
-    query = f'CampaignId = "{campaign_id}" AND CampaignState = "{CampaignState.WAITING.value}"'
+    query = visibility.all_of(
+        visibility.equals(SA.CAMPAIGN_ID, campaign_id),
+        visibility.equals(SA.CAMPAIGN_STATE, CampaignState.WAITING),
+    )
     beyond = datetime.now(UTC) + horizon
     steps: Counter[str] = Counter()
     async for listed in client.list_workflows(query):
-        status: CampaignStatus = await client.get_workflow_handle(listed.id).query(
-            "status", result_type=CampaignStatus
-        )
+        handle = client.get_workflow_handle_for(CampaignWorkflow.run, listed.id)
+        status = await handle.query(CampaignWorkflow.status)
         if status.state != CampaignState.WAITING or not status.waiting_until:
             return None
         if datetime.fromisoformat(status.waiting_until) <= beyond:

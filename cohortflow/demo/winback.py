@@ -27,7 +27,7 @@ from cohortflow.demo.options import (
     seeded,
     timezone_for,
 )
-from cohortflow.ids import Pseudonymiser
+from cohortflow.pseudonymisation import Pseudonymiser
 from cohortflow.settings import Settings
 from cohortflow.spec import CampaignSpec, load_spec_file
 from cohortflow.storage import consent, customers

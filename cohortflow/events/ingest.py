@@ -14,21 +14,24 @@ from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
 import structlog
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowExecution
+from temporalio.service import RPCError
 
+from cohortflow.campaigns import visibility
+from cohortflow.campaigns.visibility import CampaignHandle
 from cohortflow.events.schema import CONTACT_TRAITS, IdentifyEvent, TrackEvent, parse_event
-from cohortflow.ids import Pseudonymiser
+from cohortflow.pseudonymisation import Pseudonymiser
 from cohortflow.storage.db import Database
 from cohortflow.storage.events import EventRecord, IdentityRecord, insert_events, upsert_identities
 from cohortflow.storage.feature_store import update_features
-from workflows.messages import SA, CustomerEvent
+from workflows.campaign.contract import SA
+from workflows.campaign.messages import CustomerEvent
+from workflows.campaign.workflow import CampaignWorkflow
 
 log = structlog.get_logger(__name__)
 
 Status = Literal["accepted", "duplicate", "rejected"]
 TemporalStatus = Literal["ok", "unreachable", "skipped"]
-# Visibility queries with more OR terms than this get slow on the dev server's SQLite.
-SIGNAL_QUERY_KEYS = 50
 
 
 @dataclass
@@ -101,19 +104,20 @@ class TemporalSignaller:
         by_customer: dict[str, list[CustomerEvent]] = {}
         for key, event in sorted(events, key=lambda item: item[1].occurred_at):
             by_customer.setdefault(key, []).append(event)
-        keys = sorted(by_customer)
+
+        async def send(handle: CampaignHandle, execution: WorkflowExecution) -> int:
+            # In time order, one at a time: a campaign sees its customer's events in order.
+            customer = execution.typed_search_attributes.get(SA.CUSTOMER_KEY) or ""
+            for event in by_customer.get(customer, []):
+                await handle.signal(CampaignWorkflow.customer_event, event)
+            return len(by_customer.get(customer, []))
+
         sent = 0
         try:
-            for start in range(0, len(keys), SIGNAL_QUERY_KEYS):
-                chunk = keys[start : start + SIGNAL_QUERY_KEYS]
-                terms = " OR ".join(f'CustomerKey = "{k}"' for k in chunk)
-                query = f'({terms}) AND ExecutionStatus = "Running"'
-                async for wf in client.list_workflows(query):
-                    customer = wf.typed_search_attributes.get(SA.CUSTOMER_KEY) or ""
-                    for event in by_customer.get(customer, []):
-                        await client.get_workflow_handle(wf.id).signal("customer_event", event)
-                        sent += 1
-        except RuntimeError as exc:
+            for chunk in visibility.chunks(sorted(by_customer)):
+                query = visibility.running(visibility.one_of(SA.CUSTOMER_KEY, chunk))
+                sent += await visibility.each_running(client, query, send)
+        except (RPCError, RuntimeError) as exc:
             log.warning("signalling customer events failed", error=str(exc))
             self._client = None
             return None

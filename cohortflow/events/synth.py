@@ -27,7 +27,7 @@ from cohortflow.events.features import (
     PURCHASE,
     as_of_instant,
 )
-from cohortflow.ids import Pseudonymiser
+from cohortflow.pseudonymisation import Pseudonymiser
 from cohortflow.storage._sql import chunked, rows_per_statement
 from cohortflow.storage.customers import upsert_features
 from cohortflow.storage.db import Database

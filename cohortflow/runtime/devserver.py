@@ -10,10 +10,10 @@ from cohortflow.runtime import process
 from cohortflow.runtime.binaries import temporal_cli
 from cohortflow.runtime.ports import ensure_free
 from cohortflow.settings import Settings
-from cohortflow.temporal_client import wait_for_server
-from workflows.messages import SEARCH_ATTRIBUTE_TYPES
+from cohortflow.temporal_client import search_attribute_types, wait_for_server
 
-# WAL roughly doubles the dev server's workflow throughput (see DESIGN.md, "What a campaign costs").
+# WAL roughly doubles the dev server's workflow throughput (docs/architecture.md, "What a
+# campaign costs").
 SQLITE_PRAGMAS = ("journal_mode=WAL", "synchronous=NORMAL")
 
 
@@ -67,7 +67,7 @@ class DevServer:
         ]
         for pragma in SQLITE_PRAGMAS:
             args += ["--sqlite-pragma", pragma]
-        for name, type_name in SEARCH_ATTRIBUTE_TYPES.items():
+        for name, type_name in search_attribute_types().items():
             args += ["--search-attribute", f"{name}={type_name}"]
         return args
 

@@ -16,7 +16,7 @@ from rich.console import Console
 
 from cohortflow.demo.options import DemoOptions
 from cohortflow.demo.run import DemoSummary, print_summary, run_demo_job
-from cohortflow.ids import Pseudonymiser
+from cohortflow.pseudonymisation import Pseudonymiser
 from cohortflow.runtime.devserver import DevServer
 from cohortflow.runtime.ports import ensure_free
 from cohortflow.runtime.supervisor import (
@@ -72,6 +72,8 @@ class EmbeddedStack:
     """Starts and stops the stack; the caller runs its own work in between."""
 
     def __init__(self, settings: Settings) -> None:
+        # Before anything is created: the stack runs a worker and the API.
+        settings.check_production()
         self.settings = settings
         self.devserver = DevServer(settings) if settings.embedded_temporal else None
         self.supervisor = Supervisor(

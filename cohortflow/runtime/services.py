@@ -18,7 +18,12 @@ SERVER_WAIT_SECONDS = 120.0
 
 
 async def run_worker(settings: Settings) -> None:
-    """Run the campaign and CRM workers until SIGINT or SIGTERM."""
+    """Run the campaign and CRM workers until SIGINT or SIGTERM.
+
+    Refuses unsafe production settings first (``Settings.check_production``): the worker is
+    what writes to the CRM.
+    """
+    settings.check_production()
     from workers.campaign_worker import serve
 
     await wait_for_server(
@@ -35,7 +40,12 @@ async def run_worker(settings: Settings) -> None:
 
 
 def run_api(settings: Settings) -> None:
-    """Serve the HTTP API until SIGINT or SIGTERM."""
+    """Serve the HTTP API until SIGINT or SIGTERM.
+
+    Refuses unsafe production settings first: the API pseudonymises customer ids, and would
+    otherwise generate a key of its own.
+    """
+    settings.check_production()
     from cohortflow.api.app import create_app
 
     uvicorn.run(

@@ -9,7 +9,7 @@ TRUNCATE on PostgreSQL) on ``audit_log``; :func:`verify_chain` proves nothing sl
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -213,5 +213,18 @@ async def audit_for_workflow(session: AsyncSession, workflow_id: str) -> list[Au
     """Every audit row one campaign workflow wrote, in chain order."""
     result = await session.scalars(
         select(AuditRow).where(AuditRow.workflow_id == workflow_id).order_by(AuditRow.seq)
+    )
+    return list(result)
+
+
+async def audit_for_campaign(
+    session: AsyncSession, campaign_id: str, kinds: Collection[str]
+) -> list[AuditRow]:
+    """The audit rows of one campaign's workflows whose kind is one of ``kinds``, in chain
+    order."""
+    result = await session.scalars(
+        select(AuditRow)
+        .where(AuditRow.campaign_id == campaign_id, AuditRow.kind.in_(list(kinds)))
+        .order_by(AuditRow.seq)
     )
     return list(result)

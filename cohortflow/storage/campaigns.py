@@ -158,6 +158,16 @@ async def count_entries(session: AsyncSession, campaign_id: str) -> int:
     return int(count or 0)
 
 
+async def list_entries(session: AsyncSession, campaign_id: str) -> list[CampaignEntry]:
+    """Every entry the campaign launched, oldest first."""
+    result = await session.scalars(
+        select(CampaignEntry)
+        .where(CampaignEntry.campaign_id == campaign_id)
+        .order_by(CampaignEntry.launched_at, CampaignEntry.workflow_id)
+    )
+    return list(result)
+
+
 async def list_campaigns(session: AsyncSession) -> list[Campaign]:
     """Every campaign, by id."""
     return list(await session.scalars(select(Campaign).order_by(Campaign.campaign_id)))

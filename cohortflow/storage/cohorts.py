@@ -184,6 +184,16 @@ async def transitions_page(
     return list(result)
 
 
+async def last_transition_seq(session: AsyncSession, cohort_id: str, kind: str) -> int | None:
+    """The sequence number of the cohort's latest transition of one kind; None if none."""
+    seq = await session.scalar(
+        select(func.max(CohortTransition.seq)).where(
+            CohortTransition.cohort_id == cohort_id, CohortTransition.kind == kind
+        )
+    )
+    return None if seq is None else int(seq)
+
+
 async def count_transitions(
     session: AsyncSession, cohort_id: str, kind: str, *, after_seq: int = 0, up_to_seq: int
 ) -> int:

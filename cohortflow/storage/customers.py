@@ -70,6 +70,16 @@ async def get_customer(session: AsyncSession, customer_key: str) -> Customer | N
     return await session.get(Customer, customer_key)
 
 
+async def timezone_name(session: AsyncSession, customer_key: str) -> str:
+    """The customer's time zone name as stored: ``attributes.timezone``, else the
+    ``timezone`` column, else "" (unknown customer or none stored). Not checked against the
+    zone database: the caller falls back to its default (``schedule.zone``)."""
+    customer = await get_customer(session, customer_key)
+    if customer is None:
+        return ""
+    return str(customer.attributes.get("timezone") or customer.timezone or "")
+
+
 def _clean_features(features: Mapping[str, float | None]) -> dict[str, float | None]:
     # JSON has no NaN or infinity; a non-finite feature is as good as missing.
     cleaned: dict[str, float | None] = {}

@@ -2,9 +2,9 @@
 CRM call is in flight.
 
 The cap counts a customer's recorded outbound actions (``crm_written`` audit rows) plus these
-reservations (see ``cohortflow.outbound.outbound_since``). Checking the cap and reserving
-happen in one transaction serialised per customer, and the reservation is removed in the
-transaction that appends the action's ``crm_written`` row, so concurrent campaigns cannot
+reservations (see ``cohortflow.storage.outbound.outbound_since``). Checking the cap and
+reserving happen in one transaction serialised per customer, and the reservation is removed in
+the transaction that appends the action's ``crm_written`` row, so concurrent campaigns cannot
 both take the last slot and no action is ever counted twice.
 """
 

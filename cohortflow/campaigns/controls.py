@@ -6,36 +6,38 @@ the database through storage. Every request is validated before anything is writ
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Literal
 
 import structlog
 from temporalio.api.enums.v1 import TaskQueueType
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
-from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
-from temporalio.exceptions import FailureError
-from temporalio.service import RPCError, RPCStatusCode
+from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.exceptions import ApplicationError, FailureError
+from temporalio.service import RPCError
 
+from cohortflow.campaigns import visibility
 from cohortflow.errors import Conflict, Invalid, NotFound, Unavailable
-from cohortflow.ids import Pseudonymiser
+from cohortflow.pseudonymisation import Pseudonymiser
 from cohortflow.settings import Settings
 from cohortflow.storage import approvals, audit, campaigns, consent, customers
 from cohortflow.storage.db import Database
 from cohortflow.storage.tables import Approval
-from workflows.messages import (
-    ConsentChanged,
-    DecideRequest,
-    DecideResult,
-    PauseChanged,
-)
+from workflows.campaign.contract import SA, AuditKind, DecideRefusal
+from workflows.campaign.messages import ConsentChanged, DecideRequest, DecideResult, PauseChanged
+from workflows.campaign.workflow import CampaignWorkflow
 
 log = structlog.get_logger(__name__)
 
 CampaignAction = Literal["pause", "resume", "cancel"]
+# The campaign status each action sets, and the audit row that records it.
+_ACTIONS: dict[str, tuple[str, AuditKind]] = {
+    "pause": ("paused", AuditKind.CAMPAIGN_PAUSED),
+    "resume": ("active", AuditKind.CAMPAIGN_ACTIVE),
+    "cancel": ("cancelled", AuditKind.CAMPAIGN_CANCELLED),
+}
 _NAME_LIMIT = 128
 
 
@@ -100,19 +102,12 @@ class Controls:
                 field="approval_id",
             )
         client = await self._require_worker()
-        handle = client.get_workflow_handle(row.workflow_id)
+        handle = client.get_workflow_handle_for(CampaignWorkflow.run, row.workflow_id)
+        request = DecideRequest(approval_id, approve, operator.strip(), reason.strip())
         try:
-            result: DecideResult = await handle.execute_update(
-                "decide",
-                DecideRequest(approval_id, approve, operator.strip(), reason.strip()),
-                result_type=DecideResult,
-            )
+            result = await handle.execute_update(CampaignWorkflow.decide, request)
         except WorkflowUpdateFailedError as exc:
-            cause = exc.cause
-            message = cause.message if isinstance(cause, FailureError) else str(exc)
-            if message.startswith(("operator:", "reason:")):
-                raise Invalid(message, field=message.split(":", 1)[0]) from exc
-            raise Conflict(message, field="approval_id") from exc
+            raise _refused(exc) from exc
         except RPCError as exc:
             raise Conflict(f"approval {approval_id}: {exc.message}") from exc
         log.info("approval decided", approval_id=approval_id, decision=result.decision)
@@ -141,7 +136,7 @@ class Controls:
                     audit.AuditEvent(
                         workflow_id=f"consent:{key}",
                         step_id=f"{channel}:{purpose}:{now.isoformat()}",
-                        kind="consent_granted" if granted else "consent_revoked",
+                        kind=AuditKind.CONSENT_GRANTED if granted else AuditKind.CONSENT_REVOKED,
                         campaign_id="-",
                         customer_key=key,
                         payload={"channel": channel, "purpose": purpose, "source": source},
@@ -149,9 +144,10 @@ class Controls:
                 )
         signalled = 0
         if changed and self._client is not None:
-            signalled = await self._signal_running(
-                f'CustomerKey = "{key}"',
-                "consent_changed",
+            signalled = await visibility.signal_running(
+                self._client,
+                visibility.running(visibility.equals(SA.CUSTOMER_KEY, key)),
+                CampaignWorkflow.consent_changed,
                 ConsentChanged(channel=channel, purpose=purpose, granted=granted),
             )
         return ConsentOutcome(customer_key=key, changed=changed, signalled=signalled)
@@ -163,7 +159,7 @@ class Controls:
     ) -> CampaignOutcome:
         """Pause, resume or cancel the outbound actions of a campaign's running workflows."""
         _require_text("operator", operator)
-        status = {"pause": "paused", "resume": "active", "cancel": "cancelled"}[action]
+        status, kind = _ACTIONS[action]
         now = datetime.now(UTC)
         async with self._db.transaction() as session:
             campaign = await campaigns.get_campaign(session, campaign_id)
@@ -177,21 +173,24 @@ class Controls:
                 audit.AuditEvent(
                     workflow_id=f"campaign:{campaign_id}",
                     step_id=f"ops:{now.isoformat()}",
-                    kind=f"campaign_{status}",
+                    kind=kind,
                     campaign_id=campaign_id,
                     customer_key="-",
                     payload={"operator": operator, "reason": reason},
                 ),
             )
-        query = f'CampaignId = "{campaign_id}"'
-        if action == "cancel":
-            count = await self._cancel_running(query)
-        else:
-            count = await self._signal_running(
-                query,
-                "pause_changed",
-                PauseChanged(paused=action == "pause", operator=operator, reason=reason),
-            )
+        count = 0
+        if self._client is not None:
+            query = visibility.running(visibility.equals(SA.CAMPAIGN_ID, campaign_id))
+            if action == "cancel":
+                count = await visibility.cancel_running(self._client, query)
+            else:
+                count = await visibility.signal_running(
+                    self._client,
+                    query,
+                    CampaignWorkflow.pause_changed,
+                    PauseChanged(paused=action == "pause", operator=operator, reason=reason),
+                )
         return CampaignOutcome(campaign_id=campaign_id, status=status, workflows=count)
 
     # ------------------------------------------------------------------ Temporal helpers
@@ -216,41 +215,15 @@ class Controls:
             )
         return self._client
 
-    async def _running(self, query: str) -> list[str]:
-        if self._client is None:
-            return []
-        full = f'{query} AND ExecutionStatus = "Running"'
-        return [wf.id async for wf in self._client.list_workflows(full)]
 
-    async def _signal_running(self, query: str, signal: str, arg: object) -> int:
-        return await self._each_running(query, lambda h: h.signal(signal, arg))
-
-    async def _cancel_running(self, query: str) -> int:
-        return await self._each_running(query, lambda h: h.cancel())
-
-    async def _each_running(
-        self, query: str, act: Callable[[WorkflowHandle[Any, Any]], Awaitable[None]]
-    ) -> int:
-        """Apply ``act`` to every running workflow matching ``query``; count those reached.
-
-        A workflow that closes between the listing and the call is simply not counted: the
-        store change that prompted the call has already been made and stays valid.
-        """
-        client = self._client
-        if client is None:
-            return 0
-
-        async def one(workflow_id: str) -> bool:
-            try:
-                await act(client.get_workflow_handle(workflow_id))
-            except RPCError as exc:
-                if exc.status != RPCStatusCode.NOT_FOUND:
-                    raise
-                return False
-            return True
-
-        reached = await asyncio.gather(*(one(i) for i in await self._running(query)))
-        return sum(reached)
+def _refused(exc: WorkflowUpdateFailedError) -> Invalid | Conflict:
+    """The ``decide`` validator's refusal as an operator error, by its type."""
+    cause = exc.cause
+    if isinstance(cause, ApplicationError) and cause.type == DecideRefusal.INVALID:
+        field = str(cause.details[0]) if cause.details else "approval_id"
+        return Invalid(cause.message, field=field)
+    message = cause.message if isinstance(cause, FailureError) else str(exc)
+    return Conflict(message, field="approval_id")
 
 
 def _require_text(field: str, value: str, limit: int = _NAME_LIMIT) -> None:

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+from temporalio.api.common.v1 import WorkflowExecution
+from temporalio.api.workflowservice.v1 import DescribeWorkflowExecutionRequest
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.common import (
     SearchAttributePair,
@@ -23,13 +25,9 @@ from cohortflow.storage import campaigns, launches
 from cohortflow.storage._sql import utc
 from cohortflow.storage.db import Database
 from cohortflow.storage.tables import LaunchDecision
-from workflows.campaign import CampaignWorkflow
-from workflows.messages import (
-    SA,
-    CampaignInput,
-    CampaignState,
-    campaign_workflow_id,
-)
+from workflows.campaign.contract import SA, CampaignState, campaign_workflow_id
+from workflows.campaign.state import CampaignInput
+from workflows.campaign.workflow import CampaignWorkflow
 
 # Re-entry rule ``once``: a customer's first entry into a campaign is its only one.
 FIRST_ENTRY = "1"
@@ -162,16 +160,21 @@ class Launcher:
         return [decided[seq].entry_id for seq in seqs]
 
     async def _running(self, campaign_id: str, customer_key: str, entry_id: str) -> bool:
-        handle = self._client.get_workflow_handle(
-            campaign_workflow_id(campaign_id, customer_key, entry_id)
-        )
+        workflow_id = campaign_workflow_id(campaign_id, customer_key, entry_id)
         try:
-            described = await handle.describe()
+            # The status alone: no payload or search attribute to decode.
+            described = await self._client.workflow_service.describe_workflow_execution(
+                DescribeWorkflowExecutionRequest(
+                    namespace=self._client.namespace,
+                    execution=WorkflowExecution(workflow_id=workflow_id),
+                )
+            )
         except RPCError as exc:
             if exc.status == RPCStatusCode.NOT_FOUND:
                 return False
             raise
-        return described.status == WorkflowExecutionStatus.RUNNING
+        status = described.workflow_execution_info.status
+        return status == WorkflowExecutionStatus.RUNNING.value
 
 
 def reentry_refusal(
@@ -217,7 +220,7 @@ def details(spec: CampaignSpec, version: int) -> str:
         "",
         "Steps:",
     ]
-    lines += [f"1. `{s.id}` {s.type}{_step_note(s)}" for s in spec.steps]
+    lines += [f"{n}. `{s.id}` {s.type}{_step_note(s)}" for n, s in enumerate(spec.steps, 1)]
     return "\n".join(lines)
 
 

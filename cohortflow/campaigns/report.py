@@ -2,31 +2,26 @@
 
 Arms and ends come from the audit trail (``variant_assigned``, ``finished``). Conversions
 are the customers with the spec's conversion event within its window after they entered,
-counted from ingested events (``storage.events.count_events``) when that store exists;
-otherwise from the ``converted`` rows campaigns recorded while running, which miss
-conversions after a campaign ended, and the report says so.
+counted from ingested events (``storage.events.count_events``), so a conversion after the
+campaign ended counts too.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
-from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from typing import Any, cast
+from datetime import date, timedelta
+from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from cohortflow.spec import parse_duration
-from cohortflow.storage.tables import AuditRow, CampaignEntry
+from cohortflow.storage import audit, campaigns, events
+from cohortflow.storage.tables import CampaignEntry
+from workflows.campaign.contract import AuditKind, CampaignState
 
 Z_95 = 1.959963984540054
-CountEvents = Callable[
-    [AsyncSession, Sequence[str], str, datetime, datetime], Awaitable[dict[str, int]]
-]
 
 
 @dataclass
@@ -60,8 +55,7 @@ class CampaignReport:
     entered: int
     states: dict[str, int]
     arms: dict[str, Arm]
-    conversion_event: str
-    conversion_source: str  # "events" | "audit" | "" (no goal)
+    conversion_event: str  # "" when the spec has no conversion goal
     uplift: Uplift | None
     notes: list[str] = field(default_factory=list)
 
@@ -89,75 +83,29 @@ def newcombe(x1: int, n1: int, x2: int, n2: int, z: float = Z_95) -> Uplift:
     return Uplift(difference, low, high)
 
 
-def load_count_events() -> CountEvents | None:
-    """``storage.events.count_events`` when this build has the event store, else None."""
-    try:
-        module = importlib.import_module("cohortflow.storage.events")
-    except ImportError:
-        return None
-    found = getattr(module, "count_events", None)
-    return cast(CountEvents, found) if callable(found) else None
-
-
 async def build_report(
-    session: AsyncSession,
-    campaign_id: str,
-    spec: dict[str, Any],
-    count_events: CountEvents | None,
+    session: AsyncSession, campaign_id: str, spec: dict[str, Any]
 ) -> CampaignReport:
     """Count a campaign's entries, ends and conversions by arm."""
-    entries = list(
-        await session.execute(
-            select(
-                CampaignEntry.workflow_id, CampaignEntry.customer_key, CampaignEntry.launched_at
-            ).where(CampaignEntry.campaign_id == campaign_id)
-        )
-    )
-    rows = list(
-        await session.execute(
-            select(AuditRow.workflow_id, AuditRow.kind, AuditRow.payload).where(
-                AuditRow.campaign_id == campaign_id,
-                AuditRow.kind.in_(("variant_assigned", "finished", "converted")),
-            )
-        )
-    )
-    variant: dict[str, str] = {}
-    ended: dict[str, str] = {}
-    converted_rows: set[str] = set()
-    for workflow_id, kind, payload in rows:
-        data = json.loads(payload)
-        if kind == "variant_assigned":
-            variant[workflow_id] = str(data.get("variant", ""))
-        elif kind == "finished":
-            ended[workflow_id] = str(data.get("state", ""))
-            variant.setdefault(workflow_id, str(data.get("variant") or ""))
-        else:
-            converted_rows.add(workflow_id)
+    entries = await campaigns.list_entries(session, campaign_id)
+    variant, ended = await _arms_and_ends(session, campaign_id)
     notes: list[str] = []
     arms: dict[str, Arm] = {}
     states: dict[str, int] = {}
-    for workflow_id, _key, _at in entries:
-        arm = arms.setdefault(variant.get(workflow_id) or "unrecorded", Arm())
+    for entry in entries:
+        arm = arms.setdefault(variant.get(entry.workflow_id) or "unrecorded", Arm())
         arm.entered += 1
-        state = ended.get(workflow_id, "running")
+        state = ended.get(entry.workflow_id, "running")
         states[state] = states.get(state, 0) + 1
-        arm.completed += state == "completed"
+        arm.completed += state == CampaignState.COMPLETED
     goal = spec.get("conversion") or {}
     event = str(goal.get("event", ""))
-    source = ""
     if event:
-        converted, source = await _conversions(
-            session, entries, event, parse_duration(str(goal.get("window", "P14D"))), count_events
-        )
-        if source == "audit":
-            converted |= converted_rows
-            notes.append(
-                "conversions from the audit trail (the event store is not available): "
-                "only those seen while a campaign ran"
-            )
-        for workflow_id, _key, _at in entries:
-            if workflow_id in converted:
-                arms[variant.get(workflow_id) or "unrecorded"].converted += 1
+        window = parse_duration(str(goal.get("window", "P14D")))
+        converted = await _conversions(session, entries, event, window)
+        for entry in entries:
+            if entry.workflow_id in converted:
+                arms[variant.get(entry.workflow_id) or "unrecorded"].converted += 1
     else:
         notes.append("the spec has no conversion goal: no conversions or uplift")
     uplift = None
@@ -166,30 +114,46 @@ async def build_report(
         uplift = newcombe(t.converted, t.entered, c.converted, c.entered)
     elif event:
         notes.append("uplift needs both a treatment and a control arm")
-    return CampaignReport(campaign_id, len(entries), states, arms, event, source, uplift, notes)
+    return CampaignReport(campaign_id, len(entries), states, arms, event, uplift, notes)
+
+
+async def _arms_and_ends(
+    session: AsyncSession, campaign_id: str
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Each workflow's arm and end state, by workflow id, from the audit trail."""
+    rows = await audit.audit_for_campaign(
+        session, campaign_id, (AuditKind.VARIANT_ASSIGNED, AuditKind.FINISHED)
+    )
+    variant: dict[str, str] = {}
+    ended: dict[str, str] = {}
+    for row in rows:
+        data = json.loads(row.payload)
+        if row.kind == AuditKind.VARIANT_ASSIGNED:
+            variant[row.workflow_id] = str(data.get("variant", ""))
+        else:
+            ended[row.workflow_id] = str(data.get("state", ""))
+            # Runs from before the arm had its own row carry it only in their end row.
+            variant.setdefault(row.workflow_id, str(data.get("variant") or ""))
+    return variant, ended
 
 
 async def _conversions(
-    session: AsyncSession,
-    entries: list[Any],
-    event: str,
-    window: timedelta,
-    count_events: CountEvents | None,
-) -> tuple[set[str], str]:
+    session: AsyncSession, entries: list[CampaignEntry], event: str, window: timedelta
+) -> set[str]:
     """Workflows whose customer had ``event`` within ``window`` of entering."""
-    if count_events is None:
-        return set(), "audit"
     converted: set[str] = set()
     # One query per entry day keeps each customer's window close to their own entry.
-    by_day: dict[Any, list[tuple[str, str, datetime]]] = {}
-    for workflow_id, key, at in entries:
-        by_day.setdefault(at.date(), []).append((workflow_id, key, at))
+    by_day: dict[date, list[CampaignEntry]] = {}
+    for entry in entries:
+        by_day.setdefault(entry.launched_at.date(), []).append(entry)
     for group in by_day.values():
-        start = min(at for _, _, at in group)
-        end = max(at for _, _, at in group) + window
-        counts = await count_events(session, [k for _, k, _ in group], event, start, end)
-        converted |= {w for w, k, _ in group if counts.get(k, 0) > 0}
-    return converted, "events"
+        start = min(e.launched_at for e in group)
+        end = max(e.launched_at for e in group) + window
+        counts = await events.count_events(
+            session, [e.customer_key for e in group], event, start, end
+        )
+        converted |= {e.workflow_id for e in group if counts.get(e.customer_key, 0) > 0}
+    return converted
 
 
 def render(report: CampaignReport) -> list[str]:
@@ -205,7 +169,7 @@ def render(report: CampaignReport) -> list[str]:
             f"{name:<12}{arm.entered:>9}{arm.completed:>11}{arm.converted:>11}{arm.rate:>9.1%}"
         )
     if report.conversion_event:
-        lines.append(f"conversion: {report.conversion_event} (from {report.conversion_source})")
+        lines.append(f"conversion: {report.conversion_event} (from events)")
     if report.uplift is not None:
         u = report.uplift
         lines.append(

@@ -1,4 +1,4 @@
-"""Customer pseudonymisation and the ids built from it."""
+"""Customer pseudonymisation: the HMAC key and the customer keys made with it."""
 
 from __future__ import annotations
 

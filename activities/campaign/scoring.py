@@ -1,0 +1,127 @@
+"""Scoring a campaign's customer with the champion of each model, challengers in shadow."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import asdict
+from typing import Any
+
+import structlog
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from activities.campaign.audit import append_decisions, append_row
+from activities.campaign.log_context import bind
+from cohortflow.storage import customers
+from cohortflow.storage.db import Database
+from scoring.scorer import Scorer, ScoringError
+from workflows.campaign.activity_io import Contribution, CustomerScore, ScoreInput, ScoreResult
+from workflows.campaign.contract import ActivityName, AuditKind
+
+log = structlog.get_logger(__name__)
+
+Row = dict[str, float | None]
+
+
+class ScoringActivities:
+    """Scores customers from their stored features."""
+
+    def __init__(self, db: Database, scorer: Scorer) -> None:
+        self._db = db
+        self._scorer = scorer
+
+    @activity.defn(name=ActivityName.SCORE_CUSTOMER)
+    async def score_customer(self, inp: ScoreInput) -> ScoreResult:
+        """Score customers with the champion of each model and audit scores and reasons.
+
+        A customer without features, or a model that cannot score (missing, corrupt), is a
+        non-retryable ``ScoringError``: the campaign's business failure, not an outage.
+        """
+        customer_key = inp.customer_keys[0] if inp.customer_keys else ""
+        bind(inp.workflow_id, customer_key)
+        async with self._db.transaction() as session:
+            features = await customers.get_features(session, inp.customer_keys)
+        missing = [k for k in inp.customer_keys if k not in features]
+        if missing:
+            raise ApplicationError(
+                f"no features stored for {len(missing)} customer(s)",
+                type="ScoringError",
+                non_retryable=True,
+            )
+        rows = [features[k] for k in inp.customer_keys]
+        result = await self._score(inp, rows)
+        shadow = await asyncio.to_thread(self._shadow_scores, inp.models, rows)
+        async with self._db.transaction() as session:
+            # A campaign scores its one customer; a batch from elsewhere carries no decisions.
+            await append_decisions(
+                session, inp.workflow_id, inp.campaign_id, customer_key, inp.decisions
+            )
+            for i, customer in enumerate(result.customers):
+                await append_row(
+                    session,
+                    inp.workflow_id,
+                    inp.step_id,
+                    AuditKind.SCORED,
+                    inp.campaign_id,
+                    customer.customer_key,
+                    _scored_payload(result, customer, shadow, i),
+                )
+        log.info("scored", models=result.model_versions)
+        result.decisions_recorded = len(inp.decisions)
+        return result
+
+    async def _score(self, inp: ScoreInput, rows: list[Row]) -> ScoreResult:
+        try:
+            batches = await asyncio.to_thread(
+                lambda: [self._scorer.score(model, rows) for model in inp.models]
+            )
+        except ScoringError as exc:
+            raise ApplicationError(
+                f"{type(exc).__name__}: {exc}", type="ScoringError", non_retryable=True
+            ) from exc
+        return ScoreResult(
+            model_versions={b.model: b.version for b in batches},
+            customers=[
+                CustomerScore(
+                    customer_key=key,
+                    scores={b.model: float(b.scores[i]) for b in batches},
+                    features={n: float(v) for n, v in rows[i].items() if v is not None},
+                    top_contributions={
+                        b.model: [Contribution(f, float(v)) for f, v in b.contributions[i]]
+                        for b in batches
+                    },
+                )
+                for i, key in enumerate(inp.customer_keys)
+            ],
+        )
+
+    def _shadow_scores(self, models: list[str], rows: list[Row]) -> dict[str, dict[str, Any]]:
+        """Challengers score in shadow: audited for comparison, never returned to the
+        workflow, and a broken challenger never fails the step."""
+        found: dict[str, dict[str, Any]] = {}
+        for model in models:
+            version: str | None = None
+            try:
+                version = self._scorer.challenger_version(model)
+                if version is not None:
+                    batch = self._scorer.score(model, rows, version=version, top_k=0)
+                    found[model] = {"version": batch.version, "scores": batch.scores}
+            except ScoringError as exc:
+                found[model] = {"version": version, "error": f"{type(exc).__name__}: {exc}"}
+        return found
+
+
+def _scored_payload(
+    result: ScoreResult, customer: CustomerScore, shadow: dict[str, dict[str, Any]], index: int
+) -> dict[str, Any]:
+    return {
+        "scores": customer.scores,
+        "model_versions": result.model_versions,
+        "top_contributions": {
+            m: [asdict(c) for c in cs] for m, cs in customer.top_contributions.items()
+        },
+        "shadow": {
+            m: {"version": sh["version"], "score": sh["scores"][index]} if "scores" in sh else sh
+            for m, sh in shadow.items()
+        },
+    }

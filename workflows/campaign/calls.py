@@ -1,0 +1,260 @@
+"""How a campaign calls its activities: one envelope for every step, and the decisions that
+ride along with the calls.
+
+Retry policies tell infrastructure from business. A lost worker, a timeout, a server restart
+or a CRM that is only down is retried without an attempt cap, from a short start-to-close
+timeout; only a non-retryable business error (a model that cannot score, a CRM that rejects
+this record) or a deadline the spec sets ends in the safe default segment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import Any, Protocol, TypeVar
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from workflows.campaign.activity_io import (
+        AuditInput,
+        AuditResult,
+        Decision,
+        FallbackInput,
+        FallbackResult,
+        LoadSpecInput,
+        LocalTimeInput,
+        LocalTimeResult,
+    )
+    from workflows.campaign.contract import ActivityName, AuditKind, CampaignState, FallbackReason
+    from workflows.campaign.definition import CampaignSpecDef, StepDef
+    from workflows.campaign.interpreter import Ending
+    from workflows.campaign.messages import PendingApproval
+    from workflows.campaign.state import CampaignInput, RunState
+
+LOCAL_TIMEOUT = timedelta(seconds=30)
+
+
+@dataclass(frozen=True)
+class ActivityOptions:
+    """How one kind of activity is called, and the fallback its business failure leads to."""
+
+    start_to_close: timedelta
+    retry: RetryPolicy
+    fails_to: FallbackReason | None = None
+    on_crm_queue: bool = False
+    schedule_to_close: timedelta | None = None  # a deadline the spec sets
+
+
+def _retry(*non_retryable: str) -> RetryPolicy:
+    return RetryPolicy(
+        initial_interval=timedelta(seconds=1),
+        backoff_coefficient=2.0,
+        maximum_interval=timedelta(minutes=2),
+        non_retryable_error_types=list(non_retryable),
+    )
+
+
+# A worker lost mid-attempt is noticed within the start-to-close timeout and retried.
+SCORING = ActivityOptions(
+    timedelta(seconds=30), _retry("ScoringError"), FallbackReason.SCORING_FAILED
+)
+CRM = ActivityOptions(
+    timedelta(seconds=60), _retry("CrmRejected"), FallbackReason.CRM_FAILED, on_crm_queue=True
+)
+FALLBACK = ActivityOptions(timedelta(seconds=60), _retry(), on_crm_queue=True)
+
+
+def crm_options(spec: CampaignSpecDef) -> ActivityOptions:
+    """CRM calls, with the spec's deadline for an outbound action if it sets one."""
+    if spec.action_deadline_seconds <= 0:
+        return CRM
+    return replace(CRM, schedule_to_close=timedelta(seconds=spec.action_deadline_seconds))
+
+
+class Finished(Exception):
+    """Ends the run from inside a step: a business failure, or an interrupt."""
+
+    def __init__(self, ending: Ending) -> None:
+        super().__init__(ending.reason)
+        self.ending = ending
+
+
+class _Acknowledging(Protocol):
+    decisions_recorded: int
+
+
+_R = TypeVar("_R", bound=_Acknowledging)
+
+
+class ActivityCalls:
+    """Every activity call of one campaign run, sharing its input and state."""
+
+    def __init__(self, inp: CampaignInput, state: RunState) -> None:
+        self._input = inp
+        self._state = state
+        self.ride_along = False  # DECISIONS_RIDE_ALONG: set once the run knows the patch
+
+    async def load_spec(self) -> CampaignSpecDef | tuple[str, Ending]:
+        """The spec version, or the safe segment and the end of a campaign whose stored spec
+        no longer validates (``SpecInvalid`` carries the segment its document names)."""
+        inp = self._input
+        try:
+            spec: CampaignSpecDef = await workflow.execute_local_activity(
+                ActivityName.LOAD_SPEC,
+                LoadSpecInput(inp.campaign_id, inp.version),
+                result_type=CampaignSpecDef,
+                start_to_close_timeout=LOCAL_TIMEOUT,
+                summary=f"load {inp.campaign_id} v{inp.version}",
+            )
+        except (ActivityError, ApplicationError) as err:
+            # A local activity's failure may arrive as the activity's own error, unwrapped.
+            cause = err.cause if isinstance(err, ActivityError) else err
+            if not (isinstance(cause, ApplicationError) and cause.type == "SpecInvalid"):
+                raise
+            segment = str(cause.details[0]) if cause.details else ""
+            reason = f"{FallbackReason.SPEC_INVALID}: {cause.message}"
+            return segment, Ending(CampaignState.FALLBACK, reason)
+        return spec
+
+    async def carry(
+        self,
+        activity: ActivityName,
+        build: Callable[[list[Decision]], Any],
+        result_type: type[_R],
+        options: ActivityOptions,
+        summary: str,
+    ) -> _R:
+        """The one activity-call envelope: carry the decisions not yet on record, drop those
+        the activity acknowledges, and turn a business failure into the end it leads to."""
+        carried = list(self._state.unrecorded)
+        try:
+            result: _R = await workflow.execute_activity(
+                activity,
+                build(carried),
+                result_type=result_type,
+                task_queue=self._input.crm_task_queue if options.on_crm_queue else None,
+                start_to_close_timeout=options.start_to_close,
+                schedule_to_close_timeout=options.schedule_to_close,
+                retry_policy=options.retry,
+                summary=summary,
+            )
+        except ActivityError as err:
+            if options.fails_to is None:
+                raise
+            ending = Ending(CampaignState.FALLBACK, f"{options.fails_to}: {_cause(err)}")
+            raise Finished(ending) from err
+        # A worker from before decisions rode along acknowledges none: they ride on.
+        del self._state.unrecorded[: min(len(carried), result.decisions_recorded)]
+        return result
+
+    async def fallback(self, step_id: str, reason: str, segment: str) -> None:
+        """Put the customer in the safe default segment; what was decided goes on record
+        even when that fails (and the workflow with it)."""
+        inp = self._input
+        try:
+            await self.carry(
+                ActivityName.RESOLVE_FALLBACK,
+                lambda carried: FallbackInput(
+                    workflow_id=workflow.info().workflow_id,
+                    step_id=step_id,
+                    campaign_id=inp.campaign_id,
+                    customer_key=inp.customer_key,
+                    segment=segment,
+                    reason=reason,
+                    decisions=carried,
+                ),
+                FallbackResult,
+                FALLBACK,
+                f"safe default segment {segment}",
+            )
+        except ActivityError as err:
+            await self.record_unrecorded()
+            raise ApplicationError(f"could not record the fallback: {_cause(err)}") from err
+
+    async def audit(
+        self,
+        step_id: str,
+        kind: AuditKind,
+        payload: dict[str, Any],
+        approval: PendingApproval | None = None,
+        *,
+        now: bool = False,
+    ) -> None:
+        """Record a decision: with the next activity (DECISIONS_RIDE_ALONG) unless it changes
+        an approval or ``now`` asks for it at once, with every one not yet recorded."""
+        unrecorded = self._state.unrecorded
+        if self.ride_along and approval is None and not now:
+            unrecorded.append(Decision(step_id, kind.value, payload))
+            return
+        carried = list(unrecorded)
+        await self._record(Decision(step_id, kind.value, payload), carried, approval)
+        del unrecorded[: len(carried)]
+
+    async def record_unrecorded(self) -> None:
+        """Before the campaign blocks (a wait, a pause, a hand-over), record what it decided."""
+        unrecorded = self._state.unrecorded
+        if unrecorded:
+            # The last decision is the record and the others ride with it. Nothing leaves the
+            # list before the local activity has answered: a cancel may come in between.
+            *earlier, last = unrecorded
+            await self._record(last, earlier, None)
+            del unrecorded[: len(earlier) + 1]
+
+    async def _record(
+        self, decision: Decision, earlier: list[Decision], approval: PendingApproval | None
+    ) -> None:
+        await workflow.execute_local_activity(
+            ActivityName.RECORD_AUDIT,
+            AuditInput(
+                workflow_id=workflow.info().workflow_id,
+                step_id=decision.step_id,
+                kind=decision.kind,
+                campaign_id=self._input.campaign_id,
+                customer_key=self._input.customer_key,
+                payload=decision.payload,
+                approval=approval,
+                decisions=earlier,
+            ),
+            result_type=AuditResult,
+            start_to_close_timeout=LOCAL_TIMEOUT,
+            summary=f"audit {decision.step_id} {decision.kind}",
+        )
+
+    async def local_time(
+        self,
+        step: StepDef,
+        default_timezone: str,
+        *,
+        until: str = "",
+        quiet: tuple[str, str] = ("", ""),
+    ) -> datetime:
+        """When a local-time rule (``until`` HH:MM, or the end of ``quiet`` hours) lets the
+        campaign go on, in the customer's zone, which the state then remembers."""
+        result: LocalTimeResult = await workflow.execute_local_activity(
+            ActivityName.PLAN_LOCAL_TIME,
+            LocalTimeInput(
+                customer_key=self._input.customer_key,
+                now=workflow.now().isoformat(),
+                default_timezone=default_timezone,
+                until=until,
+                quiet_start=quiet[0],
+                quiet_end=quiet[1],
+            ),
+            result_type=LocalTimeResult,
+            start_to_close_timeout=LOCAL_TIMEOUT,
+            summary=f"{step.id}: local time " + (until or "after quiet hours"),
+        )
+        self._state.timezone = result.timezone
+        self._state.utc_offset_seconds = result.utc_offset_seconds
+        return datetime.fromisoformat(result.at)
+
+
+def _cause(err: BaseException) -> str:
+    """The innermost message of an activity failure, for reasons and search attributes."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return str(err)[:200]

@@ -1,0 +1,102 @@
+"""The campaign spec in the plain form the workflow interprets.
+
+``cohortflow.spec`` validates what people write and turns it into these dataclasses; the
+workflow receives them from the ``load_spec`` activity, so its history records exactly what
+ran. Fields are only ever added, with defaults, so histories of older versions still decode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Step types the interpreter knows; anything else goes to the safe default segment.
+STEP_TYPES = ("score", "branch", "approval", "crm", "wait", "exit")
+
+
+@dataclass
+class Comparison:
+    """``source.name op value``: source is ``score`` or ``feature``."""
+
+    source: str
+    name: str
+    op: str
+    value: float
+
+
+@dataclass
+class BranchRule:
+    """Go to ``next`` when every comparison in ``all`` holds."""
+
+    all: list[Comparison]
+    next: str
+
+
+@dataclass
+class StepDef:
+    """One step of a spec. ``type`` says which of the optional fields apply."""
+
+    id: str
+    type: str  # score | branch | approval | crm | wait | exit
+    next: str | None = None  # default: the following step; None after the last means done
+    # score
+    models: list[str] = field(default_factory=list)
+    # branch
+    rules: list[BranchRule] = field(default_factory=list)
+    default: str | None = None
+    # approval
+    reason: str = ""
+    # crm
+    action: str = ""  # set_properties | enroll_sequence | add_to_list
+    properties: dict[str, str] = field(default_factory=dict)
+    sequence_id: str = ""
+    list_id: str = ""
+    channel: str = "email"
+    purpose: str = "marketing"
+    # wait
+    seconds: float = 0.0
+    # exit
+    outcome: str = "completed"
+    # wait until a local time of day (HH:MM), or for an event (``seconds`` is its timeout)
+    until: str = ""
+    event: str = ""
+    on_event: str | None = None  # default: the following step
+    on_timeout: str | None = None
+    # crm: where to go when the frequency cap refuses the action (default: the following step)
+    on_capped: str | None = None
+
+
+@dataclass
+class ApprovalPolicy:
+    """Who may approve, how long they have and what happens when nobody answers."""
+
+    timeout_seconds: float = 3 * 24 * 3600.0
+    on_timeout: str = "reject"  # reject | fallback
+    approvers: list[str] = field(default_factory=list)  # empty: any operator
+
+
+@dataclass
+class CampaignSpecDef:
+    """A validated, versioned campaign spec in the plain form the workflow interprets."""
+
+    campaign_id: str
+    version: int
+    name: str
+    owner: str
+    entry_cohort: str
+    safe_default_segment: str
+    steps: list[StepDef]
+    sensitive: bool = False
+    exit_on_cohort_exit: bool = True
+    holdout_percent: float = 0.0
+    approval: ApprovalPolicy = field(default_factory=ApprovalPolicy)
+    exit_on_events: list[str] = field(default_factory=list)
+    conversion_event: str = ""  # empty: no conversion goal
+    conversion_window_seconds: float = 0.0
+    holdout_score: str = ""  # empty: one stratum; else the arm is drawn per band of this score
+    holdout_bands: list[float] = field(default_factory=list)
+    cap_max_actions: int = 0  # 0: no frequency cap
+    cap_window_seconds: float = 0.0
+    quiet_start: str = ""  # HH:MM local; empty: no quiet hours
+    quiet_end: str = ""
+    default_timezone: str = "UTC"
+    action_deadline_seconds: float = 0.0  # 0: a CRM action is retried until it is made

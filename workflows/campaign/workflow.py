@@ -1,0 +1,560 @@
+"""CampaignWorkflow: one customer's run through one campaign spec, as a state machine.
+
+    entered ─► scoring ─► (branch) ─► [awaiting_approval] ─► acting ─► waiting ─► … ─► completed
+       │ scoring or CRM failure, spec invalid          │ consent missing      │ cohort exit
+       └──────────────► fallback          consent_blocked ◄┘          exited ◄┘
+    rejected: an operator said no, or the approval expired with ``on_timeout: reject``.
+
+The workflow only decides: ``interpreter.run_steps`` walks the spec and calls back one
+handler per step type here. Every side effect (loading the spec, scoring, consent-gated CRM
+writes, audit rows, the safe default segment, the customer's local time) is an activity
+called through ``calls.ActivityCalls``; waits are durable timers raced against what may cut
+them short. What a run knows is one ``RunState``, handed as it is to a continuation.
+Behaviour changes go behind the patches in ``contract.PATCHES`` (docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import datetime, timedelta
+from typing import Any, NoReturn
+
+from temporalio import workflow
+from temporalio.common import SearchAttributeKey, SearchAttributeUpdate
+from temporalio.exceptions import ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from workflows.campaign import details, interpreter
+    from workflows.campaign.activity_io import (
+        CrmOutcome,
+        CrmWriteInput,
+        CrmWriteResult,
+        Decision,
+        ScoreInput,
+        ScoreResult,
+    )
+    from workflows.campaign.calls import SCORING, ActivityCalls, Finished, crm_options
+    from workflows.campaign.contract import (
+        CAMPAIGN_WORKFLOW,
+        CONTROL_SKIPS_APPROVAL,
+        DEADLINE_ATTRIBUTES,
+        DECISIONS_RIDE_ALONG,
+        EVENTS_DURING_HANDOVER,
+        SA,
+        VARIANT_AUDIT,
+        ActivityName,
+        AuditKind,
+        CampaignState,
+        DecideRefusal,
+        FallbackReason,
+        HandlerName,
+    )
+    from workflows.campaign.definition import CampaignSpecDef, StepDef
+    from workflows.campaign.interpreter import Ending, Next
+    from workflows.campaign.messages import (
+        CampaignResult,
+        CampaignStatus,
+        CohortExited,
+        ConsentChanged,
+        CustomerEvent,
+        DecideRequest,
+        DecideResult,
+        PauseChanged,
+        PendingApproval,
+    )
+    from workflows.campaign.state import RECENT, CampaignInput, RunState
+
+# Continue as new once a run's history passes this many events. Temporal warns at 10,240 and
+# ends a run at 51,200; a worker that lost its cache replays the whole history before the next
+# step, so staying near 2,000 keeps a replay short while a typical campaign (30-80 events)
+# and long drips of a hundred steps or thousands of customer events finish in a few runs.
+DEFAULT_HISTORY_LIMIT = 2_000
+
+
+class _ContinueAsNew(Exception):
+    """The history bound is reached: ``state.step_id`` (and ``deadline``) say where to resume."""
+
+
+@workflow.defn(name=CAMPAIGN_WORKFLOW)
+class CampaignWorkflow:
+    """Interprets a campaign spec for one customer entry."""
+
+    @workflow.init
+    def __init__(self, inp: CampaignInput) -> None:
+        self.input = inp
+        self.state = inp.carried or RunState(entered_at=workflow.now().isoformat())
+        self.calls = ActivityCalls(inp, self.state)
+        self._spec: CampaignSpecDef | None = None
+        self._handing_over = False
+
+    @property
+    def spec(self) -> CampaignSpecDef:
+        """The spec this run follows; steps and their checks run only once it is loaded."""
+        assert self._spec is not None, "the spec is loaded before any step runs"
+        return self._spec
+
+    # ------------------------------------------------------------------ the state machine
+
+    @workflow.run
+    async def run(self, inp: CampaignInput) -> CampaignResult:
+        """Load the spec, then run its steps until a terminal state (or continue as new)."""
+        self.calls.ride_along = workflow.patched(DECISIONS_RIDE_ALONG.id)
+        loaded = await self.calls.load_spec()
+        if isinstance(loaded, CampaignSpecDef):
+            self._spec, segment = loaded, loaded.safe_default_segment
+            ending = await self._run_spec()
+        else:
+            segment, ending = loaded
+        if ending.state == CampaignState.FALLBACK:
+            self.state.fallback_reason = ending.reason.split(":", 1)[0]
+            self._transition(CampaignState.FALLBACK, ending.reason, safe_segment=segment)
+            await self.calls.fallback(self._visit_of(self.state.step_id), ending.reason, segment)
+        state = self.state
+        if state.converted_at:
+            payload = {"variant": state.variant, "at": state.converted_at}
+            await self.calls.audit("goal", AuditKind.CONVERTED, payload)
+        payload = {"state": ending.state.value, "reason": ending.reason, "variant": state.variant}
+        await self.calls.audit("finish", AuditKind.FINISHED, payload, now=True)
+        self._transition(ending.state, ending.reason, safe_segment=segment)
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        fallen = segment if ending.state == CampaignState.FALLBACK else ""
+        return CampaignResult(ending.state, ending.reason, list(state.steps_run), fallen)
+
+    async def _run_spec(self) -> Ending:
+        """Enter (or resume), then let the interpreter walk the spec through the handlers."""
+        resume_at = self.state.step_id if self.input.carried is not None else ""
+        if not resume_at:
+            await self._enter()
+        for early in self.state.early_events:
+            interpreter.apply_event(self.state, self.spec, early, workflow.now())
+        self.state.early_events.clear()
+        try:
+            return await interpreter.run_steps(
+                self.spec, self, self.state.steps_run, resume_at=resume_at
+            )
+        except asyncio.CancelledError:
+            return Ending(CampaignState.EXITED, "cancelled by an operator")
+        except Finished as done:
+            return done.ending
+        except _ContinueAsNew:
+            await self._hand_over()
+
+    async def _enter(self) -> None:
+        """A fresh entry: draw the holdout arm (unless it waits for a score) and record it."""
+        spec, state = self.spec, self.state
+        state.variant = interpreter.entry_variant(spec, self.input.customer_key)
+        self._transition(CampaignState.ENTERED, "loaded spec", upsert_variant=True)
+        if not spec.holdout_score and workflow.patched(VARIANT_AUDIT.id):
+            payload = {"variant": state.variant, "holdout_percent": spec.holdout_percent}
+            await self.calls.audit("entry", AuditKind.VARIANT_ASSIGNED, payload)
+
+    async def begin(self, step_id: str, resumed: bool) -> Ending | None:
+        """Before each step: stop if the customer must leave; hand over at the history bound."""
+        stop = interpreter.interruption(self.state, self.spec)
+        if stop is not None:
+            return stop
+        self.state.step_id = step_id
+        if not resumed and self._continue_due():
+            self.state.steps_run.append(step_id)  # counted here: the continuation resumes it
+            raise _ContinueAsNew
+        return None
+
+    # ------------------------------------------------------------------ step handlers
+
+    async def score(self, step: StepDef) -> Next:
+        """Score the customer; a stratified holdout draws its arm from the first score."""
+        state, spec = self.state, self.spec
+        self._transition(CampaignState.SCORING, f"scoring with {', '.join(step.models)}")
+        result = await self.calls.carry(
+            ActivityName.SCORE_CUSTOMER,
+            lambda carried: ScoreInput(
+                workflow_id=workflow.info().workflow_id,
+                step_id=self._visit(step),
+                campaign_id=self.input.campaign_id,
+                customer_keys=[self.input.customer_key],
+                models=list(step.models),
+                decisions=carried,
+            ),
+            ScoreResult,
+            SCORING,
+            f"{step.id}: score {', '.join(step.models)}",
+        )
+        customer = result.customers[0]
+        state.scores, state.features = dict(customer.scores), dict(customer.features)
+        state.model_versions = dict(result.model_versions)
+        versions = ",".join(sorted(state.model_versions.values()))
+        updates: list[SearchAttributeUpdate[Any]] = [SA.MODEL_VERSION.value_set(versions)]
+        if state.variant == "unassigned":
+            key = self.input.customer_key
+            state.variant, band = interpreter.stratified_variant(spec, key, state.scores)
+            updates.append(SA.VARIANT.value_set(state.variant))
+            stratum = f"{spec.holdout_score} {band}"
+            payload = {"variant": state.variant, "holdout_percent": spec.holdout_percent}
+            await self.calls.audit(
+                "entry", AuditKind.VARIANT_ASSIGNED, {**payload, "stratum": stratum}
+            )
+        workflow.upsert_search_attributes(updates)
+        return None
+
+    async def branch(self, step: StepDef) -> Next:
+        """Take the first rule that holds for the scores and features, else the default."""
+        choice = interpreter.choose_branch(step, self.state.scores, self.state.features)
+        details.remember(self.state, workflow.now(), details.branch_line(step.id, choice))
+        payload = {"taken": choice.next, "matched": choice.matched, "values": choice.values}
+        await self.calls.audit(self._visit(step), AuditKind.BRANCH, payload)
+        return choice.next
+
+    async def approval(self, step: StepDef) -> Next:
+        """Ask an operator and wait for the answer, the approval's expiry or an interrupt."""
+        state = self.state
+        # A control run continued from before the patch may carry a pending request: that
+        # one is answered or expires as it was asked.
+        if (
+            state.variant == "control"
+            and state.pending_approval is None
+            and workflow.patched(CONTROL_SKIPS_APPROVAL.id)
+        ):
+            await self.calls.audit(step.id, AuditKind.HOLDOUT_SKIPPED, {"action": "approval"})
+            return None
+        resumed = self._take_deadline()
+        if resumed is not None and state.pending_approval is not None:
+            timeout = resumed - workflow.now()  # asked and audited by an earlier run
+        else:
+            timeout = await self._request_approval(step)
+        self._transition(CampaignState.AWAITING_APPROVAL, "waiting for an operator")
+        try:
+            if timeout <= timedelta(0):
+                raise TimeoutError
+            await workflow.wait_condition(
+                lambda: state.decision is not None or self._interrupted() or self._continue_due(),
+                timeout=timeout,
+                timeout_summary=f"{step.id}: approval expires",
+            )
+        except TimeoutError:
+            return await self._approval_expired(step)
+        pending = state.pending_approval
+        assert pending is not None
+        if state.decision is None and not self._interrupted():
+            state.deadline = pending.expires_at  # it stays pending in the continuation
+            raise _ContinueAsNew
+        state.pending_approval = None
+        if state.decision is None:
+            why = {"why": "campaign interrupted"}
+            await self.calls.audit(step.id, AuditKind.APPROVAL_WITHDRAWN, why, pending)
+            raise Finished(self._stop())
+        return await self._approval_decided(step, state.decision, pending)
+
+    async def _request_approval(self, step: StepDef) -> timedelta:
+        now = workflow.now()
+        timeout = timedelta(seconds=self.spec.approval.timeout_seconds)
+        pending = PendingApproval(
+            approval_id=interpreter.approval_id_for(workflow.info().workflow_id, step.id),
+            step_id=step.id,
+            reason=step.reason or "sensitive campaign",
+            requested_at=now.isoformat(),
+            expires_at=(now + timeout).isoformat(),
+        )
+        self.state.pending_approval, self.state.decision = pending, None
+        payload = {"scores": self.state.scores, "expires_at": pending.expires_at}
+        await self.calls.audit(step.id, AuditKind.APPROVAL_REQUESTED, payload, approval=pending)
+        return timeout
+
+    async def _approval_expired(self, step: StepDef) -> Ending:
+        pending, self.state.pending_approval = self.state.pending_approval, None
+        on_timeout = self.spec.approval.on_timeout
+        details.remember(self.state, workflow.now(), f"{step.id}: expired unanswered")
+        payload = {"on_timeout": on_timeout}
+        await self.calls.audit(step.id, AuditKind.APPROVAL_EXPIRED, payload, pending)
+        if on_timeout == "fallback":
+            return Ending(CampaignState.FALLBACK, FallbackReason.APPROVAL_EXPIRED.value)
+        return Ending(CampaignState.REJECTED, "approval expired unanswered")
+
+    async def _approval_decided(
+        self, step: StepDef, decision: DecideRequest, pending: PendingApproval
+    ) -> Next:
+        details.remember(self.state, workflow.now(), details.decision_line(step.id, decision))
+        payload = {
+            "approve": decision.approve,
+            "operator": decision.operator,
+            "reason": decision.reason,
+        }
+        await self.calls.audit(step.id, AuditKind.APPROVAL_DECIDED, payload, pending)
+        if not decision.approve:
+            return Ending(CampaignState.REJECTED, f"rejected by {decision.operator}")
+        return None
+
+    async def crm(self, step: StepDef) -> Next:
+        """Wait out quiet hours and a pause, then write through the consent and cap gate."""
+        spec = self.spec
+        if self.state.variant == "control":
+            payload = {"action": step.action}
+            await self.calls.audit(self._visit(step), AuditKind.HOLDOUT_SKIPPED, payload)
+            return None
+        opens = self._take_deadline()
+        if spec.quiet_start:
+            quiet = (spec.quiet_start, spec.quiet_end)
+            tz = spec.default_timezone
+            opens = opens or await self.calls.local_time(step, tz, quiet=quiet)
+            if opens > workflow.now():
+                await self._hold(step, opens, "quiet hours")
+        while True:
+            await self._wait_while_paused()
+            self._transition(CampaignState.ACTING, f"CRM {step.action}")
+            result = await self.calls.carry(
+                ActivityName.CRM_WRITE,
+                lambda carried: self._crm_input(step, carried),
+                CrmWriteResult,
+                crm_options(spec),
+                f"{step.id}: {step.action} {step.sequence_id or step.list_id}".strip(),
+            )
+            if result.outcome == CrmOutcome.CONSENT_BLOCKED:
+                return Ending(CampaignState.CONSENT_BLOCKED, result.detail or "no consent")
+            if result.outcome == CrmOutcome.PAUSED:
+                self.state.paused = True
+                continue
+            if result.outcome == CrmOutcome.CAPPED:
+                details.remember(self.state, workflow.now(), f"{step.id}: {result.detail}")
+                return step.on_capped
+            return None
+
+    def _crm_input(self, step: StepDef, carried: list[Decision]) -> CrmWriteInput:
+        state, spec, inp = self.state, self.spec, self.input
+        values = interpreter.placeholders(
+            inp.cohort_id, inp.campaign_id, state.variant, state.scores, state.model_versions
+        )
+        return CrmWriteInput(
+            workflow_id=workflow.info().workflow_id,
+            step_id=self._visit(step),
+            campaign_id=inp.campaign_id,
+            customer_key=inp.customer_key,
+            action=step.action,
+            channel=step.channel,
+            purpose=step.purpose,
+            properties=interpreter.render(step.properties, values),
+            sequence_id=step.sequence_id,
+            list_id=step.list_id,
+            cap_max_actions=spec.cap_max_actions,
+            cap_window_seconds=spec.cap_window_seconds,
+            decisions=carried,
+        )
+
+    async def wait(self, step: StepDef) -> Next:
+        """Wait a duration, until a local time of day, or for an event (with a timeout)."""
+        if step.event:
+            return await self._wait_for_event(step)
+        until = self._take_deadline()
+        if until is None and step.until:
+            until = await self.calls.local_time(step, self.spec.default_timezone, until=step.until)
+        await self._hold(step, until or workflow.now() + timedelta(seconds=step.seconds), "wait")
+        return None
+
+    async def exit(self, step: StepDef) -> Next:
+        """End where the exit step says."""
+        return interpreter.exit_ending(step)
+
+    async def _wait_for_event(self, step: StepDef) -> Next:
+        state = self.state
+        until = self._take_deadline()
+        # A wait listens from its start; one resumed by a continuation also hears what arrived
+        # during the hand-over (EVENTS_DURING_HANDOVER).
+        heard = until is not None and step.event in state.events_awaited
+        if not (heard and workflow.patched(EVENTS_DURING_HANDOVER.id)):
+            state.events_awaited.clear()
+        until = until or workflow.now() + timedelta(seconds=step.seconds)
+        state.waiting_for = step.event
+        try:
+            arrived = await self._hold(
+                step, until, f"event {step.event}", lambda: step.event in state.events_awaited
+            )
+        finally:
+            state.waiting_for = ""
+        outcome = "event" if arrived else "timeout"
+        details.remember(state, workflow.now(), f"{step.id}: {step.event} {outcome}")
+        payload = {"event": step.event, "outcome": outcome}
+        await self.calls.audit(self._visit(step), AuditKind.EVENT_WAIT, payload)
+        return step.on_event if arrived else step.on_timeout
+
+    async def _hold(
+        self, step: StepDef, until: datetime, what: str, arrived: Callable[[], bool] | None = None
+    ) -> bool:
+        """A durable wait until ``until``; True when ``arrived`` ended it first.
+
+        Interrupts (cohort exit, exit events, consent revocation) end it at once; reaching
+        the history bound hands the rest of the wait to a continuation.
+        """
+        await self.calls.record_unrecorded()
+        remaining = until - workflow.now()
+        self.state.waiting_until = details.clock(until)
+        self._transition(CampaignState.WAITING, f"{what} until {details.clock(until)}")
+
+        def ends() -> bool:
+            heard = arrived is not None and arrived()
+            return self._interrupted() or heard or self._continue_due()
+
+        try:
+            if remaining <= timedelta(0):
+                return False
+            summary = f"{step.id}: {what}"
+            await workflow.wait_condition(ends, timeout=remaining, timeout_summary=summary)
+        except TimeoutError:
+            return False
+        finally:
+            self.state.waiting_until = ""
+        if self._interrupted():
+            raise Finished(self._stop())
+        if arrived is not None and arrived():
+            return True
+        self.state.deadline = until.isoformat()
+        raise _ContinueAsNew
+
+    # ------------------------------------------------------------------ messages
+
+    @workflow.update(name=HandlerName.DECIDE)
+    def decide(self, request: DecideRequest) -> DecideResult:
+        """An operator approves or rejects the pending approval."""
+        self.state.decision = request
+        return DecideResult(request.approval_id, "approved" if request.approve else "rejected")
+
+    @decide.validator
+    def _validate_decide(self, request: DecideRequest) -> None:
+        """Refuse, before anything enters history, a decision this approval cannot take:
+        ``DecideRefusal.INVALID`` names the request field at fault, ``CONFLICT`` none."""
+        if self._handing_over:
+            refusal: tuple[str, str] | None = (
+                f"approval {request.approval_id}: the campaign is continuing as new; retry",
+                "",
+            )
+        elif self._spec is None:
+            refusal = f"approval {request.approval_id} is not pending", ""
+        else:
+            refusal = interpreter.decide_refusal(self.state, self._spec, request)
+        if refusal is not None:
+            message, field = refusal
+            kind = DecideRefusal.INVALID if field else DecideRefusal.CONFLICT
+            raise ApplicationError(message, field or "approval_id", type=kind, non_retryable=True)
+
+    @workflow.signal(name=HandlerName.COHORT_EXITED)
+    def cohort_exited(self, signal: CohortExited) -> None:
+        """The customer left the entry cohort; the campaign exits if its spec says so."""
+        self.state.left_cohort = signal.cohort_id
+
+    @workflow.signal(name=HandlerName.CUSTOMER_EVENT)
+    def customer_event(self, signal: CustomerEvent) -> None:
+        """An event of this customer: it may end a wait, the campaign, or meet the goal."""
+        if signal.event not in self.state.events_awaited:
+            self.state.events_awaited.append(signal.event)
+        if self._spec is None:
+            self.state.early_events.append(signal)
+        else:
+            interpreter.apply_event(self.state, self._spec, signal, workflow.now())
+
+    @workflow.signal(name=HandlerName.CONSENT_CHANGED)
+    def consent_changed(self, signal: ConsentChanged) -> None:
+        """A consent record changed; revoking a channel the campaign uses stops it."""
+        interpreter.set_consent(self.state, signal.channel, signal.purpose, signal.granted)
+
+    @workflow.signal(name=HandlerName.PAUSE_CHANGED)
+    def pause_changed(self, signal: PauseChanged) -> None:
+        """An operator paused or resumed outbound actions."""
+        self.state.paused = signal.paused
+
+    @workflow.query(name=HandlerName.STATUS)
+    def status(self) -> CampaignStatus:
+        """Where the campaign is, what it waits for and what it decided last."""
+        return details.status(self.state, self.input)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _transition(
+        self,
+        new: CampaignState,
+        detail: str,
+        *,
+        upsert_variant: bool = False,
+        safe_segment: str = "",
+    ) -> None:
+        """Enter a state: search attributes when one an SRE queries changes, details always."""
+        state = self.state
+        changed = new != state.current or upsert_variant
+        state.current = new
+        state.transitions.append(f"{details.clock(workflow.now())} {new} {detail}")
+        del state.transitions[: -2 * RECENT]
+        deadlines = self._deadline_updates(new)
+        if changed or deadlines:
+            updates: list[SearchAttributeUpdate[Any]] = [
+                SA.CAMPAIGN_STATE.value_set(new.value),
+                SA.AWAITING_APPROVAL.value_set(new == CampaignState.AWAITING_APPROVAL),
+                *deadlines,
+            ]
+            if upsert_variant:
+                updates.append(SA.VARIANT.value_set(state.variant))
+            if state.fallback_reason:
+                updates.append(SA.FALLBACK_REASON.value_set(state.fallback_reason))
+            workflow.upsert_search_attributes(updates)
+        text = details.current_details(state, detail, safe_segment=safe_segment)
+        workflow.set_current_details(text)
+
+    def _deadline_updates(self, new: CampaignState) -> list[SearchAttributeUpdate[Any]]:
+        """ApprovalDeadline and WaitUntil changes (DEADLINE_ATTRIBUTES): set while the
+        campaign waits for an operator or a time, unset once it no longer does."""
+        pending = self.state.pending_approval
+        awaiting = new == CampaignState.AWAITING_APPROVAL and pending is not None
+        waiting = new == CampaignState.WAITING
+        wanted: dict[SearchAttributeKey[datetime], datetime | None] = {
+            SA.APPROVAL_DEADLINE: interpreter.instant(pending.expires_at)
+            if awaiting and pending
+            else None,
+            SA.WAIT_UNTIL: interpreter.instant(self.state.waiting_until) if waiting else None,
+        }
+        current = workflow.info().typed_search_attributes
+        changes = {key: value for key, value in wanted.items() if current.get(key) != value}
+        if not changes or not workflow.patched(DEADLINE_ATTRIBUTES.id):
+            return []
+        return [k.value_set(v) if v is not None else k.value_unset() for k, v in changes.items()]
+
+    async def _wait_while_paused(self) -> None:
+        if self.state.paused:
+            await self.calls.record_unrecorded()
+            self._transition(self.state.current, "paused by an operator")
+            await workflow.wait_condition(lambda: not self.state.paused or self._interrupted())
+            if self._interrupted():
+                raise Finished(self._stop())
+
+    def _interrupted(self) -> bool:
+        return interpreter.interruption(self.state, self.spec) is not None
+
+    def _stop(self) -> Ending:
+        stop = interpreter.interruption(self.state, self.spec)
+        assert stop is not None
+        return stop
+
+    def _visit(self, step: StepDef) -> str:
+        return interpreter.visit_id(step.id, self.state.steps_run)
+
+    def _visit_of(self, step_id: str) -> str:
+        """The record name of the step a fallback came from; ``fallback`` before any step."""
+        return interpreter.visit_id(step_id, self.state.steps_run) if step_id else "fallback"
+
+    def _continue_due(self) -> bool:
+        """Whether this run's history has reached its bound (or the server suggests it)."""
+        info = workflow.info()
+        limit = self.input.history_limit or DEFAULT_HISTORY_LIMIT
+        return info.get_current_history_length() >= limit or info.is_continue_as_new_suggested()
+
+    def _take_deadline(self) -> datetime | None:
+        """The carried deadline of the resumed wait, once; later steps compute their own."""
+        deadline, self.state.deadline = self.state.deadline, ""
+        return interpreter.instant(deadline) if deadline else None
+
+    async def _hand_over(self) -> NoReturn:
+        """Record what was decided, let handlers finish, and continue as new with the state."""
+        self._handing_over = True
+        await self.calls.record_unrecorded()
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        self.state.runs += 1
+        workflow.continue_as_new(
+            replace(self.input, carried=self.state),
+            search_attributes=workflow.info().typed_search_attributes,
+        )
