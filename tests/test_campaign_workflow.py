@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import json
 import shutil
 import time
 from datetime import timedelta
@@ -14,6 +16,7 @@ from sqlalchemy import func, select, update
 from temporalio import activity
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
+from temporalio.exceptions import ApplicationError
 
 from activities.campaign.crm import CrmActivities
 from cohortflow.crm.client import CrmClient
@@ -28,8 +31,14 @@ from tests.harness import (
 )
 from workflows.campaign.activity_io import CrmWriteInput, CrmWriteResult
 from workflows.campaign.contract import SA, CampaignState
-from workflows.campaign.messages import CampaignResult, CohortExited, DecideRequest
-from workflows.campaign.state import RunState
+from workflows.campaign.interpreter import approval_id_for
+from workflows.campaign.messages import (
+    CampaignResult,
+    CohortExited,
+    DecideRequest,
+    PendingApproval,
+)
+from workflows.campaign.state import CampaignInput, RunState
 from workflows.campaign.workflow import CampaignWorkflow
 
 
@@ -393,6 +402,13 @@ async def test_a_stored_spec_made_invalid_by_hand_sends_a_new_campaign_to_its_sa
     description = await harness.describe(handle)
     assert description.typed_search_attributes.get(SA.FALLBACK_REASON) == "spec_invalid"
     assert await audit_count(harness, handle.id, "fallback") == 1
+    async with harness.db.transaction() as session:
+        finished = await session.scalar(
+            select(AuditRow.payload).where(
+                AuditRow.workflow_id == handle.id, AuditRow.kind == "finished"
+            )
+        )
+    assert finished is not None and json.loads(finished)["variant"] == "unassigned"
     await save_history_if_asked(handle, "spec_invalid_fallback")
 
 
@@ -426,3 +442,116 @@ async def test_an_awaited_event_heard_during_a_hand_over_ends_the_resumed_wait(
     events = [e async for e in handle.fetch_history_events()]
     assert not any(e.event_type == EventType.EVENT_TYPE_TIMER_FIRED for e in events)
     await save_history_if_asked(handle, "handover_event_heard")
+
+
+async def test_a_cohort_exit_heard_before_the_spec_loads_still_ends_the_campaign(
+    harness: Harness,
+) -> None:
+    spec, version = await harness.apply(without_approval(spec_document()))
+    key = await harness.customer()
+    async with harness.workers():
+        # Signal-with-start: the exit is in the first workflow task, before the spec loads.
+        handle = await harness.client.start_workflow(
+            CampaignWorkflow.run,
+            CampaignInput(
+                spec.campaign_id,
+                version,
+                key,
+                "1",
+                spec.entry_cohort,
+                crm_task_queue=harness.settings.crm_task_queue,
+            ),
+            id=f"campaign:{spec.campaign_id}:{key}:1",
+            task_queue=harness.settings.task_queue,
+            start_signal=CampaignWorkflow.cohort_exited.__name__,
+            start_signal_args=[CohortExited(cohort_id=spec.entry_cohort)],
+        )
+        await wait_for_state(handle, CampaignState.EXITED)
+        result = await handle.result()
+    assert (result.state, result.reason) == (CampaignState.EXITED, "left cohort test_cohort")
+    assert result.steps_run == []
+    await save_history_if_asked(handle, "early_cohort_exit")
+
+
+async def test_a_carried_approval_that_never_resumes_is_withdrawn_and_refuses_decisions(
+    harness: Harness,
+) -> None:
+    spec, version = await harness.apply(spec_document())
+    key = await harness.customer()
+    assert harness.env is not None
+    now = await harness.env.get_current_time()
+    workflow_id = f"campaign:{spec.campaign_id}:{key}:1"
+    pending = PendingApproval(
+        approval_id_for(workflow_id, "approve"),
+        "approve",
+        "test approval",
+        now.isoformat(),
+        (now + timedelta(days=3)).isoformat(),
+    )
+    async with harness.db.transaction() as session:
+        await approvals.add_pending(
+            session,
+            approval_id=pending.approval_id,
+            workflow_id=workflow_id,
+            step_id="approve",
+            campaign_id=spec.campaign_id,
+            customer_key=key,
+            reason=pending.reason,
+            scores={},
+            requested_at=now,
+            expires_at=now + timedelta(days=3),
+        )
+    # Handed over mid-approval; the customer unsubscribed while the next run started.
+    carried = RunState(
+        step_id="approve",
+        entered_at=now.isoformat(),
+        deadline=pending.expires_at,
+        pending_approval=pending,
+        steps_run=["score", "route", "approve"],
+        current=CampaignState.AWAITING_APPROVAL,
+        exit_reason="event unsubscribe",
+        runs=2,
+    )
+    async with harness.workers():
+        handle = await harness.start(spec, version, key, carried=carried)
+        with pytest.raises(WorkflowUpdateFailedError) as refused:
+            await handle.execute_update(
+                CampaignWorkflow.decide, DecideRequest(pending.approval_id, True, "alice", "ok")
+            )
+        result = await harness.result(handle)
+    assert isinstance(refused.value.cause, ApplicationError)
+    assert refused.value.cause.type == "DecideConflict"
+    assert (result.state, result.reason) == (CampaignState.EXITED, "event unsubscribe")
+    async with harness.db.transaction() as session:
+        row = await approvals.get_approval(session, pending.approval_id)
+    assert row is not None and row.status == "expired"
+    assert await audit_count(harness, handle.id, "approval_withdrawn") == 1
+    await save_history_if_asked(handle, "carried_approval_withdrawn")
+
+
+async def test_an_exit_stops_a_crm_write_that_is_still_being_retried(harness: Harness) -> None:
+    document = without_approval(spec_document())
+    document["steps"] = [s for s in document["steps"] if s["id"] in ("score", "label")]
+    spec, version = await harness.apply(document)
+    key = await harness.customer()
+    harness.sandbox.inject(503, count=1_000)  # the CRM is down for as long as the test runs
+    try:
+        async with harness.workers():
+            handle = await harness.launch(spec, version, key)
+            label = f"{handle.id}:label"
+            for _ in range(100):
+                if harness.sandbox.attempts(label) >= 2:
+                    break
+                await asyncio.sleep(0.05)
+            assert harness.sandbox.attempts(label) >= 2, "the write was never retried"
+            await handle.signal(CampaignWorkflow.cohort_exited, CohortExited("test_cohort"))
+            await wait_for_state(handle, CampaignState.EXITED)
+            result = await handle.result()
+            tried = harness.sandbox.attempts(label)
+            await asyncio.sleep(1.5)  # no retry comes after the exit
+            assert harness.sandbox.attempts(label) == tried
+    finally:
+        harness.sandbox.clear()
+    assert (result.state, result.reason) == (CampaignState.EXITED, "left cohort test_cohort")
+    assert await audit_count(harness, handle.id, "crm_written") == 0
+    await save_history_if_asked(handle, "crm_retry_interrupted")

@@ -159,7 +159,7 @@ def test_a_decision_is_refused_naming_the_field_or_none_for_a_conflict(
     state: RunState, request_: DecideRequest | None, field: str
 ) -> None:
     request = request_ or DecideRequest("apr_1", True, "alice", "ok")
-    refusal = interpreter.decide_refusal(state, approvers("alice", "bob"), request)
+    refusal = interpreter.decide_refusal(state, approvers("alice", "bob"), request, asking=True)
     assert refusal is not None and refusal[1] == field
 
 
@@ -169,9 +169,13 @@ def approvers(*names: str) -> CampaignSpecDef:
     return document
 
 
-def test_a_listed_approver_other_than_the_owner_may_decide() -> None:
+def test_a_listed_approver_other_than_the_owner_may_decide_while_asked() -> None:
     request = DecideRequest("apr_1", False, "bob", "not now")
-    assert interpreter.decide_refusal(awaiting(), approvers("alice", "bob"), request) is None
+    document = approvers("alice", "bob")
+    assert interpreter.decide_refusal(awaiting(), document, request, asking=True) is None
+    # A request carried into a run that has not reached its step again is not being asked.
+    refusal = interpreter.decide_refusal(awaiting(), document, request, asking=False)
+    assert refusal == ("approval apr_1 is not pending", "")
 
 
 def test_only_a_revoked_channel_the_campaign_uses_stops_it() -> None:

@@ -90,7 +90,14 @@ async def each_running(
                 return 0
 
     executions = [e async for e in client.list_workflows(query)]
-    return sum(await asyncio.gather(*(one(e) for e in executions)))
+    # A task group: when one call fails for good, the others are cancelled, not orphaned,
+    # and the caller sees that call's own error.
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(one(e)) for e in executions]
+    except ExceptionGroup as failed:
+        raise failed.exceptions[0] from failed
+    return sum(task.result() for task in tasks)
 
 
 async def signal_running(

@@ -45,12 +45,17 @@ class CrmRejected(CrmError):
 
 
 class CrmUnavailable(CrmError):
-    """A 5xx answer, a timeout or a connection failure; ``status`` is None without an answer."""
+    """A 5xx answer, a timeout or a connection failure; ``status`` is None without an answer.
 
-    def __init__(self, detail: str, status: int | None = None) -> None:
-        super().__init__(detail, status)
+    ``ambiguous``: the request may have been applied before it failed (a timeout after it was
+    sent, a connection reset before the reply), so a caller reads the state back first.
+    """
+
+    def __init__(self, detail: str, status: int | None = None, ambiguous: bool = False) -> None:
+        super().__init__(detail, status, ambiguous)
         self.detail = detail
         self.status = status
+        self.ambiguous = ambiguous
 
     def __str__(self) -> str:
         code = f" ({self.status})" if self.status is not None else ""

@@ -9,6 +9,8 @@ this record) or a deadline the spec sets ends in the safe default segment.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -29,7 +31,13 @@ with workflow.unsafe.imports_passed_through():
         LocalTimeInput,
         LocalTimeResult,
     )
-    from workflows.campaign.contract import ActivityName, AuditKind, CampaignState, FallbackReason
+    from workflows.campaign.contract import (
+        INTERRUPTIBLE_ACTIVITIES,
+        ActivityName,
+        AuditKind,
+        CampaignState,
+        FallbackReason,
+    )
     from workflows.campaign.definition import CampaignSpecDef, StepDef
     from workflows.campaign.interpreter import Ending
     from workflows.campaign.messages import PendingApproval
@@ -127,21 +135,35 @@ class ActivityCalls:
         result_type: type[_R],
         options: ActivityOptions,
         summary: str,
+        stop: Callable[[], Ending | None] | None = None,
     ) -> _R:
         """The one activity-call envelope: carry the decisions not yet on record, drop those
-        the activity acknowledges, and turn a business failure into the end it leads to."""
+        the activity acknowledges, and turn a business failure into the end it leads to.
+
+        ``stop`` says when the campaign must end while the call is still being retried (an
+        exit, a revocation): the call is then cancelled (INTERRUPTIBLE_ACTIVITIES).
+        """
         carried = list(self._state.unrecorded)
+        handle = workflow.start_activity(
+            activity,
+            build(carried),
+            result_type=result_type,
+            task_queue=self._input.crm_task_queue if options.on_crm_queue else None,
+            start_to_close_timeout=options.start_to_close,
+            schedule_to_close_timeout=options.schedule_to_close,
+            retry_policy=options.retry,
+            summary=summary,
+        )
+        if stop is not None:
+            await workflow.wait_condition(lambda: handle.done() or stop() is not None)
+            ending = None if handle.done() else stop()
+            if ending is not None and workflow.patched(INTERRUPTIBLE_ACTIVITIES.id):
+                handle.cancel()
+                with contextlib.suppress(ActivityError, asyncio.CancelledError):
+                    await handle
+                raise Finished(ending)
         try:
-            result: _R = await workflow.execute_activity(
-                activity,
-                build(carried),
-                result_type=result_type,
-                task_queue=self._input.crm_task_queue if options.on_crm_queue else None,
-                start_to_close_timeout=options.start_to_close,
-                schedule_to_close_timeout=options.schedule_to_close,
-                retry_policy=options.retry,
-                summary=summary,
-            )
+            result: _R = await handle
         except ActivityError as err:
             if options.fails_to is None:
                 raise

@@ -158,7 +158,8 @@ class DecideRefusal(enum.StrEnum):
     """``ApplicationError.type`` of a refused ``decide`` update, so callers branch on type.
 
     ``INVALID``: the request itself is wrong (its first detail names the field);
-    ``CONFLICT``: the approval is not pending here (decided, expired, or another one).
+    ``CONFLICT``: the approval is not pending here (decided, expired, or another one; its
+    detail is ``approval_id``).
     """
 
     INVALID = "DecideInvalid"
@@ -198,12 +199,30 @@ EVENTS_DURING_HANDOVER = Patch(
     "v5",
     "an awaited event that arrives while a wait continues as new ends the resumed wait",
 )
+EARLY_SIGNALS = Patch(
+    "early-signals",
+    "v5",
+    "a cohort exit, pause or consent change that arrives before the spec is loaded is kept",
+)
+WITHDRAW_ON_END = Patch(
+    "withdraw-on-end",
+    "v5",
+    "a run that ends with an approval still pending withdraws it on record",
+)
+INTERRUPTIBLE_ACTIVITIES = Patch(
+    "interruptible-activities",
+    "v5",
+    "an exit or revocation stops a scoring or CRM call that is still being retried",
+)
 PATCHES = (
     VARIANT_AUDIT,
     CONTROL_SKIPS_APPROVAL,
     DECISIONS_RIDE_ALONG,
     DEADLINE_ATTRIBUTES,
     EVENTS_DURING_HANDOVER,
+    EARLY_SIGNALS,
+    WITHDRAW_ON_END,
+    INTERRUPTIBLE_ACTIVITIES,
 )
 
 

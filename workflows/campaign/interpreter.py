@@ -1,7 +1,8 @@
 """The campaign spec's rules as pure functions: the one step loop, branches, holdout draws,
 rendering, ids and interruptions.
 
-No Temporal SDK calls and no clock: the workflow passes ``now`` in. ``CampaignWorkflow`` and
+No Temporal SDK calls (its search attribute keys are plain names) and no clock: the workflow
+passes ``now`` in. ``CampaignWorkflow`` and
 ``cohortflow.campaigns.preview`` both run ``run_steps`` with their own ``StepRunner``, so a dry run
 follows exactly the path a campaign takes. A spec the interpreter cannot follow (an unknown
 step, step type or outcome) ends in the safe default segment with the reason, never in an
@@ -16,10 +17,19 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Protocol
 
-from workflows.campaign.contract import CampaignState, FallbackReason
+from temporalio.common import SearchAttributeKey
+
+from workflows.campaign.activity_io import CrmWriteInput, Decision
+from workflows.campaign.contract import SA, CampaignState, FallbackReason
 from workflows.campaign.definition import CampaignSpecDef, Comparison, StepDef
-from workflows.campaign.messages import CustomerEvent, DecideRequest
-from workflows.campaign.state import RunState
+from workflows.campaign.messages import (
+    CohortExited,
+    ConsentChanged,
+    CustomerEvent,
+    DecideRequest,
+    PauseChanged,
+)
+from workflows.campaign.state import CampaignInput, RunState
 
 # Counted over every run of a campaign: a cycle the validator let through (or a spec stored
 # before loops were checked) still ends, while a weekly drip loop has room for years.
@@ -255,6 +265,35 @@ def render(properties: dict[str, str], values: dict[str, str]) -> dict[str, str]
     return rendered
 
 
+def crm_write_input(
+    spec: CampaignSpecDef,
+    step: StepDef,
+    state: RunState,
+    inp: CampaignInput,
+    workflow_id: str,
+    decisions: list[Decision],
+) -> CrmWriteInput:
+    """The ``crm_write`` a CRM step makes, properties rendered from what the run knows."""
+    values = placeholders(
+        inp.cohort_id, inp.campaign_id, state.variant, state.scores, state.model_versions
+    )
+    return CrmWriteInput(
+        workflow_id=workflow_id,
+        step_id=visit_id(step.id, state.steps_run),
+        campaign_id=inp.campaign_id,
+        customer_key=inp.customer_key,
+        action=step.action,
+        channel=step.channel,
+        purpose=step.purpose,
+        properties=render(step.properties, values),
+        sequence_id=step.sequence_id,
+        list_id=step.list_id,
+        cap_max_actions=spec.cap_max_actions,
+        cap_window_seconds=spec.cap_window_seconds,
+        decisions=decisions,
+    )
+
+
 def channels(spec: CampaignSpecDef) -> set[tuple[str, str]]:
     """The (channel, purpose) pairs the campaign's CRM steps need consent for."""
     return {(s.channel, s.purpose) for s in spec.steps if s.type == "crm"}
@@ -279,12 +318,13 @@ def approval_id_for(workflow_id: str, step_id: str) -> str:
 
 
 def decide_refusal(
-    state: RunState, spec: CampaignSpecDef, request: DecideRequest
+    state: RunState, spec: CampaignSpecDef, request: DecideRequest, *, asking: bool
 ) -> tuple[str, str] | None:
     """Why an operator's decision cannot be taken: (message, the request field at fault, or
-    "" when the approval is not pending here), or None when it can."""
+    "" when the approval is not pending here), or None when it can. ``asking``: the run is
+    waiting for this answer now (a carried request is not asked until its step resumes)."""
     pending = state.pending_approval
-    if pending is None or state.current != CampaignState.AWAITING_APPROVAL:
+    if pending is None or not asking:
         return f"approval {request.approval_id} is not pending", ""
     if request.approval_id != pending.approval_id:
         return f"approval {request.approval_id} is not pending here", ""
@@ -316,6 +356,17 @@ def interruption(state: RunState, spec: CampaignSpecDef) -> Ending | None:
     return None
 
 
+def apply_signal(state: RunState, signal: CohortExited | ConsentChanged | PauseChanged) -> None:
+    """Record what a cohort exit, consent change or pause says; ``interruption`` and the
+    CRM step decide what it means for the campaign."""
+    if isinstance(signal, CohortExited):
+        state.left_cohort = signal.cohort_id
+    elif isinstance(signal, ConsentChanged):
+        set_consent(state, signal.channel, signal.purpose, signal.granted)
+    else:
+        state.paused = signal.paused
+
+
 def set_consent(state: RunState, channel: str, purpose: str, granted: bool) -> None:
     """Record a consent change; whether it stops the campaign is ``interruption``'s call."""
     pair = [channel, purpose]
@@ -336,6 +387,21 @@ def apply_event(
         at = instant(event.occurred_at) or now
         if entered <= at <= entered + timedelta(seconds=spec.conversion_window_seconds):
             state.converted_at = at.isoformat()
+
+
+def deadlines(
+    state: RunState, entering: CampaignState
+) -> dict[SearchAttributeKey[datetime], datetime | None]:
+    """The ApprovalDeadline and WaitUntil a campaign entering a state should carry: set while
+    it waits for an operator or a time, None once it no longer does."""
+    pending = state.pending_approval
+    deadline = pending.expires_at if pending is not None else ""
+    awaiting = entering == CampaignState.AWAITING_APPROVAL
+    waiting = entering == CampaignState.WAITING
+    return {
+        SA.APPROVAL_DEADLINE: instant(deadline) if awaiting and deadline else None,
+        SA.WAIT_UNTIL: instant(state.waiting_until) if waiting else None,
+    }
 
 
 def instant(text: str) -> datetime | None:

@@ -35,7 +35,9 @@ class RunState:
     exit_reason: str = ""  # set: the campaign exits at the next check
     revoked: list[list[str]] = field(default_factory=list)  # [channel, purpose] revoked now
     converted_at: str = ""
-    events_awaited: list[str] = field(default_factory=list)  # since the event wait began
+    # Event names heard since the current event wait began (cleared when a wait starts, kept
+    # when a continuation resumes one); what the old CarriedState held was always empty.
+    events_awaited: list[str] = field(default_factory=list)
     steps_run: list[str] = field(default_factory=list)
     runs: int = 1
     # Added with the campaign package split.

@@ -22,16 +22,14 @@ from datetime import datetime, timedelta
 from typing import Any, NoReturn
 
 from temporalio import workflow
-from temporalio.common import SearchAttributeKey, SearchAttributeUpdate
+from temporalio.common import SearchAttributeUpdate
 from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from workflows.campaign import details, interpreter
     from workflows.campaign.activity_io import (
         CrmOutcome,
-        CrmWriteInput,
         CrmWriteResult,
-        Decision,
         ScoreInput,
         ScoreResult,
     )
@@ -41,9 +39,11 @@ with workflow.unsafe.imports_passed_through():
         CONTROL_SKIPS_APPROVAL,
         DEADLINE_ATTRIBUTES,
         DECISIONS_RIDE_ALONG,
+        EARLY_SIGNALS,
         EVENTS_DURING_HANDOVER,
         SA,
         VARIANT_AUDIT,
+        WITHDRAW_ON_END,
         ActivityName,
         AuditKind,
         CampaignState,
@@ -87,6 +87,8 @@ class CampaignWorkflow:
         self.state = inp.carried or RunState(entered_at=workflow.now().isoformat())
         self.calls = ActivityCalls(inp, self.state)
         self._spec: CampaignSpecDef | None = None
+        self._early: list[CohortExited | ConsentChanged | PauseChanged] = []
+        self._asking = False  # waiting for an operator's answer right now
         self._handing_over = False
 
     @property
@@ -107,11 +109,18 @@ class CampaignWorkflow:
             ending = await self._run_spec()
         else:
             segment, ending = loaded
+            self.state.variant = "unassigned"  # no arm was drawn: in neither arm's counts
         if ending.state == CampaignState.FALLBACK:
             self.state.fallback_reason = ending.reason.split(":", 1)[0]
             self._transition(CampaignState.FALLBACK, ending.reason, safe_segment=segment)
             await self.calls.fallback(self._visit_of(self.state.step_id), ending.reason, segment)
         state = self.state
+        pending = state.pending_approval
+        if pending is not None and workflow.patched(WITHDRAW_ON_END.id):
+            # A continued run that stopped before its approval step resumed.
+            state.pending_approval = None
+            why = {"why": ending.reason}
+            await self.calls.audit(pending.step_id, AuditKind.APPROVAL_WITHDRAWN, why, pending)
         if state.converted_at:
             payload = {"variant": state.variant, "at": state.converted_at}
             await self.calls.audit("goal", AuditKind.CONVERTED, payload)
@@ -127,6 +136,7 @@ class CampaignWorkflow:
         resume_at = self.state.step_id if self.input.carried is not None else ""
         if not resume_at:
             await self._enter()
+        self._apply_early_signals(resumed=bool(resume_at))
         for early in self.state.early_events:
             interpreter.apply_event(self.state, self.spec, early, workflow.now())
         self.state.early_events.clear()
@@ -180,6 +190,7 @@ class CampaignWorkflow:
             ScoreResult,
             SCORING,
             f"{step.id}: score {', '.join(step.models)}",
+            stop=self._interruption,
         )
         customer = result.customers[0]
         state.scores, state.features = dict(customer.scores), dict(customer.features)
@@ -227,6 +238,7 @@ class CampaignWorkflow:
         try:
             if timeout <= timedelta(0):
                 raise TimeoutError
+            self._asking = True
             await workflow.wait_condition(
                 lambda: state.decision is not None or self._interrupted() or self._continue_due(),
                 timeout=timeout,
@@ -234,6 +246,8 @@ class CampaignWorkflow:
             )
         except TimeoutError:
             return await self._approval_expired(step)
+        finally:
+            self._asking = False
         pending = state.pending_approval
         assert pending is not None
         if state.decision is None and not self._interrupted():
@@ -304,10 +318,13 @@ class CampaignWorkflow:
             self._transition(CampaignState.ACTING, f"CRM {step.action}")
             result = await self.calls.carry(
                 ActivityName.CRM_WRITE,
-                lambda carried: self._crm_input(step, carried),
+                lambda carried: interpreter.crm_write_input(
+                    spec, step, self.state, self.input, workflow.info().workflow_id, carried
+                ),
                 CrmWriteResult,
                 crm_options(spec),
                 f"{step.id}: {step.action} {step.sequence_id or step.list_id}".strip(),
+                stop=self._interruption,
             )
             if result.outcome == CrmOutcome.CONSENT_BLOCKED:
                 return Ending(CampaignState.CONSENT_BLOCKED, result.detail or "no consent")
@@ -318,27 +335,6 @@ class CampaignWorkflow:
                 details.remember(self.state, workflow.now(), f"{step.id}: {result.detail}")
                 return step.on_capped
             return None
-
-    def _crm_input(self, step: StepDef, carried: list[Decision]) -> CrmWriteInput:
-        state, spec, inp = self.state, self.spec, self.input
-        values = interpreter.placeholders(
-            inp.cohort_id, inp.campaign_id, state.variant, state.scores, state.model_versions
-        )
-        return CrmWriteInput(
-            workflow_id=workflow.info().workflow_id,
-            step_id=self._visit(step),
-            campaign_id=inp.campaign_id,
-            customer_key=inp.customer_key,
-            action=step.action,
-            channel=step.channel,
-            purpose=step.purpose,
-            properties=interpreter.render(step.properties, values),
-            sequence_id=step.sequence_id,
-            list_id=step.list_id,
-            cap_max_actions=spec.cap_max_actions,
-            cap_window_seconds=spec.cap_window_seconds,
-            decisions=carried,
-        )
 
     async def wait(self, step: StepDef) -> Next:
         """Wait a duration, until a local time of day, or for an event (with a timeout)."""
@@ -429,7 +425,9 @@ class CampaignWorkflow:
         elif self._spec is None:
             refusal = f"approval {request.approval_id} is not pending", ""
         else:
-            refusal = interpreter.decide_refusal(self.state, self._spec, request)
+            refusal = interpreter.decide_refusal(
+                self.state, self._spec, request, asking=self._asking
+            )
         if refusal is not None:
             message, field = refusal
             kind = DecideRefusal.INVALID if field else DecideRefusal.CONFLICT
@@ -438,7 +436,7 @@ class CampaignWorkflow:
     @workflow.signal(name=HandlerName.COHORT_EXITED)
     def cohort_exited(self, signal: CohortExited) -> None:
         """The customer left the entry cohort; the campaign exits if its spec says so."""
-        self.state.left_cohort = signal.cohort_id
+        self._take(signal)
 
     @workflow.signal(name=HandlerName.CUSTOMER_EVENT)
     def customer_event(self, signal: CustomerEvent) -> None:
@@ -453,12 +451,33 @@ class CampaignWorkflow:
     @workflow.signal(name=HandlerName.CONSENT_CHANGED)
     def consent_changed(self, signal: ConsentChanged) -> None:
         """A consent record changed; revoking a channel the campaign uses stops it."""
-        interpreter.set_consent(self.state, signal.channel, signal.purpose, signal.granted)
+        self._take(signal)
 
     @workflow.signal(name=HandlerName.PAUSE_CHANGED)
     def pause_changed(self, signal: PauseChanged) -> None:
         """An operator paused or resumed outbound actions."""
-        self.state.paused = signal.paused
+        self._take(signal)
+
+    def _take(self, signal: CohortExited | ConsentChanged | PauseChanged) -> None:
+        """Record what a signal says; one that arrives before the spec is loaded waits for it
+        (``_apply_early_signals``)."""
+        if self._spec is None:
+            self._early.append(signal)
+        else:
+            interpreter.apply_signal(self.state, signal)
+
+    def _apply_early_signals(self, *, resumed: bool) -> None:
+        """Signals heard before the spec loaded, now that it has (EARLY_SIGNALS). Before the
+        patch only a fresh run's pause survived: a continuation's carried state overwrote
+        it, and a cohort exit was dropped."""
+        early, self._early = self._early, []
+        if early and workflow.patched(EARLY_SIGNALS.id):
+            for signal in early:
+                self._take(signal)
+            return
+        for signal in early:
+            if isinstance(signal, PauseChanged) and not resumed:
+                self.state.paused = signal.paused
 
     @workflow.query(name=HandlerName.STATUS)
     def status(self) -> CampaignStatus:
@@ -499,15 +518,7 @@ class CampaignWorkflow:
     def _deadline_updates(self, new: CampaignState) -> list[SearchAttributeUpdate[Any]]:
         """ApprovalDeadline and WaitUntil changes (DEADLINE_ATTRIBUTES): set while the
         campaign waits for an operator or a time, unset once it no longer does."""
-        pending = self.state.pending_approval
-        awaiting = new == CampaignState.AWAITING_APPROVAL and pending is not None
-        waiting = new == CampaignState.WAITING
-        wanted: dict[SearchAttributeKey[datetime], datetime | None] = {
-            SA.APPROVAL_DEADLINE: interpreter.instant(pending.expires_at)
-            if awaiting and pending
-            else None,
-            SA.WAIT_UNTIL: interpreter.instant(self.state.waiting_until) if waiting else None,
-        }
+        wanted = interpreter.deadlines(self.state, new)
         current = workflow.info().typed_search_attributes
         changes = {key: value for key, value in wanted.items() if current.get(key) != value}
         if not changes or not workflow.patched(DEADLINE_ATTRIBUTES.id):
@@ -522,11 +533,14 @@ class CampaignWorkflow:
             if self._interrupted():
                 raise Finished(self._stop())
 
+    def _interruption(self) -> Ending | None:
+        return interpreter.interruption(self.state, self.spec)
+
     def _interrupted(self) -> bool:
-        return interpreter.interruption(self.state, self.spec) is not None
+        return self._interruption() is not None
 
     def _stop(self) -> Ending:
-        stop = interpreter.interruption(self.state, self.spec)
+        stop = self._interruption()
         assert stop is not None
         return stop
 
