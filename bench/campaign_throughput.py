@@ -184,7 +184,7 @@ async def main(n: int, workers: int) -> dict[str, object]:
             models_dir=registry.root,
             task_queue=f"bench-{suffix}",
             crm_task_queue=f"bench-crm-{suffix}",
-            crm_max_activities_per_second=1000.0,
+            crm_rate_limit=10_000,
             log_level="WARNING",
         )
         server = DevServer(settings)

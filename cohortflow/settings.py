@@ -5,8 +5,9 @@ from __future__ import annotations
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cohortflow.errors import Invalid
@@ -31,8 +32,19 @@ class Settings(BaseSettings):
     temporal_ui_port: int = Field(8233, ge=1, le=65535)
     task_queue: str = "cohortflow-campaigns"
     crm_task_queue: str = "cohortflow-crm"
-    crm_max_activities_per_second: float = Field(
-        50.0, gt=0, description="Server-side cap on CRM activities, below the CRM's own limit."
+    crm_rate_limit: int = Field(
+        100, ge=1, description="Requests the CRM allows per window, for every process together."
+    )
+    crm_rate_window_seconds: float = Field(10.0, gt=0, description="The CRM's rate window.")
+    crm_batch_linger_ms: int = Field(
+        200, ge=0, description="How long a CRM write waits for others to share its batch."
+    )
+    crm_owned_properties: list[str] = Field(
+        default_factory=lambda: ["*"],
+        description="Contact properties cohortflow may write (shell-style patterns, JSON list).",
+    )
+    crm_max_concurrent_activities: int = Field(
+        500, ge=1, description="CRM activities one worker runs at once (they mostly wait)."
     )
 
     database_url: str | None = Field(
@@ -42,9 +54,48 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=1, le=65535)
 
+    crm_kind: Literal["sandbox", "hubspot"] = Field(
+        "sandbox",
+        description="The CRM's wire format: sandbox (our own dialect, the bundled sandbox's own"
+        " mode) or hubspot (HubSpot's API; the sandbox serves it too, crm_sandbox_mode=hubspot).",
+    )
     crm_url: str | None = Field(None, description="Base URL of the CRM; unset means the sandbox.")
-    crm_token: SecretStr | None = None
+    crm_token: SecretStr | None = Field(
+        None, description="Bearer token (HubSpot: the private app's access token)."
+    )
     crm_timeout_seconds: float = Field(10.0, gt=0)
+    crm_api_paths: Literal["2026-03", "legacy"] = Field(
+        "2026-03",
+        description="HubSpot: the date-versioned paths (/crm/objects/2026-03/...) or the legacy"
+        " v3/v4 ones (/crm/v3/objects/..., /automation/v4/sequences/...).",
+    )
+    crm_id_property: str = Field(
+        "cohortflow_key",
+        description="HubSpot: the unique-value contact property holding our customer key"
+        " (create it in HubSpot with unique values); contacts are upserted and found by it.",
+    )
+    crm_sender_email: str = Field(
+        "",
+        description="HubSpot: the connected inbox sequence e-mails are sent from, when a"
+        " campaign step names none.",
+    )
+    crm_user_id: str = Field(
+        "",
+        description="HubSpot: the id of the user who enrols contacts in sequences (the userId"
+        " HubSpot's enrolment endpoint requires; that user owns the sender inbox).",
+    )
+    crm_sequence_unenroll_path: str = Field(
+        "",
+        description="HubSpot documents no unenrolment endpoint: a path on the CRM URL that"
+        " takes POST {contactId, sequenceId} to unenrol (the sandbox's hubspot mode serves"
+        " /automation/sequences/2026-03/enrollments/unenroll); empty means unenrolling a"
+        " contact still enrolled is refused.",
+    )
+    crm_daily_reset_timezone: str = Field(
+        "UTC",
+        description="The time zone of the HubSpot account: its daily request limit resets at"
+        " midnight there (the sandbox's daily limit too).",
+    )
     crm_sandbox_host: str = "127.0.0.1"
     crm_sandbox_port: int = Field(8100, ge=1, le=65535)
     crm_sandbox_db: Path | None = None
@@ -52,6 +103,14 @@ class Settings(BaseSettings):
     crm_sandbox_rate_window_seconds: float = Field(10.0, gt=0)
     crm_sandbox_error_rate: float = Field(0.0, ge=0, le=1)
     crm_sandbox_latency_ms: int = Field(0, ge=0)
+    crm_sandbox_mode: Literal["own", "hubspot"] = Field(
+        "own",
+        description="own (our dialect, for crm_kind=sandbox) or hubspot (HubSpot's wire format,"
+        " for crm_kind=hubspot; requires crm_token when it is set).",
+    )
+    crm_sandbox_daily_limit: int | None = Field(
+        None, ge=1, description="hubspot mode: requests per day (reset at local midnight)."
+    )
 
     pseudonymisation_key: SecretStr | None = Field(
         None, description="HMAC key for customer keys; unset means a key file in the data dir."
@@ -61,6 +120,15 @@ class Settings(BaseSettings):
     log_format: Literal["console", "json"] = "console"
     log_level: str = "INFO"
     otel_console: bool = Field(False, description="Export OpenTelemetry spans to the console.")
+
+    @field_validator("crm_daily_reset_timezone")
+    @classmethod
+    def _known_time_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {value!r}") from exc
+        return value
 
     @cached_property
     def resolved_database_url(self) -> str:

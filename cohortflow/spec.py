@@ -275,6 +275,19 @@ class QuietHoursSpec(_Model):
         return self
 
 
+class CrmSpec(_Model):
+    """How the campaign treats its CRM."""
+
+    # How long a CRM action may keep failing for reasons that are not this record's (the CRM
+    # down, rate limited) before the customer goes to the safe default segment instead.
+    give_up_after: str = "P1D"
+
+    @field_validator("give_up_after")
+    @classmethod
+    def _give_up_after(cls, value: str) -> str:
+        return _positive_duration(value)
+
+
 class CampaignSpec(_Model):
     """A campaign as authored: entry cohort, controls and steps."""
 
@@ -293,16 +306,12 @@ class CampaignSpec(_Model):
     frequency_cap: FrequencyCapSpec | None = None
     quiet_hours: QuietHoursSpec | None = None
     default_timezone: str = "UTC"
-    # How long a CRM action may keep failing for reasons that are not this record's (the CRM
-    # down, rate limited) before the customer goes to the safe default segment instead.
-    action_deadline: str | None = None
+    crm: CrmSpec = Field(default_factory=lambda: CrmSpec())
+    on_consent_revoked: list[Literal["unenroll", "remove_from_lists", "clear_properties"]] = Field(
+        default_factory=list
+    )
     approval: ApprovalSpec = Field(default_factory=ApprovalSpec)
     steps: list[StepSpec] = Field(min_length=1)
-
-    @field_validator("action_deadline")
-    @classmethod
-    def _deadline(cls, value: str | None) -> str | None:
-        return None if value is None else _positive_duration(value)
 
     @field_validator("default_timezone")
     @classmethod
@@ -357,9 +366,8 @@ class CampaignSpec(_Model):
             quiet_start=quiet.start if quiet else "",
             quiet_end=quiet.end if quiet else "",
             default_timezone=self.default_timezone,
-            action_deadline_seconds=(
-                parse_duration(self.action_deadline).total_seconds() if self.action_deadline else 0
-            ),
+            crm_give_up_after_seconds=parse_duration(self.crm.give_up_after).total_seconds(),
+            on_consent_revoked=list(dict.fromkeys(self.on_consent_revoked)),
         )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import threading
 import time
@@ -23,12 +24,11 @@ from temporalio.api.workflowservice.v1 import DescribeWorkflowExecutionRequest
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 from temporalio.common import TypedSearchAttributes
 from temporalio.converter import decode_typed_search_attributes
-from temporalio.testing import WorkflowEnvironment
+from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
 
-from activities.campaign import CampaignActivities
+from activities.campaign.batcher import CrmBatcher
 from activities.campaign.crm import CrmActivities
 from cohortflow.campaigns.launcher import FIRST_ENTRY, Entry, Launcher
-from cohortflow.crm.client import CrmClient
 from cohortflow.crm.sandbox.app import SandboxConfig, create_app
 from cohortflow.runtime.ports import free_port
 from cohortflow.settings import Settings
@@ -40,7 +40,8 @@ from scoring.features import FEATURE_NAMES
 from scoring.registry import ModelRegistry
 from scoring.scorer import Scorer
 from scoring.train import TrainConfig, train_churn
-from workers.campaign_worker import build_workers
+from workers.campaign_worker import build_workers, campaign_activities, crm_batcher
+from workflows.campaign.calls import CRM
 from workflows.campaign.contract import PATCHES, CampaignState, campaign_workflow_id
 from workflows.campaign.messages import CampaignResult, CampaignStatus
 from workflows.campaign.state import CampaignInput
@@ -185,25 +186,31 @@ class Harness:
             task_queue=f"campaigns-{suffix}",
             crm_task_queue=f"crm-{suffix}",
             crm_url=sandbox.url,
+            # Tests that are not about the ceiling or batching should not wait for either.
+            crm_rate_limit=10_000,
+            crm_batch_linger_ms=10,
         )
 
     @contextlib.asynccontextmanager
     async def workers(self, crm_type: type[CrmActivities] = CrmActivities) -> AsyncIterator[None]:
-        """Run real activities against the real database, scorer and sandbox CRM."""
-        async with CrmClient(self.sandbox.url) as crm:
-            scorer = Scorer(ModelRegistry(self.registry_root))
-            activities = CampaignActivities.build(self.db, scorer, crm, crm_type=crm_type)
-            built = build_workers(
-                self.client,
-                activities,
-                task_queue=self.settings.task_queue,
-                crm_task_queue=self.settings.crm_task_queue,
-                crm_max_activities_per_second=100.0,
-            )
+        """Run real activities against the real database, scorer and sandbox CRM, through
+        the same CRM path (connector, shared ceiling, batcher) as a worker process."""
+        batcher = crm_batcher(self.settings, self.db)
+        scorer = Scorer(ModelRegistry(self.registry_root))
+        activities = campaign_activities(self.settings, self.db, scorer, batcher, crm_type)
+        built = build_workers(
+            self.client,
+            activities,
+            task_queue=self.settings.task_queue,
+            crm_task_queue=self.settings.crm_task_queue,
+        )
+        try:
             async with contextlib.AsyncExitStack() as stack:
                 for worker in built:
                     await stack.enter_async_context(worker)
                 yield
+        finally:
+            await batcher.aclose()
 
     async def apply(self, document: dict[str, Any]) -> tuple[CampaignSpec, int]:
         """Store the spec; returns it with its version."""
@@ -291,6 +298,36 @@ class Harness:
         # Only the time-skipping environment has it; the dev server's env is None here.
         async with self.env.time_skipping_unlocked():  # type: ignore[attr-defined]
             return await handle.result()
+
+
+def crm_env(attempt: int = 1) -> ActivityEnvironment:
+    """An activity context with the options the workflow schedules ``crm_write`` with."""
+    env = ActivityEnvironment()
+    env.info = dataclasses.replace(
+        env.info,
+        activity_type="crm_write",
+        attempt=attempt,
+        start_to_close_timeout=CRM.start_to_close,
+        heartbeat_timeout=CRM.heartbeat,
+        schedule_to_close_timeout=None,
+        retry_policy=CRM.retry,
+    )
+    return env
+
+
+def crm_path(db: Database, crm_url: str, **settings: Any) -> CrmBatcher:
+    """The CRM path a worker process builds (connector, shared ceiling, batcher); tests that
+    are not about the ceiling or batching do not wait for either."""
+    defaults: dict[str, Any] = {"crm_rate_limit": 10_000, "crm_batch_linger_ms": 10}
+    return crm_batcher(Settings(crm_url=crm_url, **{**defaults, **settings}), db)
+
+
+async def consenting_customer(db: Database, key: str = "") -> str:
+    """A customer (``key``, or a new one) who consented to e-mail marketing."""
+    key = key or f"c_{uuid.uuid4().hex[:24]}"
+    async with db.transaction() as session:
+        await consent.set_consent(session, key, "email", "marketing", True, "tests")
+    return key
 
 
 HISTORIES = Path(__file__).parent / "histories"

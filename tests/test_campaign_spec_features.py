@@ -29,18 +29,20 @@ from activities.campaign.gate import reservation_ttl
 from cohortflow.crm.client import CrmClient
 from cohortflow.schedule import next_local_time
 from cohortflow.spec import CampaignSpec
-from cohortflow.storage import audit, consent, customers, outbound, reservations
+from cohortflow.storage import audit, customers, outbound, reservations
 from cohortflow.storage.db import Database
 from cohortflow.storage.tables import AuditRow, OutboundReservation
 from tests.harness import (
     Harness,
     Sandbox,
+    consenting_customer,
+    crm_env,
+    crm_path,
     save_history_if_asked,
     serve_sandbox,
     wait_for_state,
 )
 from workflows.campaign.activity_io import CrmOutcome, CrmWriteInput, FallbackInput
-from workflows.campaign.calls import CRM
 from workflows.campaign.contract import SA, AuditKind, CampaignState, idempotency_key
 from workflows.campaign.interpreter import holdout_variant, score_band
 from workflows.campaign.messages import CampaignResult, CustomerEvent
@@ -326,8 +328,11 @@ def slow_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
 @contextlib.asynccontextmanager
 async def activities_on(db: Database, crm_url: str, tmp_path: Path) -> AsyncIterator[CrmActivities]:
     """The real activities on ``db`` and a sandbox CRM (crm_write needs no model)."""
-    async with CrmClient(crm_url) as crm:
-        yield CrmActivities(db, crm)
+    batcher = crm_path(db, crm_url)
+    try:
+        yield CrmActivities(db, batcher)
+    finally:
+        await batcher.aclose()
 
 
 @pytest.fixture
@@ -337,27 +342,6 @@ async def crm_activities(
     """The real activities on ``db`` and the session's sandbox CRM."""
     async with activities_on(db, sandbox.url, tmp_path) as activities:
         yield activities
-
-
-def crm_env(attempt: int = 1) -> ActivityEnvironment:
-    """An activity context with the options the workflow schedules ``crm_write`` with."""
-    env = ActivityEnvironment()
-    env.info = dataclasses.replace(
-        env.info,
-        activity_type="crm_write",
-        attempt=attempt,
-        start_to_close_timeout=CRM.start_to_close,
-        schedule_to_close_timeout=None,
-        retry_policy=CRM.retry,
-    )
-    return env
-
-
-async def consenting_customer(db: Database) -> str:
-    key = f"c_{uuid.uuid4().hex[:24]}"
-    async with db.transaction() as session:
-        await consent.set_consent(session, key, "email", "marketing", True, "tests")
-    return key
 
 
 def write_input(key: str, campaign: str, cap: int) -> CrmWriteInput:
@@ -501,13 +485,16 @@ async def test_the_fallback_gives_the_failed_actions_slot_back(
     await fail_once(sandbox, crm_activities, first, 503)
     # The spec's deadline for the action passed: the workflow puts the customer in the safe
     # default segment.
-    async with CrmClient(sandbox.url) as crm:
+    batcher = crm_path(db, sandbox.url)
+    try:
         await crm_env().run(
-            FallbackActivities(db, crm).resolve_fallback,
+            FallbackActivities(db, batcher).resolve_fallback,
             FallbackInput(
                 first.workflow_id, "label", first.campaign_id, key, "nurture", "crm_failed"
             ),
         )
+    finally:
+        await batcher.aclose()
     assert await in_flight(db, key) == []
     assert (await crm_env().run(crm_activities.crm_write, second)).outcome == "written"
 
@@ -537,7 +524,7 @@ async def test_an_expired_reservation_stops_counting_and_its_retry_is_checked_ag
 
 
 def test_a_reservation_lasts_one_attempt_and_the_wait_for_the_next() -> None:
-    assert reservation_ttl(crm_env().info) == timedelta(minutes=4)
+    assert reservation_ttl(crm_env().info) == timedelta(minutes=13)
     unknown = dataclasses.replace(
         ActivityEnvironment().info, start_to_close_timeout=None, schedule_to_close_timeout=None
     )

@@ -243,11 +243,11 @@ async def test_a_crm_that_stays_down_is_waited_for_not_turned_into_a_fallback(
     assert harness.sandbox.attempts(f"{handle.id}:label") == 13
 
 
-async def test_the_spec_action_deadline_ends_a_crm_outage_in_the_safe_segment(
+async def test_the_spec_crm_give_up_after_ends_a_crm_outage_in_the_safe_segment(
     harness: Harness,
 ) -> None:
     _, handle, result = await label_once_through_a_fault(
-        harness, 503, count=1_000, action_deadline="PT2M"
+        harness, 503, count=1_000, crm={"give_up_after": "PT2M"}
     )
     assert result.state == CampaignState.FALLBACK
     assert result.reason.startswith("crm_failed: ") and result.segment == "nurture_default"

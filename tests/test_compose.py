@@ -42,8 +42,10 @@ def command(service: dict[str, Any]) -> list[str]:
 
 
 def interpolate(value: str, dotenv: dict[str, str]) -> str:
-    """``value`` with each ``${NAME:?message}`` replaced as compose would from ``dotenv``."""
-    return re.sub(r"\$\{(\w+):\?[^}]*\}", lambda m: dotenv[m.group(1)], value)
+    """``value`` with each ``${NAME:?message}`` and ``${NAME:-default}`` replaced as compose
+    would from ``dotenv``."""
+    value = re.sub(r"\$\{(\w+):\?[^}]*\}", lambda m: dotenv[m.group(1)], value)
+    return re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: dotenv.get(m.group(1)) or m.group(2), value)
 
 
 def published(service: dict[str, Any]) -> list[tuple[int, int]]:
@@ -75,7 +77,8 @@ def test_cohortflow_variables_are_settings_fields() -> None:
 def test_cohortflow_services_parse_their_environment_into_settings() -> None:
     for name in COHORTFLOW_SERVICES:
         env = {
-            key.removeprefix("COHORTFLOW_").lower(): value
+            # A default (``${NAME:-default}``) is what the file itself sets.
+            key.removeprefix("COHORTFLOW_").lower(): re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", value)
             for key, value in environment(SERVICES[name]).items()
         }
         settings = Settings.model_validate(env)

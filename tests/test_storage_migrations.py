@@ -18,7 +18,7 @@ from cohortflow.storage.tables import Base
 
 REPO = Path(__file__).resolve().parent.parent
 TABLES = set(Base.metadata.tables)
-HEAD = "0004"
+HEAD = "0005"
 
 
 def _table_names(connection: Connection) -> set[str]:
@@ -66,6 +66,8 @@ async def test_upgrade_downgrade_upgrade(database_url: str) -> None:
         "cohort_transitions",
         "launch_decisions",
         "outbound_reservations",
+        "crm_effects",
+        "crm_requests",
     } == TABLES
     await migrate(database_url)
     assert _tables_without_alembic(await _tables(database_url)) == TABLES

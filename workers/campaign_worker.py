@@ -1,8 +1,9 @@
 """Wires CampaignWorkflow and its activities to a Temporal client.
 
 Two workers share one process: the campaign queue runs workflows, scoring and the local
-activities; the CRM queue runs every CRM call under a server-side rate cap, so the whole
-fleet of workers stays below the CRM's own limit however many of them run.
+activities; the CRM queue runs every CRM call, each process's writes coalesced into batch
+calls under one request ceiling all processes share, so the whole fleet of workers stays
+below the CRM's own limit however many of them run.
 """
 
 from __future__ import annotations
@@ -10,14 +11,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Sequence
+from datetime import timedelta
 
 import structlog
 from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.campaign import CampaignActivities
+from activities.campaign.batcher import CrmBatcher
+from activities.campaign.ceiling import CeilingConfig, RequestCeiling
+from activities.campaign.crm import CrmActivities
 from activities.launch import LaunchActivities
-from cohortflow.crm.client import CrmClient
+from cohortflow.crm.factory import make_connector
 from cohortflow.settings import Settings
 from cohortflow.storage.db import Database
 from scoring.registry import ModelRegistry
@@ -34,10 +39,14 @@ def build_workers(
     *,
     task_queue: str,
     crm_task_queue: str,
-    crm_max_activities_per_second: float,
+    crm_max_concurrent_activities: int = 500,
     launch: LaunchActivities | None = None,
 ) -> Sequence[Worker]:
-    """The campaign worker (with the bulk launcher when given) and the rate-capped CRM worker."""
+    """The campaign worker (with the bulk launcher when given) and the CRM worker.
+
+    The CRM worker runs many activities at once because they mostly wait for their batch
+    and the CRM's ceiling: that is what lets their records share batch calls.
+    """
     launch_activities = [launch.launch_entries] if launch is not None else []
     campaign = Worker(
         client,
@@ -55,11 +64,61 @@ def build_workers(
     crm = Worker(
         client,
         task_queue=crm_task_queue,
-        activities=[activities.crm.crm_write, activities.fallback.resolve_fallback],
-        max_task_queue_activities_per_second=crm_max_activities_per_second,
-        max_concurrent_activities=50,
+        activities=[
+            activities.crm.crm_write,
+            activities.crm.crm_compensate,
+            activities.fallback.resolve_fallback,
+        ],
+        max_concurrent_activities=crm_max_concurrent_activities,
     )
     return (campaign, crm)
+
+
+def crm_batcher(settings: Settings, db: Database) -> CrmBatcher:
+    """The process's path to the CRM: its connector, every request of which first takes a
+    slot under the ceiling all processes share (named by the CRM's kind and URL), and the
+    batcher that coalesces writes."""
+    ceiling = RequestCeiling(
+        db,
+        CeilingConfig(
+            name=f"{settings.crm_kind}:{settings.resolved_crm_url}",
+            limit=settings.crm_rate_limit,
+            window=timedelta(seconds=settings.crm_rate_window_seconds),
+        ),
+    )
+    token = settings.crm_token.get_secret_value() if settings.crm_token else None
+    connector = make_connector(
+        settings.crm_kind,
+        settings.resolved_crm_url,
+        token,
+        settings.crm_timeout_seconds,
+        paths=settings.crm_api_paths,
+        id_property=settings.crm_id_property,
+        sender_email=settings.crm_sender_email,
+        user_id=settings.crm_user_id,
+        daily_reset_timezone=settings.crm_daily_reset_timezone,
+        sequence_unenroll_path=settings.crm_sequence_unenroll_path,
+        before_request=ceiling.acquire,
+    )
+    return CrmBatcher(connector, linger=timedelta(milliseconds=settings.crm_batch_linger_ms))
+
+
+def campaign_activities(
+    settings: Settings,
+    db: Database,
+    scorer: Scorer,
+    batcher: CrmBatcher,
+    crm_type: type[CrmActivities] = CrmActivities,
+) -> CampaignActivities:
+    """Every campaign activity with the process's dependencies and CRM settings."""
+    return CampaignActivities.build(
+        db,
+        scorer,
+        batcher,
+        crm_type=crm_type,
+        owned_properties=settings.crm_owned_properties,
+        sender_email=settings.crm_sender_email,
+    )
 
 
 async def run_workers(workers: Sequence[Worker], stop: asyncio.Event) -> None:
@@ -73,23 +132,19 @@ async def run_workers(workers: Sequence[Worker], stop: asyncio.Event) -> None:
 async def serve(settings: Settings, client: Client, stop: asyncio.Event) -> None:
     """Run a worker process's workers against ``client`` with real dependencies."""
     db = Database(settings.resolved_database_url)
-    token = settings.crm_token.get_secret_value() if settings.crm_token else None
-    async with CrmClient(
-        settings.resolved_crm_url, token=token, timeout=settings.crm_timeout_seconds
-    ) as crm:
-        activities = CampaignActivities.build(
-            db, Scorer(ModelRegistry(settings.resolved_models_dir)), crm
-        )
-        workers = build_workers(
-            client,
-            activities,
-            task_queue=settings.task_queue,
-            crm_task_queue=settings.crm_task_queue,
-            crm_max_activities_per_second=settings.crm_max_activities_per_second,
-            launch=LaunchActivities(client, db, settings),
-        )
-        log.info("worker started", task_queue=settings.task_queue, crm=settings.crm_task_queue)
-        try:
-            await run_workers(workers, stop)
-        finally:
-            await db.dispose()
+    batcher = crm_batcher(settings, db)
+    scorer = Scorer(ModelRegistry(settings.resolved_models_dir))
+    workers = build_workers(
+        client,
+        campaign_activities(settings, db, scorer, batcher),
+        task_queue=settings.task_queue,
+        crm_task_queue=settings.crm_task_queue,
+        crm_max_concurrent_activities=settings.crm_max_concurrent_activities,
+        launch=LaunchActivities(client, db, settings),
+    )
+    log.info("worker started", task_queue=settings.task_queue, crm=settings.crm_task_queue)
+    try:
+        await run_workers(workers, stop)
+    finally:
+        await batcher.aclose()
+        await db.dispose()

@@ -5,15 +5,16 @@ one, and knows nothing of who hosts it (``workers/`` puts them on task queues).
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from activities.campaign.audit import AuditActivities
+from activities.campaign.batcher import CrmBatcher
 from activities.campaign.crm import CrmActivities
 from activities.campaign.fallback import FallbackActivities
 from activities.campaign.local_time import LocalTimeActivities
 from activities.campaign.scoring import ScoringActivities
 from activities.campaign.spec import SpecActivities
-from cohortflow.crm.client import CrmClient
 from cohortflow.storage.db import Database
 from scoring.scorer import Scorer
 
@@ -34,16 +35,18 @@ class CampaignActivities:
         cls,
         db: Database,
         scorer: Scorer,
-        crm: CrmClient,
+        batcher: CrmBatcher,
         *,
         crm_type: type[CrmActivities] = CrmActivities,
+        owned_properties: Collection[str] = ("*",),
+        sender_email: str = "",
     ) -> CampaignActivities:
-        """Bind every activity to the database, the scorer and the CRM client."""
+        """Bind every activity to the database, the scorer and the process's CRM batcher."""
         return cls(
             spec=SpecActivities(db),
             scoring=ScoringActivities(db, scorer),
             audit=AuditActivities(db),
             local_time=LocalTimeActivities(db),
-            crm=crm_type(db, crm),
-            fallback=FallbackActivities(db, crm),
+            crm=crm_type(db, batcher, owned_properties=owned_properties, sender_email=sender_email),
+            fallback=FallbackActivities(db, batcher),
         )

@@ -1,100 +1,286 @@
-"""The outbound CRM action of a campaign step: gated, written once, then on record.
+"""The outbound CRM action of a campaign step: gated, written once in effect, then on record.
 
-Every write carries the idempotency key ``{workflow_id}:{step_id}``; the audit row comes once
-the CRM has answered, unique on (workflow, step, kind), so a retry adds nothing. A 429 is
-retried after exactly the CRM's ``Retry-After``; an outage is retried without a cap; a
-rejection of this record (4xx) is the campaign's business failure.
+Every write has the idempotency key ``{workflow_id}:{step_id}``. The ledger of confirmed
+effects makes it happen once even where the CRM has no idempotency of its own (sequence
+enrolment): a key on record is not sent again, a retried enrolment reads the contact back
+first, and so does a write whose reply was lost. Records go through the process's batcher
+(batch calls across campaigns, under the ceiling every process shares). A short 429 is waited
+out; a long one is retried after exactly its delay; a spent daily window is answered, so the
+campaign waits for it durably and visibly; a record the CRM refuses is the campaign's
+business failure. Only properties cohortflow owns are ever written.
 """
 
 from __future__ import annotations
 
+import asyncio
+import fnmatch
+from collections.abc import Awaitable, Collection
 from datetime import timedelta
+from typing import NoReturn, TypeVar
 
 import structlog
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.campaign import gate
+from activities.campaign.audit import append_decisions, append_row
+from activities.campaign.batcher import CrmBatcher
 from activities.campaign.log_context import bind
-from cohortflow.crm.client import ContactUpsert, CrmClient
-from cohortflow.crm.errors import CrmError, CrmRateLimited, CrmRejected
-from cohortflow.storage import customers
+from cohortflow.crm.connector import (
+    ContactState,
+    ContactWrite,
+    CrmError,
+    CrmRejected,
+    CrmRetryAfter,
+    CrmUnavailable,
+    CrmWaitForWindow,
+    Membership,
+    RecordOutcome,
+)
+from cohortflow.storage import crm_ledger, customers
 from cohortflow.storage.db import Database
-from workflows.campaign.activity_io import CrmOutcome, CrmWriteInput, CrmWriteResult
-from workflows.campaign.contract import ActivityName, idempotency_key
+from cohortflow.storage.tables import CrmEffect
+from workflows.campaign.activity_io import (
+    CompensateInput,
+    CompensateResult,
+    CrmOutcome,
+    CrmWriteInput,
+    CrmWriteResult,
+)
+from workflows.campaign.contract import ActivityName, AuditKind, idempotency_key
 
 log = structlog.get_logger(__name__)
 
+# While an activity waits for its batch it tells Temporal it is alive this often, so a lost
+# worker is noticed within the heartbeat timeout however long the CRM's queue is.
+HEARTBEAT_EVERY = timedelta(seconds=5)
+# Actions the CRM does not make idempotent by itself: read back before sending them again.
+MEMBERSHIP_ACTIONS = frozenset({"enroll_sequence", "add_to_list"})
+UNDO = {
+    "enroll_sequence": "unenroll",
+    "add_to_list": "remove_from_lists",
+    "set_properties": "clear_properties",
+}
+
+_T = TypeVar("_T")
+
+
+class _WindowSpent(Exception):
+    def __init__(self, error: CrmWaitForWindow) -> None:
+        super().__init__(str(error))
+        self.error = error
+
 
 class CrmActivities:
-    """Writes to the CRM through the consent and frequency-cap gate."""
+    """Writes to the CRM through the consent and frequency-cap gate, once in effect."""
 
-    def __init__(self, db: Database, crm: CrmClient) -> None:
+    def __init__(
+        self,
+        db: Database,
+        batcher: CrmBatcher,
+        *,
+        owned_properties: Collection[str] = ("*",),
+        sender_email: str = "",
+    ) -> None:
         self._db = db
-        self._crm = crm
+        self._batcher = batcher
+        self._owned = tuple(owned_properties)
+        self._sender = sender_email
 
     @activity.defn(name=ActivityName.CRM_WRITE)
     async def crm_write(self, inp: CrmWriteInput) -> CrmWriteResult:
         """Check pause, consent and the frequency cap right before writing, then write once
-        to the CRM; the action holds a cap reservation from the gate until it is recorded."""
+        in effect; the action holds a cap reservation from the gate until it is recorded."""
         bind(inp.workflow_id, inp.customer_key)
+        self._refuse_unowned(inp)
         stopped = await gate.gate(self._db, inp, gate.reservation_ttl(activity.info()))
         if stopped is not None:
             stopped.decisions_recorded = len(inp.decisions)  # the gate's transaction wrote them
             return stopped
-        record_id = await self._send_or_release(inp)
-        await gate.written(self._db, inp)
-        log.info("crm written", action=inp.action, attempt=activity.info().attempt)
+        try:
+            effect = await self._effect(inp, idempotency_key(inp.workflow_id, inp.step_id))
+        except _WindowSpent as spent:
+            await gate.release(self._db, inp.customer_key, inp.workflow_id, inp.step_id)
+            return CrmWriteResult(
+                outcome=CrmOutcome.WAIT_WINDOW,
+                detail=str(spent.error),
+                retry_at=spent.error.until.isoformat(),
+                decisions_recorded=len(inp.decisions),
+            )
+        await gate.written(self._db, inp, effect)
+        log.info("crm written", action=inp.action, how=effect.how, attempt=activity.info().attempt)
         return CrmWriteResult(
             outcome=CrmOutcome.WRITTEN,
-            crm_record_id=record_id,
+            crm_record_id=effect.crm_id,
             decisions_recorded=len(inp.decisions),
         )
 
-    async def _send_or_release(self, inp: CrmWriteInput) -> str:
-        """Send, mapping CRM errors to what Temporal should do. On a retryable failure the
-        reservation stays for the retry (a 5xx or a timeout may even have reached the CRM);
-        on a definitive one it goes at once."""
+    async def _effect(self, inp: CrmWriteInput, key: str) -> crm_ledger.Effect:
+        """The action's confirmed effect: from the ledger, from a read-back, or sent now."""
+        async with self._db.transaction() as session:
+            found = await crm_ledger.confirmed(session, key)
+        if found is not None:
+            return _effect(inp, key, found.crm_id, "ledger")
+        if inp.action in MEMBERSHIP_ACTIONS and activity.info().attempt > 1:
+            # An earlier attempt may have enrolled and died before recording it.
+            crm_id = await self._read_back(inp)
+            if crm_id is not None:
+                return _effect(inp, key, crm_id, "read_back")
         try:
-            return await self._send(inp, idempotency_key(inp.workflow_id, inp.step_id))
-        except CrmRateLimited as exc:
-            log.warning("crm rate limited", retry_after=exc.retry_after)
-            raise ApplicationError(
-                "CRM rate limit",
-                type="CrmRateLimited",
-                next_retry_delay=timedelta(seconds=exc.retry_after),
-            ) from exc
-        except CrmRejected as exc:
-            await gate.release(self._db, inp.customer_key, inp.workflow_id, inp.step_id)
-            raise ApplicationError(
-                f"CRM rejected {exc.field or 'request'}: {exc.detail}",
-                type="CrmRejected",
-                non_retryable=True,
-            ) from exc
+            outcome = await _heartbeating(self._send(inp, key))
+        except CrmUnavailable as exc:
+            crm_id = await self._read_back(inp) if exc.ambiguous else None
+            if crm_id is None:
+                await self._fail(inp, exc)
+            return _effect(inp, key, crm_id or "", "read_back")
         except CrmError as exc:
-            raise ApplicationError(f"CRM unavailable: {exc}", type="CrmUnavailable") from exc
-        except ApplicationError as exc:
-            if exc.non_retryable:
-                await gate.release(self._db, inp.customer_key, inp.workflow_id, inp.step_id)
-            raise
+            await self._fail(inp, exc)
+        if not outcome.ok:
+            refused = CrmUnavailable(outcome.error) if outcome.retryable else None
+            await self._fail(inp, refused or CrmRejected(422, None, outcome.error))
+        return _effect(inp, key, outcome.crm_id, "answered")
 
-    async def _send(self, inp: CrmWriteInput, key: str) -> str:
-        contact_id = inp.customer_key
+    async def _send(self, inp: CrmWriteInput, key: str) -> RecordOutcome:
         if inp.action == "set_properties":
             properties = dict(inp.properties)
             async with self._db.transaction() as session:
                 customer = await customers.get_customer(session, inp.customer_key)
             # Contact data is resolved here, inside the activity, never in workflow history.
-            if customer is not None and customer.email:
+            if customer is not None and customer.email and self._owns("email"):
                 properties["email"] = customer.email
-            results = await self._crm.upsert_contacts([ContactUpsert(contact_id, key, properties)])
-            return results[0].contact_id
+            return await self._batcher.upsert(ContactWrite(key, inp.customer_key, properties))
+        target = inp.sequence_id if inp.action == "enroll_sequence" else inp.list_id
+        member = Membership(key, inp.customer_key, target, self._sender)
         if inp.action == "enroll_sequence":
-            enrolment = await self._crm.enroll_in_sequence(contact_id, inp.sequence_id, key)
-            return f"{enrolment.sequence_id}:{enrolment.contact_id}"
+            return await self._batcher.enroll(member)
         if inp.action == "add_to_list":
-            membership = await self._crm.add_to_list(contact_id, inp.list_id, key)
-            return f"{membership.list_id}:{membership.contact_id}"
-        raise ApplicationError(
-            f"unknown CRM action {inp.action!r}", type="CrmRejected", non_retryable=True
+            return await self._batcher.add_to_list(member)
+        raise CrmRejected(422, "action", f"unknown CRM action {inp.action!r}")
+
+    async def _read_back(self, inp: CrmWriteInput) -> str | None:
+        """The contact's CRM id when the membership the action makes is already there."""
+        state: ContactState | None = await _heartbeating(
+            self._batcher.read_contact(inp.customer_key)
         )
+        if state is None:
+            return None
+        held = state.sequences if inp.action == "enroll_sequence" else state.lists
+        target = inp.sequence_id if inp.action == "enroll_sequence" else inp.list_id
+        return state.crm_id if target in held else None
+
+    async def _fail(self, inp: CrmWriteInput, error: CrmError) -> NoReturn:
+        """Raise what Temporal should do about ``error``; a definitive one gives the cap slot
+        back at once, a retryable one keeps it for the retry (the write may have landed)."""
+        if isinstance(error, CrmWaitForWindow):
+            raise _WindowSpent(error)
+        if isinstance(error, CrmRetryAfter):
+            log.warning("crm rate limited", retry_after=error.seconds)
+            raise ApplicationError(
+                str(error), type="CrmRateLimited", next_retry_delay=timedelta(seconds=error.seconds)
+            )
+        if isinstance(error, CrmRejected):
+            await gate.release(self._db, inp.customer_key, inp.workflow_id, inp.step_id)
+            detail = error.detail if isinstance(error, CrmRejected) else str(error)
+            raise ApplicationError(
+                f"CRM rejected the record: {detail}", type="CrmRejected", non_retryable=True
+            )
+        raise ApplicationError(f"CRM unavailable: {error}", type="CrmUnavailable")
+
+    def _refuse_unowned(self, inp: CrmWriteInput) -> None:
+        foreign = sorted(name for name in inp.properties if not self._owns(name))
+        if foreign:
+            raise ApplicationError(
+                f"properties {', '.join(foreign)} are not owned by cohortflow "
+                "(COHORTFLOW_CRM_OWNED_PROPERTIES)",
+                type="CrmRejected",
+                non_retryable=True,
+            )
+
+    def _owns(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self._owned)
+
+    @activity.defn(name=ActivityName.CRM_COMPENSATE)
+    async def crm_compensate(self, inp: CompensateInput) -> CompensateResult:
+        """Undo, once each, the effects this campaign had confirmed, of the kinds ``undo``
+        names; not consent-gated, since the revocation is why they are undone."""
+        bind(inp.workflow_id, inp.customer_key)
+        async with self._db.transaction() as session:
+            effects = await crm_ledger.effects_of(session, inp.workflow_id)
+            await append_decisions(
+                session, inp.workflow_id, inp.campaign_id, inp.customer_key, inp.decisions
+            )
+        wanted = [e for e in effects if UNDO.get(e.action) in inp.undo]
+        results = await asyncio.gather(*(self._undo(inp, effect) for effect in wanted))
+        undone = sum(1 for ok in results if ok)
+        return CompensateResult(
+            undone=undone, refused=len(results) - undone, decisions_recorded=len(inp.decisions)
+        )
+
+    async def _undo(self, inp: CompensateInput, effect: CrmEffect) -> bool:
+        key = f"{effect.idempotency_key}:undo"
+        async with self._db.transaction() as session:
+            if await crm_ledger.confirmed(session, key) is not None:
+                return True
+        member = Membership(key, effect.customer_key, effect.target, self._sender)
+        if effect.action == "enroll_sequence":
+            outcome = await _heartbeating(self._batcher.unenroll(member))
+        elif effect.action == "add_to_list":
+            outcome = await _heartbeating(self._batcher.remove_from_list(member))
+        else:
+            cleared = {name: "" for name in effect.properties if self._owns(name)}
+            write = ContactWrite(key, effect.customer_key, cleared)
+            outcome = await _heartbeating(self._batcher.upsert(write))
+        async with self._db.transaction() as session:
+            if outcome.ok:
+                await crm_ledger.record(
+                    session,
+                    crm_ledger.Effect(
+                        key,
+                        effect.workflow_id,
+                        effect.step_id,
+                        effect.customer_key,
+                        f"undo_{effect.action}",
+                        effect.target,
+                        list(effect.properties),
+                        outcome.crm_id or effect.crm_id,
+                        "answered",
+                    ),
+                )
+            payload = {"undid": effect.action, "target": effect.target, "ok": outcome.ok}
+            if outcome.error:
+                payload["error"] = outcome.error
+            await append_row(
+                session,
+                inp.workflow_id,
+                effect.step_id,
+                AuditKind.CRM_COMPENSATED,
+                inp.campaign_id,
+                inp.customer_key,
+                payload,
+            )
+        return outcome.ok
+
+
+def _effect(inp: CrmWriteInput, key: str, crm_id: str, how: str) -> crm_ledger.Effect:
+    target = inp.sequence_id or inp.list_id
+    return crm_ledger.Effect(
+        key,
+        inp.workflow_id,
+        inp.step_id,
+        inp.customer_key,
+        inp.action,
+        target,
+        sorted(inp.properties),
+        crm_id,
+        how,
+    )
+
+
+async def _heartbeating(work: Awaitable[_T]) -> _T:
+    """Await ``work``, heartbeating meanwhile (a batch may wait its turn under the ceiling)."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=HEARTBEAT_EVERY.total_seconds())
+        if done:
+            return task.result()
+        activity.heartbeat()

@@ -6,9 +6,9 @@ import structlog
 from temporalio import activity
 
 from activities.campaign.audit import append_decisions, append_row
+from activities.campaign.batcher import CrmBatcher
 from activities.campaign.log_context import bind
-from cohortflow.crm.client import ContactUpsert, CrmClient
-from cohortflow.crm.errors import CrmError
+from cohortflow.crm.connector import ContactWrite, CrmError
 from cohortflow.storage import reservations, segments
 from cohortflow.storage.db import Database
 from workflows.campaign.activity_io import FallbackInput, FallbackResult
@@ -22,9 +22,9 @@ SEGMENT_PROPERTY = "cohortflow_segment"
 class FallbackActivities:
     """Assigns safe default segments, in the store always and in the CRM when it answers."""
 
-    def __init__(self, db: Database, crm: CrmClient) -> None:
+    def __init__(self, db: Database, batcher: CrmBatcher) -> None:
         self._db = db
-        self._crm = crm
+        self._batcher = batcher
 
     @activity.defn(name=ActivityName.RESOLVE_FALLBACK)
     async def resolve_fallback(self, inp: FallbackInput) -> FallbackResult:
@@ -35,17 +35,11 @@ class FallbackActivities:
         keeps the customer out of the campaign's riskier paths.
         """
         bind(inp.workflow_id, inp.customer_key)
-        synced, detail = True, ""
+        key = idempotency_key(inp.workflow_id, f"{inp.step_id}:fallback")
+        write = ContactWrite(key, inp.customer_key, {SEGMENT_PROPERTY: inp.segment})
         try:
-            await self._crm.upsert_contacts(
-                [
-                    ContactUpsert(
-                        inp.customer_key,
-                        idempotency_key(inp.workflow_id, f"{inp.step_id}:fallback"),
-                        {SEGMENT_PROPERTY: inp.segment},
-                    )
-                ]
-            )
+            outcome = await self._batcher.upsert(write)
+            synced, detail = outcome.ok, outcome.error
         except CrmError as exc:
             synced, detail = False, f"{type(exc).__name__}: {exc}"
         async with self._db.transaction() as session:

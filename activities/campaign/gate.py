@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from temporalio import activity
 
 from activities.campaign.audit import append_decisions, append_row
-from cohortflow.storage import campaigns, consent, outbound, reservations
+from cohortflow.storage import campaigns, consent, crm_ledger, outbound, reservations
 from cohortflow.storage.db import Database
 from workflows.campaign.activity_io import CrmOutcome, CrmWriteInput, CrmWriteResult
 from workflows.campaign.contract import AuditKind
@@ -108,12 +108,14 @@ async def _cap(session: AsyncSession, inp: CrmWriteInput, ttl: timedelta) -> Crm
     return None
 
 
-async def written(db: Database, inp: CrmWriteInput) -> None:
-    """The CRM took the action: its ``crm_written`` row replaces its reservation at once, so
-    no cap check ever counts it twice or misses it."""
+async def written(db: Database, inp: CrmWriteInput, effect: crm_ledger.Effect) -> None:
+    """The CRM took the action: its ledger entry and ``crm_written`` row replace its
+    reservation in one transaction, so no cap check ever counts it twice or misses it."""
     async with db.transaction() as session:
         await reservations.lock_customer(session, inp.customer_key)
-        await _append(session, inp, AuditKind.CRM_WRITTEN, {"action": inp.action})
+        await crm_ledger.record(session, effect)
+        payload = {"action": inp.action, "crm_id": effect.crm_id, "confirmed": effect.how}
+        await _append(session, inp, AuditKind.CRM_WRITTEN, payload)
         await reservations.release(session, inp.workflow_id, inp.step_id)
 
 
@@ -141,7 +143,8 @@ def reservation_ttl(info: activity.Info) -> timedelta:
     start-to-close timeout (Temporal does not stop a timed-out attempt; the CRM client's own
     timeout is shorter), the next one is due at most the retry policy's maximum interval
     later, and ``RESERVATION_SLACK`` covers a wait in the task queue. For ``crm_write``
-    (60 s, at most 2 min between attempts) that is 4 minutes.
+    (10 minutes, as an attempt may wait its turn for a batch under the CRM's ceiling; at most
+    2 minutes between attempts) that is 13 minutes.
 
     A bound rather than "until the workflow says so" because the action may end without
     anyone to say it (workflow terminated or reset, worker lost). Actions that end without a

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Annotated
+from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import typer
@@ -169,11 +169,21 @@ def api(data_dir: DataDir = None, log_format: LogFormat = None) -> None:
 
 
 @app.command("crm-sandbox")
-def crm_sandbox(data_dir: DataDir = None, log_format: LogFormat = None) -> None:
+def crm_sandbox(
+    data_dir: DataDir = None,
+    log_format: LogFormat = None,
+    mode: Annotated[
+        Literal["own", "hubspot"] | None,
+        typer.Option(
+            help="own (our dialect) or hubspot (HubSpot's wire format; requires "
+            "COHORTFLOW_CRM_TOKEN when set). Env COHORTFLOW_CRM_SANDBOX_MODE.",
+        ),
+    ] = None,
+) -> None:
     """Serve the sandbox CRM: a real HTTP CRM with its own SQLite store and rate limit."""
     from cohortflow.runtime.services import run_crm_sandbox
 
-    settings = settings_for(data_dir=data_dir, log_format=log_format)
+    settings = settings_for(data_dir=data_dir, log_format=log_format, crm_sandbox_mode=mode)
     setup_observability(settings, "cohortflow-crm-sandbox")
     run_crm_sandbox(settings)
 

@@ -9,7 +9,6 @@ other 4xx (but 408) :class:`CrmRejected`, 5xx, 408, timeouts and transport failu
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -18,6 +17,7 @@ from urllib.parse import quote
 
 import httpx
 
+from cohortflow.crm._http import BeforeRequest, parse_retry_after, request_hooks, transport_error
 from cohortflow.crm.errors import CrmError, CrmRateLimited, CrmRejected, CrmUnavailable
 
 MAX_BATCH = 100
@@ -73,11 +73,23 @@ class ContactRecord:
 class CrmClient:
     """Async CRM client over one pooled ``httpx.AsyncClient``; use it as a context manager."""
 
-    def __init__(self, base_url: str, *, token: str | None = None, timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        token: str | None = None,
+        timeout: float = 10.0,
+        before_request: BeforeRequest | None = None,
+    ) -> None:
         headers = {"Accept": "application/json"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
-        self._http = httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout)
+        self._http = httpx.AsyncClient(
+            base_url=base_url,
+            headers=headers,
+            timeout=timeout,
+            event_hooks=request_hooks(before_request),
+        )
 
     async def __aenter__(self) -> Self:
         return self
@@ -154,6 +166,28 @@ class CrmClient:
             _str(data, "contact_id"), _str(data, "list_id"), _str(data, "status")
         )
 
+    async def unenroll_from_sequence(self, contact_id: str, sequence_id: str) -> EnrollmentResult:
+        """Take a contact out of a sequence. ``status`` is ``unenrolled``, or ``not_enrolled``
+        when it was not in it (an unknown contact included): removal is idempotent by nature,
+        so it carries no idempotency key."""
+        data = await self._call(
+            "DELETE",
+            f"/crm/v3/sequences/{_segment(sequence_id)}/enrollments/{_segment(contact_id)}",
+        )
+        return EnrollmentResult(
+            _str(data, "contact_id"), _str(data, "sequence_id"), _str(data, "status")
+        )
+
+    async def remove_from_list(self, contact_id: str, list_id: str) -> ListMembershipResult:
+        """Take a contact off a list. ``status`` is ``removed``, or ``not_member`` when it was
+        not on it (an unknown contact included)."""
+        data = await self._call(
+            "DELETE", f"/crm/v3/lists/{_segment(list_id)}/members/{_segment(contact_id)}"
+        )
+        return ListMembershipResult(
+            _str(data, "contact_id"), _str(data, "list_id"), _str(data, "status")
+        )
+
     async def get_contact(self, contact_id: str) -> ContactRecord | None:
         """The contact with its properties, sequences and lists, or None if the CRM has none."""
         response = await self._send("GET", f"/crm/v3/objects/contacts/{_segment(contact_id)}")
@@ -183,10 +217,9 @@ class CrmClient:
     ) -> httpx.Response:
         try:
             return await self._http.request(method, path, json=body)
-        except httpx.TimeoutException as exc:
-            raise CrmUnavailable(f"{method} {path} timed out ({type(exc).__name__})") from exc
-        except httpx.RequestError as exc:
-            raise CrmUnavailable(f"{method} {path} failed: {type(exc).__name__}: {exc}") from exc
+        except httpx.HTTPError as exc:
+            # ``ambiguous`` says whether the request may have been applied (see transport_error).
+            raise transport_error(method, path, exc) from exc
 
 
 def _membership_body(contact_id: str, idempotency_key: str) -> dict[str, Any]:
@@ -233,16 +266,10 @@ def _error_detail(response: httpx.Response) -> tuple[str, str | None]:
 
 
 def _retry_after(header: str | None) -> float:
-    """Seconds from a ``Retry-After`` header; missing or unreadable means the default."""
-    if header is None:
-        return DEFAULT_RETRY_AFTER
-    try:
-        seconds = float(header)
-    except ValueError:
-        return DEFAULT_RETRY_AFTER
-    if not math.isfinite(seconds) or seconds < 0:
-        return DEFAULT_RETRY_AFTER
-    return seconds
+    """Seconds from a ``Retry-After`` header, given as delay-seconds or as an HTTP date (the
+    seconds until then, 0 once it has passed); missing or unreadable means the default."""
+    seconds = parse_retry_after(header)
+    return DEFAULT_RETRY_AFTER if seconds is None else seconds
 
 
 def _member(data: Any, key: str) -> object:

@@ -68,13 +68,15 @@ class Membership:
 class RecordOutcome:
     """One record's result. ``ok``: the CRM holds the effect now (also when it already did).
     Otherwise ``error`` says why and ``retryable`` whether sending it again may succeed;
-    ``crm_id`` is the CRM's own id of the contact when known."""
+    ``crm_id`` is the CRM's own id of the contact when known; ``note`` says how an ``ok`` came
+    about when that is worth knowing (``already enrolled in this sequence``, ``created``)."""
 
     key: str
     ok: bool
     crm_id: str = ""
     error: str = ""
     retryable: bool = False
+    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,8 @@ class CrmConnector(Protocol):
     """One CRM, spoken to in its own wire format."""
 
     kind: str  # sandbox | hubspot
-    max_batch: int  # contacts per upsert call, members per list call
+    max_batch: int  # contacts per upsert call
+    max_list_batch: int  # members per list call (one HTTP request each)
 
     async def upsert_contacts(self, writes: Sequence[ContactWrite]) -> list[RecordOutcome]:
         """Create or update 1 to ``max_batch`` contacts; outcomes in input order."""
@@ -136,8 +139,14 @@ class CrmConnector(Protocol):
     ) -> list[RecordOutcome]:
         """Remove 1 to ``max_batch`` contacts from a list (ok when one was not in it)."""
 
-    async def read_contact(self, contact_key: str) -> ContactState | None:
-        """The contact with its properties, sequences and lists; None if the CRM has none."""
+    async def read_contact(
+        self, contact_key: str, properties: Sequence[str] = ()
+    ) -> ContactState | None:
+        """The contact with its properties, sequences and lists; None if the CRM has none.
+
+        ``properties`` names properties to read besides those the connector knows of (some
+        CRMs, HubSpot among them, answer only the properties asked for): a read-back after
+        an ambiguous failure in another process names the ones the write set."""
 
     async def aclose(self) -> None:
         """Release connections."""

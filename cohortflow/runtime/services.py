@@ -69,6 +69,15 @@ def run_crm_sandbox(settings: Settings) -> None:
             window_seconds=settings.crm_sandbox_rate_window_seconds,
             error_rate=settings.crm_sandbox_error_rate,
             latency_ms=settings.crm_sandbox_latency_ms,
+            mode=settings.crm_sandbox_mode,
+            # hubspot mode asks for the token the connector sends; own mode stays open.
+            token=(
+                settings.crm_token.get_secret_value()
+                if settings.crm_sandbox_mode == "hubspot" and settings.crm_token
+                else None
+            ),
+            daily_limit=settings.crm_sandbox_daily_limit,
+            daily_reset_timezone=settings.crm_daily_reset_timezone,
         ),
         settings.crm_sandbox_host,
         settings.crm_sandbox_port,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -41,7 +42,9 @@ def child_env(settings: Settings) -> dict[str, str]:
             continue
         if isinstance(value, SecretStr):
             value = value.get_secret_value()
-        env[f"COHORTFLOW_{field.upper()}"] = str(value)
+        # Lists are read back from the environment as JSON.
+        text = json.dumps(value) if isinstance(value, list) else str(value)
+        env[f"COHORTFLOW_{field.upper()}"] = text
     return env
 
 

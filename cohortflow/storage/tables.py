@@ -312,3 +312,43 @@ class LaunchDecision(Base):
     reason: Mapped[str] = mapped_column(Text, default="")
     decided_at: Mapped[datetime]
     launched_at: Mapped[datetime | None]  # set once its workflow start was confirmed
+
+
+class CrmEffect(Base):
+    """The ledger of effects the CRM confirmed, by idempotency key ``{workflow}:{step}``.
+
+    What makes a write to a CRM without idempotency of its own (sequence enrolment) happen
+    once: a key found here is not sent again, and after an ambiguous failure the state read
+    back from the CRM is recorded here before anything is retried. Compensations (``undo``)
+    are effects too, under their own keys.
+    """
+
+    __tablename__ = "crm_effects"
+    __table_args__ = (Index("ix_crm_effects_workflow_id", "workflow_id"),)
+
+    idempotency_key: Mapped[str] = mapped_column(String(300), primary_key=True)
+    workflow_id: Mapped[str] = mapped_column(String(200))
+    step_id: Mapped[str] = mapped_column(String(80))
+    customer_key: Mapped[str] = mapped_column(String(KEY_LEN))
+    action: Mapped[str] = mapped_column(String(32))  # set_properties | enroll_sequence | ...
+    target: Mapped[str] = mapped_column(String(200))  # sequence or list id, "" for properties
+    properties: Mapped[list[str]] = mapped_column(JSON)  # names set, for a later undo
+    crm_id: Mapped[str] = mapped_column(String(100))
+    confirmed_at: Mapped[datetime]
+    how: Mapped[str] = mapped_column(String(16))  # answered | read_back
+
+
+class CrmRequest(Base):
+    """Requests sent to a CRM within its rate window, one row each: the shared ceiling.
+
+    Every process takes a row before each request, under one lock per ceiling, so together
+    they never send more than the CRM allows in any window. Rows older than the window are
+    deleted as new ones come, so a ceiling holds at most its limit of rows.
+    """
+
+    __tablename__ = "crm_requests"
+    __table_args__ = (Index("ix_crm_requests_ceiling_sent_at", "ceiling", "sent_at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    ceiling: Mapped[str] = mapped_column(String(100))
+    sent_at: Mapped[datetime]

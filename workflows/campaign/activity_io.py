@@ -98,15 +98,39 @@ class CrmOutcome(enum.StrEnum):
     CONSENT_BLOCKED = "consent_blocked"
     PAUSED = "paused"
     CAPPED = "capped"
+    WAIT_WINDOW = "wait_window"  # the CRM's long rate window (a daily limit) is spent
 
 
 @dataclass
 class CrmWriteResult:
-    """The outcome and the CRM's record id when written."""
+    """The outcome and the CRM's record id when written; ``retry_at`` (ISO-8601) when the
+    CRM takes nothing before then."""
 
     outcome: CrmOutcome
     crm_record_id: str = ""
     detail: str = ""
+    decisions_recorded: int = 0
+    retry_at: str = ""
+
+
+@dataclass
+class CompensateInput:
+    """Undo what a campaign did in the CRM after its customer revoked consent: ``undo`` names
+    which kinds (``unenroll``, ``remove_from_lists``, ``clear_properties``)."""
+
+    workflow_id: str
+    campaign_id: str
+    customer_key: str
+    undo: list[str]
+    decisions: list[Decision] = field(default_factory=list)
+
+
+@dataclass
+class CompensateResult:
+    """How many effects were undone, and how many the CRM refused to undo."""
+
+    undone: int
+    refused: int = 0
     decisions_recorded: int = 0
 
 

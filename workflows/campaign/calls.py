@@ -24,6 +24,8 @@ with workflow.unsafe.imports_passed_through():
     from workflows.campaign.activity_io import (
         AuditInput,
         AuditResult,
+        CompensateInput,
+        CompensateResult,
         Decision,
         FallbackInput,
         FallbackResult,
@@ -55,6 +57,7 @@ class ActivityOptions:
     fails_to: FallbackReason | None = None
     on_crm_queue: bool = False
     schedule_to_close: timedelta | None = None  # a deadline the spec sets
+    heartbeat: timedelta | None = None  # for calls that may wait long (their batch, the CRM)
 
 
 def _retry(*non_retryable: str) -> RetryPolicy:
@@ -66,21 +69,27 @@ def _retry(*non_retryable: str) -> RetryPolicy:
     )
 
 
-# A worker lost mid-attempt is noticed within the start-to-close timeout and retried.
+# A worker lost mid-attempt is noticed within the start-to-close timeout (or, for CRM calls,
+# which may queue for their batch and the CRM's ceiling, the heartbeat timeout) and retried.
 SCORING = ActivityOptions(
     timedelta(seconds=30), _retry("ScoringError"), FallbackReason.SCORING_FAILED
 )
 CRM = ActivityOptions(
-    timedelta(seconds=60), _retry("CrmRejected"), FallbackReason.CRM_FAILED, on_crm_queue=True
+    timedelta(minutes=10),
+    _retry("CrmRejected"),
+    FallbackReason.CRM_FAILED,
+    on_crm_queue=True,
+    heartbeat=timedelta(seconds=30),
 )
-FALLBACK = ActivityOptions(timedelta(seconds=60), _retry(), on_crm_queue=True)
+# Putting a customer in the safe segment or undoing effects has nothing further to fall to.
+FALLBACK = replace(CRM, retry=_retry(), fails_to=None)
 
 
 def crm_options(spec: CampaignSpecDef) -> ActivityOptions:
     """CRM calls, with the spec's deadline for an outbound action if it sets one."""
-    if spec.action_deadline_seconds <= 0:
+    if spec.crm_give_up_after_seconds <= 0:
         return CRM
-    return replace(CRM, schedule_to_close=timedelta(seconds=spec.action_deadline_seconds))
+    return replace(CRM, schedule_to_close=timedelta(seconds=spec.crm_give_up_after_seconds))
 
 
 class Finished(Exception):
@@ -151,6 +160,7 @@ class ActivityCalls:
             task_queue=self._input.crm_task_queue if options.on_crm_queue else None,
             start_to_close_timeout=options.start_to_close,
             schedule_to_close_timeout=options.schedule_to_close,
+            heartbeat_timeout=options.heartbeat,
             retry_policy=options.retry,
             summary=summary,
         )
@@ -196,6 +206,23 @@ class ActivityCalls:
         except ActivityError as err:
             await self.record_unrecorded()
             raise ApplicationError(f"could not record the fallback: {_cause(err)}") from err
+
+    async def compensate(self, undo: list[str]) -> None:
+        """Undo what this campaign did in the CRM, as the spec's ``on_consent_revoked`` says."""
+        inp = self._input
+        await self.carry(
+            ActivityName.CRM_COMPENSATE,
+            lambda carried: CompensateInput(
+                workflow_id=workflow.info().workflow_id,
+                campaign_id=inp.campaign_id,
+                customer_key=inp.customer_key,
+                undo=list(undo),
+                decisions=carried,
+            ),
+            CompensateResult,
+            FALLBACK,
+            f"undo after consent revoked: {', '.join(undo)}",
+        )
 
     async def audit(
         self,

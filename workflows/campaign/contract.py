@@ -26,6 +26,7 @@ class ActivityName(enum.StrEnum):
     RECORD_AUDIT = "record_audit"
     RESOLVE_FALLBACK = "resolve_fallback"
     PLAN_LOCAL_TIME = "plan_local_time"
+    CRM_COMPENSATE = "crm_compensate"
 
 
 class HandlerName(enum.StrEnum):
@@ -141,6 +142,7 @@ class AuditKind(enum.StrEnum):
     CONSENT_ALLOWED = "consent_allowed"
     CONSENT_BLOCKED = "consent_blocked"
     CRM_WRITTEN = "crm_written"  # an outbound action the CRM took: what frequency caps count
+    CRM_COMPENSATED = "crm_compensated"  # an effect undone after a consent revocation
     FREQUENCY_CAPPED = "frequency_capped"
     EVENT_WAIT = "event_wait"
     CONVERTED = "converted"

@@ -99,4 +99,7 @@ class CampaignSpecDef:
     quiet_start: str = ""  # HH:MM local; empty: no quiet hours
     quiet_end: str = ""
     default_timezone: str = "UTC"
-    action_deadline_seconds: float = 0.0  # 0: a CRM action is retried until it is made
+    # How long a CRM action keeps being retried while the CRM is down or rate limited before
+    # the campaign falls back; 0: until it is made.
+    crm_give_up_after_seconds: float = 0.0
+    on_consent_revoked: list[str] = field(default_factory=list)  # what a revocation undoes

@@ -318,13 +318,21 @@ def approval_id_for(workflow_id: str, step_id: str) -> str:
 
 
 def decide_refusal(
-    state: RunState, spec: CampaignSpecDef, request: DecideRequest, *, asking: bool
+    state: RunState,
+    spec: CampaignSpecDef | None,
+    request: DecideRequest,
+    *,
+    asking: bool,
+    handing_over: bool = False,
 ) -> tuple[str, str] | None:
     """Why an operator's decision cannot be taken: (message, the request field at fault, or
     "" when the approval is not pending here), or None when it can. ``asking``: the run is
-    waiting for this answer now (a carried request is not asked until its step resumes)."""
+    waiting for this answer now (a carried request is not asked until its step resumes);
+    ``handing_over``: the run is continuing as new, so the next one will take it."""
+    if handing_over:
+        return f"approval {request.approval_id}: the campaign is continuing as new; retry", ""
     pending = state.pending_approval
-    if pending is None or not asking:
+    if pending is None or spec is None or not asking:
         return f"approval {request.approval_id} is not pending", ""
     if request.approval_id != pending.approval_id:
         return f"approval {request.approval_id} is not pending here", ""

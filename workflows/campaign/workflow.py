@@ -114,6 +114,9 @@ class CampaignWorkflow:
             self.state.fallback_reason = ending.reason.split(":", 1)[0]
             self._transition(CampaignState.FALLBACK, ending.reason, safe_segment=segment)
             await self.calls.fallback(self._visit_of(self.state.step_id), ending.reason, segment)
+        undo = self._spec.on_consent_revoked if self._spec is not None else []
+        if ending.state == CampaignState.CONSENT_BLOCKED and undo:
+            await self.calls.compensate(undo)
         state = self.state
         pending = state.pending_approval
         if pending is not None and workflow.patched(WITHDRAW_ON_END.id):
@@ -289,11 +292,8 @@ class CampaignWorkflow:
         self, step: StepDef, decision: DecideRequest, pending: PendingApproval
     ) -> Next:
         details.remember(self.state, workflow.now(), details.decision_line(step.id, decision))
-        payload = {
-            "approve": decision.approve,
-            "operator": decision.operator,
-            "reason": decision.reason,
-        }
+        payload = {"approve": decision.approve, "operator": decision.operator}
+        payload["reason"] = decision.reason
         await self.calls.audit(step.id, AuditKind.APPROVAL_DECIDED, payload, pending)
         if not decision.approve:
             return Ending(CampaignState.REJECTED, f"rejected by {decision.operator}")
@@ -330,6 +330,12 @@ class CampaignWorkflow:
                 return Ending(CampaignState.CONSENT_BLOCKED, result.detail or "no consent")
             if result.outcome == CrmOutcome.PAUSED:
                 self.state.paused = True
+                continue
+            if result.outcome == CrmOutcome.WAIT_WINDOW:  # e.g. the CRM's daily limit
+                # At least a minute: a CRM whose clock disagrees with ours is not hammered.
+                soonest = workflow.now() + timedelta(minutes=1)
+                retry_at = max(interpreter.instant(result.retry_at) or soonest, soonest)
+                await self._hold(step, retry_at, "the CRM's rate window")
                 continue
             if result.outcome == CrmOutcome.CAPPED:
                 details.remember(self.state, workflow.now(), f"{step.id}: {result.detail}")
@@ -417,17 +423,9 @@ class CampaignWorkflow:
     def _validate_decide(self, request: DecideRequest) -> None:
         """Refuse, before anything enters history, a decision this approval cannot take:
         ``DecideRefusal.INVALID`` names the request field at fault, ``CONFLICT`` none."""
-        if self._handing_over:
-            refusal: tuple[str, str] | None = (
-                f"approval {request.approval_id}: the campaign is continuing as new; retry",
-                "",
-            )
-        elif self._spec is None:
-            refusal = f"approval {request.approval_id} is not pending", ""
-        else:
-            refusal = interpreter.decide_refusal(
-                self.state, self._spec, request, asking=self._asking
-            )
+        refusal = interpreter.decide_refusal(
+            self.state, self._spec, request, asking=self._asking, handing_over=self._handing_over
+        )
         if refusal is not None:
             message, field = refusal
             kind = DecideRefusal.INVALID if field else DecideRefusal.CONFLICT

@@ -62,6 +62,13 @@ CREATE TABLE IF NOT EXISTS request_keys (
 );
 """
 
+# The request log's columns added since the first release: the matched route (``/crm/objects/
+# {version}/contacts/batch/upsert``, for counts by operation) and whether the reply was dropped.
+_REQUEST_COLUMNS_ADDED = {
+    "route": "TEXT NOT NULL DEFAULT ''",
+    "dropped": "INTEGER NOT NULL DEFAULT 0",
+}
+
 
 @dataclass(frozen=True)
 class UpsertRecord:
@@ -116,6 +123,19 @@ class LoggedRequest:
     status: int
     idempotency_keys: list[str]
     at: str
+    route: str = ""
+    dropped: bool = False
+
+
+@dataclass(frozen=True)
+class RequestCount:
+    """How many requests one (method, route, status) got; ``dropped``: replies never sent."""
+
+    method: str
+    route: str
+    status: int
+    dropped: bool
+    count: int
 
 
 class SandboxStore:
@@ -131,6 +151,7 @@ class SandboxStore:
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
+        _add_missing_columns(self._db, "requests", _REQUEST_COLUMNS_ADDED)
 
     def close(self) -> None:
         """Close the connection; the store is unusable afterwards."""
@@ -219,6 +240,15 @@ class SandboxStore:
             _remember_key(db, idempotency_key, digest, now)
             return created if inserted.rowcount == 1 else existing
 
+    def remove_membership(self, kind: MembershipKind, group_id: str, contact_id: str) -> bool:
+        """Take a contact out of a sequence or list; False when it was not in it."""
+        with self._transaction() as db:
+            deleted = db.execute(
+                "DELETE FROM memberships WHERE kind = ? AND group_id = ? AND contact_id = ?",
+                (kind, group_id, contact_id),
+            )
+            return deleted.rowcount == 1
+
     def get_contact(self, contact_id: str) -> StoredContact | None:
         """The contact with its memberships, or None."""
         with self._lock:
@@ -239,13 +269,24 @@ class SandboxStore:
             lists=[group for kind, group in members if kind == "list"],
         )
 
-    def log_request(self, method: str, path: str, status: int, keys: Sequence[str]) -> None:
-        """Append one answered request to the log."""
+    def log_request(
+        self,
+        method: str,
+        path: str,
+        status: int,
+        keys: Sequence[str],
+        *,
+        route: str = "",
+        dropped: bool = False,
+    ) -> None:
+        """Append one answered request to the log. ``route`` is the path template it matched;
+        ``dropped``: the request was handled (and ``status`` decided) but the reply was never
+        sent, the connection was cut instead."""
         with self._transaction() as db:
             cursor = db.execute(
-                "INSERT INTO requests (method, path, status, idempotency_keys, at)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (method, path, status, json.dumps(list(keys)), _now()),
+                "INSERT INTO requests (method, path, status, idempotency_keys, at, route, dropped)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (method, path, status, json.dumps(list(keys)), _now(), route or path, int(dropped)),
             )
             db.executemany(
                 "INSERT OR IGNORE INTO request_keys (key, request_id) VALUES (?, ?)",
@@ -254,7 +295,7 @@ class SandboxStore:
 
     def requests(self, idempotency_key: str | None = None) -> list[LoggedRequest]:
         """Logged requests, oldest first; only those carrying ``idempotency_key`` if given."""
-        columns = "r.id, r.method, r.path, r.status, r.idempotency_keys, r.at"
+        columns = "r.id, r.method, r.path, r.status, r.idempotency_keys, r.at, r.route, r.dropped"
         with self._lock:
             if idempotency_key is None:
                 rows = self._db.execute(f"SELECT {columns} FROM requests r ORDER BY r.id")
@@ -273,9 +314,36 @@ class SandboxStore:
                     status=row[3],
                     idempotency_keys=json.loads(row[4]),
                     at=row[5],
+                    route=row[6],
+                    dropped=bool(row[7]),
                 )
                 for row in rows.fetchall()
             ]
+
+    def request_counts(self) -> list[RequestCount]:
+        """How many requests each (method, route, status) got, dropped replies apart."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT method, route, status, dropped, COUNT(*) FROM requests"
+                " GROUP BY method, route, status, dropped ORDER BY method, route, status, dropped"
+            ).fetchall()
+        return [
+            RequestCount(method=r[0], route=r[1], status=r[2], dropped=bool(r[3]), count=r[4])
+            for r in rows
+        ]
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One ``BEGIN IMMEDIATE`` transaction on the store's connection, for the tables other
+        sandbox modes add (:mod:`cohortflow.crm.sandbox.hubspot`)."""
+        with self._transaction() as db:
+            yield db
+
+    @contextmanager
+    def reading(self) -> Iterator[sqlite3.Connection]:
+        """The store's connection for reads, under its lock."""
+        with self._lock:
+            yield self._db
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -287,6 +355,14 @@ class SandboxStore:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+
+
+def _add_missing_columns(db: sqlite3.Connection, table: str, columns: dict[str, str]) -> None:
+    """Columns added after a store file was first created (the file survives upgrades)."""
+    present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+    for name, declaration in columns.items():
+        if name not in present:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {declaration}")
 
 
 def _body_hash(body: dict[str, object]) -> str:

@@ -1,0 +1,143 @@
+"""HTTP plumbing the CRM connectors share: transport failures by what they mean, ``Retry-After``
+in both of its forms, and strict readers of JSON bodies.
+
+A library: no Temporal, no storage, no settings. Every reader raises :class:`CrmError` for a
+body of the wrong shape, never ``KeyError``, ``TypeError`` or ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import httpx
+
+from cohortflow.crm.errors import CrmError, CrmUnavailable
+
+# Failures where the request cannot have reached the CRM whole: nothing was applied.
+_NOT_SENT: tuple[type[httpx.HTTPError], ...] = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.PoolTimeout,
+    httpx.WriteError,
+    httpx.WriteTimeout,
+    httpx.UnsupportedProtocol,
+    httpx.LocalProtocolError,
+    httpx.ProxyError,
+)
+
+
+# Awaited before every request a connector sends: where a rate ceiling shared by every process
+# counts requests as the CRM does, one per HTTP request, lookups and read-backs included.
+BeforeRequest = Callable[[], Awaitable[None]]
+
+
+def request_hooks(before_request: BeforeRequest | None) -> dict[str, list[Any]]:
+    """httpx event hooks that await ``before_request`` before each request."""
+    if before_request is None:
+        return {}
+    gate = before_request
+
+    async def hook(request: httpx.Request) -> None:
+        await gate()
+
+    return {"request": [hook]}
+
+
+def transport_error(method: str, path: str, exc: httpx.HTTPError) -> CrmUnavailable:
+    """The :class:`CrmUnavailable` for an exception httpx raised while sending ``path``.
+
+    Connecting failed, or the request could not be written whole: the CRM never saw it
+    (``ambiguous=False``). The request went out and the answer did not come back (a read
+    timeout, a reset or closed connection, a body that would not decode): the CRM may have
+    applied it (``ambiguous=True``), so the caller reads the state back before sending again.
+    """
+    name = type(exc).__name__
+    if isinstance(exc, _NOT_SENT):
+        return CrmUnavailable(f"{method} {path} was not sent: {name}: {exc}", ambiguous=False)
+    if isinstance(exc, httpx.TimeoutException):
+        return CrmUnavailable(f"{method} {path} timed out after sending ({name})", ambiguous=True)
+    return CrmUnavailable(f"{method} {path} got no answer: {name}: {exc}", ambiguous=True)
+
+
+def parse_retry_after(header: str | None, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` value: delay-seconds or an HTTP date.
+
+    ``None`` when the header is missing or unreadable. A date in the past means now (0).
+    """
+    if header is None:
+        return None
+    text = header.strip()
+    if not text:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        return _seconds_until(text, now or datetime.now(UTC))
+    if not math.isfinite(seconds) or seconds < 0:
+        return None
+    return seconds
+
+
+def _seconds_until(text: str, now: datetime) -> float | None:
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:  # RFC 9110 dates are GMT; "-0000" parses as naive
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - now).total_seconds())
+
+
+def json_body(response: httpx.Response) -> Any:
+    """The decoded JSON body of a response, or :class:`CrmError`."""
+    try:
+        return response.json()
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CrmError(f"CRM answered {response.status_code} with a body that is not JSON") from exc
+
+
+def obj(data: Any, what: str) -> dict[str, Any]:
+    """``data`` as a JSON object."""
+    if not isinstance(data, dict):
+        raise CrmError(f"malformed CRM response: {what} is not an object")
+    return data
+
+
+def member_list(data: dict[str, Any], key: str, what: str, *, required: bool) -> list[Any]:
+    """``data[key]`` as a list; a missing (or null) optional one is empty."""
+    value = data.get(key)
+    if value is None:
+        if required:
+            raise CrmError(f"malformed CRM response: {what} has no {key!r}")
+        return []
+    if not isinstance(value, list):
+        raise CrmError(f"malformed CRM response: {what}.{key} is not a list")
+    return value
+
+
+def text(data: dict[str, Any], key: str, what: str, *, required: bool = True) -> str:
+    """``data[key]`` as a string; a missing optional one is empty."""
+    value = data.get(key)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str):
+        raise CrmError(f"malformed CRM response: {what}.{key} is not a string")
+    return value
+
+
+def ident(value: Any, what: str) -> str:
+    """A record id, which a CRM may spell as a string or an integer."""
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise CrmError(f"malformed CRM response: {what} is not an id")
+
+
+def ident_list(data: dict[str, Any], key: str, what: str) -> list[str]:
+    """An optional list of record ids."""
+    return [ident(item, f"{what}.{key}[]") for item in member_list(data, key, what, required=False)]

@@ -1,0 +1,49 @@
+"""The connector a deployment configures: ``sandbox`` (our own dialect) or ``hubspot``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from cohortflow.crm._http import BeforeRequest
+from cohortflow.crm.connector import CrmConnector
+
+
+def make_connector(
+    kind: str,
+    url: str,
+    token: str | None,
+    timeout: float,
+    *,
+    paths: str = "2026-03",
+    id_property: str = "cohortflow_key",
+    sender_email: str = "",
+    user_id: str = "",
+    daily_reset_timezone: str = "UTC",
+    read_properties: Sequence[str] = (),
+    sequence_unenroll_path: str | None = None,
+    before_request: BeforeRequest | None = None,
+) -> CrmConnector:
+    """A connector of ``kind`` for the CRM at ``url``. The keyword options are HubSpot's
+    (:class:`~cohortflow.crm.hubspot.HubSpotConnector`); the sandbox's own dialect needs none
+    and ignores them, so a caller may pass its settings whatever the kind."""
+    if kind == "hubspot":
+        from cohortflow.crm.hubspot import HubSpotConnector
+
+        return HubSpotConnector(
+            url,
+            token=token,
+            timeout=timeout,
+            paths=paths,
+            id_property=id_property,
+            sender_email=sender_email,
+            user_id=user_id,
+            daily_reset_timezone=daily_reset_timezone,
+            read_properties=read_properties,
+            sequence_unenroll_path=sequence_unenroll_path or None,
+            before_request=before_request,
+        )
+    if kind == "sandbox":
+        from cohortflow.crm.sandbox_connector import SandboxConnector
+
+        return SandboxConnector(url, token=token, timeout=timeout, before_request=before_request)
+    raise ValueError(f"unknown CRM kind {kind!r}: sandbox or hubspot")

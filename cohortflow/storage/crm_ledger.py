@@ -1,0 +1,128 @@
+"""The CRM's confirmed effects by idempotency key, and the request ceiling all processes share.
+
+The ledger (``crm_effects``) is how a write happens once at a CRM with no idempotency of its
+own: a key found here is not sent again. The ceiling (``crm_requests``) is a sliding log of
+the requests sent within the CRM's rate window: a request may go when fewer than the limit
+were sent in the last window, counted under one lock per ceiling in every process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import delete, func, select, text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from cohortflow.storage._sql import dialect_name, upsert, utc
+from cohortflow.storage.tables import CrmEffect, CrmRequest
+
+# The first key of the ceiling's two-key advisory lock on PostgreSQL ("ceil" in ASCII).
+CEILING_LOCK_SPACE = 0x6365696C
+
+
+@dataclass(frozen=True)
+class Effect:
+    """One confirmed effect, as the ledger keeps it."""
+
+    idempotency_key: str
+    workflow_id: str
+    step_id: str
+    customer_key: str
+    action: str
+    target: str
+    properties: list[str]
+    crm_id: str
+    how: str  # answered | read_back
+
+
+async def confirmed(session: AsyncSession, idempotency_key: str) -> CrmEffect | None:
+    """The effect recorded under ``idempotency_key``, if the CRM confirmed one."""
+    return await session.get(CrmEffect, idempotency_key)
+
+
+async def record(session: AsyncSession, effect: Effect, *, now: datetime | None = None) -> bool:
+    """Record a confirmed effect; False when its key was recorded before (nothing changes)."""
+    statement = (
+        upsert(session, CrmEffect)
+        .values(
+            idempotency_key=effect.idempotency_key,
+            workflow_id=effect.workflow_id,
+            step_id=effect.step_id,
+            customer_key=effect.customer_key,
+            action=effect.action,
+            target=effect.target,
+            properties=list(effect.properties),
+            crm_id=effect.crm_id,
+            confirmed_at=utc(now),
+            how=effect.how,
+        )
+        .on_conflict_do_nothing(index_elements=["idempotency_key"])
+    )
+    result = await session.execute(statement)
+    return bool(getattr(result, "rowcount", 0))
+
+
+async def effects_of(session: AsyncSession, workflow_id: str) -> Sequence[CrmEffect]:
+    """Every effect one campaign workflow had confirmed, oldest first."""
+    rows = await session.scalars(
+        select(CrmEffect)
+        .where(CrmEffect.workflow_id == workflow_id)
+        .order_by(CrmEffect.confirmed_at, CrmEffect.idempotency_key)
+    )
+    return rows.all()
+
+
+def ceiling_lock_key(ceiling: str) -> int:
+    """The second advisory lock key of a ceiling: a stable signed 32-bit hash."""
+    digest = hashlib.sha256(ceiling.encode("utf-8")).digest()
+    return int.from_bytes(digest[:4], "big", signed=True)
+
+
+async def take_request_slot(
+    session: AsyncSession,
+    ceiling: str,
+    limit: int,
+    window: timedelta,
+    *,
+    now: datetime | None = None,
+) -> timedelta:
+    """Take a slot for one request to the CRM behind ``ceiling``; how long to wait instead
+    when ``limit`` requests were already sent in the last ``window`` (zero: taken).
+
+    Serialised per ceiling: an advisory lock on PostgreSQL, the write lock every SQLite
+    transaction holds from its start. The caller sends its request right after committing.
+    """
+    at = utc(now)
+    if dialect_name(session) == "postgresql":
+        await session.execute(
+            text("SELECT pg_advisory_xact_lock(:space, :key)"),
+            {"space": CEILING_LOCK_SPACE, "key": ceiling_lock_key(ceiling)},
+        )
+    await session.execute(
+        delete(CrmRequest).where(CrmRequest.ceiling == ceiling, CrmRequest.sent_at <= at - window)
+    )
+    sent, oldest = (
+        await session.execute(
+            select(func.count(), func.min(CrmRequest.sent_at)).where(CrmRequest.ceiling == ceiling)
+        )
+    ).one()
+    if sent < limit:
+        session.add(CrmRequest(ceiling=ceiling, sent_at=at))
+        return timedelta(0)
+    # Full: the oldest request leaves the window first. SQLite returns it naive (UTC).
+    leaves = utc(oldest if oldest.tzinfo else oldest.replace(tzinfo=at.tzinfo)) + window
+    return max(leaves - at, timedelta(milliseconds=1))
+
+
+async def requests_in_window(
+    session: AsyncSession, ceiling: str, window: timedelta, *, now: datetime | None = None
+) -> int:
+    """How many requests the ceiling counts in the window ending ``now``."""
+    at = utc(now)
+    count = await session.scalar(
+        select(func.count()).where(CrmRequest.ceiling == ceiling, CrmRequest.sent_at > at - window)
+    )
+    return int(count or 0)

@@ -1,0 +1,100 @@
+"""The CRM request ceiling and the ledger, on SQLite and PostgreSQL: however many processes
+send, no window ever holds more requests than the CRM allows, and a key is confirmed once."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime, timedelta
+
+from activities.campaign.ceiling import SAFETY_MARGIN, CeilingConfig, RequestCeiling
+from cohortflow.storage import crm_ledger
+from cohortflow.storage.db import Database
+
+T0 = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+WINDOW = timedelta(seconds=10)
+
+
+async def test_a_full_window_says_how_long_until_its_oldest_request_leaves(db: Database) -> None:
+    waits = []
+    for offset in (0, 1, 2, 3):
+        async with db.transaction() as session:
+            waits.append(
+                await crm_ledger.take_request_slot(
+                    session, "hubspot:x", 3, WINDOW, now=T0 + timedelta(seconds=offset)
+                )
+            )
+    assert waits[:3] == [timedelta(0)] * 3
+    assert waits[3] == timedelta(seconds=7)  # the first left at T0 + 10 s
+    async with db.transaction() as session:
+        later = await crm_ledger.take_request_slot(
+            session, "hubspot:x", 3, WINDOW, now=T0 + timedelta(seconds=10)
+        )
+        other = await crm_ledger.take_request_slot(session, "hubspot:y", 3, WINDOW, now=T0)
+        counted = await crm_ledger.requests_in_window(
+            session, "hubspot:x", WINDOW, now=T0 + timedelta(seconds=10)
+        )
+    assert later == timedelta(0) and other == timedelta(0)  # ceilings are apart
+    assert counted == 3  # the one sent at T0 left the window
+
+
+async def test_concurrent_senders_never_put_more_than_the_limit_in_any_window(
+    database_url: str, db: Database
+) -> None:
+    limit, window = 5, timedelta(seconds=1)
+    config = CeilingConfig("sandbox:ceiling-test", limit, window)
+    # Four "processes": each its own engine and connection pool on the same database.
+    databases = [Database(database_url) for _ in range(4)]
+    sent: list[float] = []
+
+    async def sender(database: Database) -> None:
+        ceiling = RequestCeiling(database, config)
+        for _ in range(4):
+            await ceiling.acquire()
+            sent.append(time.monotonic())
+
+    try:
+        started = time.monotonic()
+        await asyncio.gather(*(sender(d) for d in databases))
+        elapsed = time.monotonic() - started
+    finally:
+        for database in databases:
+            await database.dispose()
+    sent.sort()
+    span = (window + SAFETY_MARGIN).total_seconds()
+    for i, at in enumerate(sent):
+        in_window = [t for t in sent[i:] if t < at + span - 0.05]  # tolerance for clock reads
+        assert len(in_window) <= limit, f"{len(in_window)} requests within one window"
+    # 16 requests at 5 a window need at least three more windows after the first.
+    assert elapsed >= 3 * window.total_seconds()
+
+
+async def test_a_confirmed_effect_is_recorded_once_and_listed_by_workflow(db: Database) -> None:
+    effect = crm_ledger.Effect(
+        "wf-1:enrol", "wf-1", "enrol", "c_1", "enroll_sequence", "winback", [], "901", "answered"
+    )
+    async with db.transaction() as session:
+        assert await crm_ledger.record(session, effect, now=T0)
+        assert not await crm_ledger.record(session, effect, now=T0 + timedelta(seconds=1))
+        await crm_ledger.record(
+            session,
+            crm_ledger.Effect(
+                "wf-2:label",
+                "wf-2",
+                "label",
+                "c_2",
+                "set_properties",
+                "",
+                ["a"],
+                "902",
+                "read_back",
+            ),
+            now=T0,
+        )
+    async with db.transaction() as session:
+        found = await crm_ledger.confirmed(session, "wf-1:enrol")
+        listed = await crm_ledger.effects_of(session, "wf-1")
+        missing = await crm_ledger.confirmed(session, "wf-1:label")
+    assert found is not None and (found.crm_id, found.how) == ("901", "answered")
+    assert [e.idempotency_key for e in listed] == ["wf-1:enrol"]
+    assert missing is None
