@@ -27,6 +27,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from temporalio.client import Client
 from temporalio.worker import Worker
@@ -52,7 +53,7 @@ from workflows.campaign.contract import campaign_workflow_id
 TARGET = 0.3  # a campaign makes 3 activities, 1 timer and 2 local activities; bare makes 1
 
 
-SPEC = {
+SPEC: dict[str, Any] = {
     "campaign_id": "bench",
     "name": "Bench campaign",
     "owner": "bench",
@@ -94,9 +95,13 @@ async def _bare(client: Client, n: int, queue: str) -> float:
         return n / (time.perf_counter() - started)
 
 
-async def _campaigns(client: Client, settings: Settings, n: int, workers: int) -> tuple[float, int]:
+async def run_campaigns(
+    client: Client, settings: Settings, n: int, workers: int, document: dict[str, Any] = SPEC
+) -> tuple[float, int]:
+    """Launch ``n`` campaigns of ``document`` run by ``workers`` worker processes; their
+    rate from the first launch to the last end, and one campaign's history events."""
     db = Database(settings.resolved_database_url)
-    spec = CampaignSpec.model_validate(SPEC)
+    spec = CampaignSpec.model_validate(document)
     keys = [f"c_{uuid.uuid4().hex[:24]}" for _ in range(n)]
     features = dict.fromkeys(FEATURE_NAMES, 1.0)
     async with db.transaction() as session:
@@ -141,11 +146,13 @@ async def _campaigns(client: Client, settings: Settings, n: int, workers: int) -
 
 
 @contextlib.contextmanager
-def _sandbox(root: Path) -> Iterator[str]:
+def sandbox_crm(root: Path, **config: Any) -> Iterator[str]:
     """The sandbox CRM in its own process, as in `cohortflow up` and every deployment: the
-    CRM's CPU is not the worker's."""
+    CRM's CPU is not the worker's. ``config``: its ``crm_sandbox_*`` and token settings."""
     settings = Settings(
-        data_dir=root, crm_sandbox_port=free_port(), crm_sandbox_rate_limit=1_000_000
+        data_dir=root,
+        crm_sandbox_port=free_port(),
+        **{"crm_sandbox_rate_limit": 1_000_000, **config},
     )
     url = settings.resolved_crm_url
     proc = spawn(
@@ -191,10 +198,10 @@ async def main(n: int, workers: int) -> dict[str, object]:
         await server.start()
         try:
             client = await connect(settings, tracing=False)
-            with _sandbox(root) as crm_url:
+            with sandbox_crm(root) as crm_url:
                 bare_rate = await _bare(client, n, f"bare-{suffix}")
                 with_crm = settings.model_copy(update={"crm_url": crm_url})
-                campaign_rate, events = await _campaigns(client, with_crm, n, workers)
+                campaign_rate, events = await run_campaigns(client, with_crm, n, workers)
         finally:
             server.stop()
     return {

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
-from collections.abc import Awaitable, Collection
+from collections.abc import Collection
+from dataclasses import replace
 from datetime import timedelta
-from typing import NoReturn, TypeVar
+from typing import NoReturn
 
 import structlog
 from temporalio import activity
@@ -25,6 +26,8 @@ from temporalio.exceptions import ApplicationError
 from activities.campaign import gate
 from activities.campaign.audit import append_decisions, append_row
 from activities.campaign.batcher import CrmBatcher
+from activities.campaign.group_commit import GroupCommit
+from activities.campaign.heartbeat import heartbeating
 from activities.campaign.log_context import bind
 from cohortflow.crm.connector import (
     ContactState,
@@ -37,7 +40,7 @@ from cohortflow.crm.connector import (
     Membership,
     RecordOutcome,
 )
-from cohortflow.storage import crm_ledger, customers
+from cohortflow.storage import crm_ledger
 from cohortflow.storage.db import Database
 from cohortflow.storage.tables import CrmEffect
 from workflows.campaign.activity_io import (
@@ -51,9 +54,6 @@ from workflows.campaign.contract import ActivityName, AuditKind, idempotency_key
 
 log = structlog.get_logger(__name__)
 
-# While an activity waits for its batch it tells Temporal it is alive this often, so a lost
-# worker is noticed within the heartbeat timeout however long the CRM's queue is.
-HEARTBEAT_EVERY = timedelta(seconds=5)
 # Actions the CRM does not make idempotent by itself: read back before sending them again.
 MEMBERSHIP_ACTIONS = frozenset({"enroll_sequence", "add_to_list"})
 UNDO = {
@@ -61,8 +61,6 @@ UNDO = {
     "add_to_list": "remove_from_lists",
     "set_properties": "clear_properties",
 }
-
-_T = TypeVar("_T")
 
 
 class _WindowSpent(Exception):
@@ -86,19 +84,26 @@ class CrmActivities:
         self._batcher = batcher
         self._owned = tuple(owned_properties)
         self._sender = sender_email
+        # The gate and the record of concurrent writes share transactions (group commit).
+        self._gate = GroupCommit(db, gate.gate_many)
+        self._record = GroupCommit(db, gate.written_many)
 
     @activity.defn(name=ActivityName.CRM_WRITE)
     async def crm_write(self, inp: CrmWriteInput) -> CrmWriteResult:
         """Check pause, consent and the frequency cap right before writing, then write once
         in effect; the action holds a cap reservation from the gate until it is recorded."""
         bind(inp.workflow_id, inp.customer_key)
+        async with heartbeating():
+            return await self._write(inp)
+
+    async def _write(self, inp: CrmWriteInput) -> CrmWriteResult:
         self._refuse_unowned(inp)
-        stopped = await gate.gate(self._db, inp, gate.reservation_ttl(activity.info()))
-        if stopped is not None:
-            stopped.decisions_recorded = len(inp.decisions)  # the gate's transaction wrote them
-            return stopped
+        verdict = await self._gate.submit(gate.GateItem(inp, gate.reservation_ttl(activity.info())))
+        if verdict.stopped is not None:
+            # The gate's transaction appended the decisions the action carried.
+            return replace(verdict.stopped, decisions_recorded=len(inp.decisions))
         try:
-            effect = await self._effect(inp, idempotency_key(inp.workflow_id, inp.step_id))
+            effect = await self._effect(inp, verdict)
         except _WindowSpent as spent:
             await gate.release(self._db, inp.customer_key, inp.workflow_id, inp.step_id)
             return CrmWriteResult(
@@ -107,7 +112,7 @@ class CrmActivities:
                 retry_at=spent.error.until.isoformat(),
                 decisions_recorded=len(inp.decisions),
             )
-        await gate.written(self._db, inp, effect)
+        await self._record.submit((inp, effect))
         log.info("crm written", action=inp.action, how=effect.how, attempt=activity.info().attempt)
         return CrmWriteResult(
             outcome=CrmOutcome.WRITTEN,
@@ -115,19 +120,18 @@ class CrmActivities:
             decisions_recorded=len(inp.decisions),
         )
 
-    async def _effect(self, inp: CrmWriteInput, key: str) -> crm_ledger.Effect:
+    async def _effect(self, inp: CrmWriteInput, verdict: gate.Verdict) -> crm_ledger.Effect:
         """The action's confirmed effect: from the ledger, from a read-back, or sent now."""
-        async with self._db.transaction() as session:
-            found = await crm_ledger.confirmed(session, key)
-        if found is not None:
-            return _effect(inp, key, found.crm_id, "ledger")
+        key = idempotency_key(inp.workflow_id, inp.step_id)
+        if verdict.confirmed is not None:
+            return _effect(inp, key, verdict.confirmed.crm_id, "ledger")
         if inp.action in MEMBERSHIP_ACTIONS and activity.info().attempt > 1:
             # An earlier attempt may have enrolled and died before recording it.
             crm_id = await self._read_back(inp)
             if crm_id is not None:
                 return _effect(inp, key, crm_id, "read_back")
         try:
-            outcome = await _heartbeating(self._send(inp, key))
+            outcome = await self._send(inp, key, verdict.email)
         except CrmUnavailable as exc:
             crm_id = await self._read_back(inp) if exc.ambiguous else None
             if crm_id is None:
@@ -140,14 +144,12 @@ class CrmActivities:
             await self._fail(inp, refused or CrmRejected(422, None, outcome.error))
         return _effect(inp, key, outcome.crm_id, "answered")
 
-    async def _send(self, inp: CrmWriteInput, key: str) -> RecordOutcome:
+    async def _send(self, inp: CrmWriteInput, key: str, email: str) -> RecordOutcome:
         if inp.action == "set_properties":
             properties = dict(inp.properties)
-            async with self._db.transaction() as session:
-                customer = await customers.get_customer(session, inp.customer_key)
             # Contact data is resolved here, inside the activity, never in workflow history.
-            if customer is not None and customer.email and self._owns("email"):
-                properties["email"] = customer.email
+            if email and self._owns("email"):
+                properties["email"] = email
             return await self._batcher.upsert(ContactWrite(key, inp.customer_key, properties))
         target = inp.sequence_id if inp.action == "enroll_sequence" else inp.list_id
         member = Membership(key, inp.customer_key, target, self._sender)
@@ -159,9 +161,7 @@ class CrmActivities:
 
     async def _read_back(self, inp: CrmWriteInput) -> str | None:
         """The contact's CRM id when the membership the action makes is already there."""
-        state: ContactState | None = await _heartbeating(
-            self._batcher.read_contact(inp.customer_key)
-        )
+        state: ContactState | None = await self._batcher.read_contact(inp.customer_key)
         if state is None:
             return None
         held = state.sequences if inp.action == "enroll_sequence" else state.lists
@@ -210,7 +210,8 @@ class CrmActivities:
                 session, inp.workflow_id, inp.campaign_id, inp.customer_key, inp.decisions
             )
         wanted = [e for e in effects if UNDO.get(e.action) in inp.undo]
-        results = await asyncio.gather(*(self._undo(inp, effect) for effect in wanted))
+        async with heartbeating():
+            results = await asyncio.gather(*(self._undo(inp, effect) for effect in wanted))
         undone = sum(1 for ok in results if ok)
         return CompensateResult(
             undone=undone, refused=len(results) - undone, decisions_recorded=len(inp.decisions)
@@ -223,13 +224,13 @@ class CrmActivities:
                 return True
         member = Membership(key, effect.customer_key, effect.target, self._sender)
         if effect.action == "enroll_sequence":
-            outcome = await _heartbeating(self._batcher.unenroll(member))
+            outcome = await self._batcher.unenroll(member)
         elif effect.action == "add_to_list":
-            outcome = await _heartbeating(self._batcher.remove_from_list(member))
+            outcome = await self._batcher.remove_from_list(member)
         else:
             cleared = {name: "" for name in effect.properties if self._owns(name)}
             write = ContactWrite(key, effect.customer_key, cleared)
-            outcome = await _heartbeating(self._batcher.upsert(write))
+            outcome = await self._batcher.upsert(write)
         async with self._db.transaction() as session:
             if outcome.ok:
                 await crm_ledger.record(
@@ -274,13 +275,3 @@ def _effect(inp: CrmWriteInput, key: str, crm_id: str, how: str) -> crm_ledger.E
         crm_id,
         how,
     )
-
-
-async def _heartbeating(work: Awaitable[_T]) -> _T:
-    """Await ``work``, heartbeating meanwhile (a batch may wait its turn under the ceiling)."""
-    task = asyncio.ensure_future(work)
-    while True:
-        done, _ = await asyncio.wait({task}, timeout=HEARTBEAT_EVERY.total_seconds())
-        if done:
-            return task.result()
-        activity.heartbeat()

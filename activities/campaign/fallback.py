@@ -7,6 +7,7 @@ from temporalio import activity
 
 from activities.campaign.audit import append_decisions, append_row
 from activities.campaign.batcher import CrmBatcher
+from activities.campaign.heartbeat import heartbeating
 from activities.campaign.log_context import bind
 from cohortflow.crm.connector import ContactWrite, CrmError
 from cohortflow.storage import reservations, segments
@@ -38,7 +39,8 @@ class FallbackActivities:
         key = idempotency_key(inp.workflow_id, f"{inp.step_id}:fallback")
         write = ContactWrite(key, inp.customer_key, {SEGMENT_PROPERTY: inp.segment})
         try:
-            outcome = await self._batcher.upsert(write)
+            async with heartbeating():
+                outcome = await self._batcher.upsert(write)
             synced, detail = outcome.ok, outcome.error
         except CrmError as exc:
             synced, detail = False, f"{type(exc).__name__}: {exc}"

@@ -1,23 +1,35 @@
-"""The last word before an outbound CRM action: pause, consent, then the frequency cap.
+"""The last word before an outbound CRM action (pause, consent, then the frequency cap) and
+the record once the CRM took it, for many actions at once.
 
-One short transaction, never held across the CRM call. Between the gate and the action's
-``crm_written`` row the action holds a reservation, so the cross-campaign frequency cap also
-counts actions still in flight.
+Both run in one short transaction per group of concurrent actions (``group_commit.py``),
+never held across the CRM call. Between the gate and the action's ``crm_written`` row the
+action holds a reservation, so the cross-campaign frequency cap also counts actions still in
+flight.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 from temporalio import activity
 
-from activities.campaign.audit import append_decisions, append_row
-from cohortflow.storage import campaigns, consent, crm_ledger, outbound, reservations
+from cohortflow.storage import (
+    audit,
+    campaigns,
+    consent,
+    crm_ledger,
+    customers,
+    outbound,
+    reservations,
+)
 from cohortflow.storage.db import Database
+from cohortflow.storage.tables import CrmEffect
 from workflows.campaign.activity_io import CrmOutcome, CrmWriteInput, CrmWriteResult
-from workflows.campaign.contract import AuditKind
+from workflows.campaign.contract import AuditKind, idempotency_key
 
 # Used by reservation_ttl when the activity's info lacks a timeout or a retry policy.
 DEFAULT_ATTEMPT_TIMEOUT = timedelta(minutes=1)
@@ -27,96 +39,137 @@ DEFAULT_BACKOFF_FACTOR = 100
 RESERVATION_SLACK = timedelta(minutes=1)
 
 
-async def gate(db: Database, inp: CrmWriteInput, ttl: timedelta) -> CrmWriteResult | None:
-    """Pause, consent, then the cap: the outcome that stops the action, or None to write.
+@dataclass(frozen=True)
+class GateItem:
+    """One action at the gate, with how long its cap slot must outlive this attempt."""
 
-    Appends the decisions the action carries and its consent row in the same transaction.
+    inp: CrmWriteInput
+    ttl: timedelta
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the gate says of one action: ``stopped`` (paused, no consent, capped), or go on,
+    with the effect the ledger already holds for its key and the contact's e-mail."""
+
+    stopped: CrmWriteResult | None
+    confirmed: CrmEffect | None = None
+    email: str = ""
+
+
+async def gate_many(session: AsyncSession, items: Sequence[GateItem]) -> list[Verdict]:
+    """Pause, consent, then the frequency cap, for many actions in one transaction.
+
+    Appends the decisions each action carries and its consent row. Customers' locks come
+    first (every transaction takes them before the audit chain's, so the two never
+    deadlock), and the chain is appended to last, so its global lock is held briefly.
     """
-    async with db.transaction() as session:
-        # First: every transaction that takes a customer's lock takes it before the audit
-        # chain's lock (appended to below), so the two never deadlock.
-        await reservations.lock_customer(session, inp.customer_key)
-        await append_decisions(
-            session, inp.workflow_id, inp.campaign_id, inp.customer_key, inp.decisions
-        )
-        campaign = await campaigns.get_campaign(session, inp.campaign_id)
-        if campaign is not None and campaign.status == "paused":
-            return CrmWriteResult(outcome=CrmOutcome.PAUSED, detail="campaign paused")
-        allowed = await consent.has_consent(session, inp.customer_key, inp.channel, inp.purpose)
+    now = datetime.now(UTC)
+    inputs = [item.inp for item in items]
+    actions = [(i.workflow_id, i.step_id) for i in inputs]
+    await reservations.lock_customers(session, {i.customer_key for i in inputs})
+    paused = await campaigns.statuses(session, {i.campaign_id for i in inputs})
+    granted = await consent.granted_many(
+        session, {(i.customer_key, i.channel, i.purpose) for i in inputs}
+    )
+    ledger = await crm_ledger.confirmed_many(session, [idempotency_key(w, s) for w, s in actions])
+    written = await outbound.written_many(session, actions, written_kind=AuditKind.CRM_WRITTEN)
+    own = await reservations.expiries(session, actions)
+    emails = await customers.emails(
+        session, {i.customer_key for i in inputs if i.action == "set_properties"}
+    )
+    events: list[audit.AuditEvent] = []
+    verdicts: list[Verdict | None] = []
+    hold: list[reservations.Held] = []
+    capped: list[int] = []
+    for index, item in enumerate(items):
+        inp = item.inp
+        events += _decision_events(inp)
+        go = Verdict(None, ledger.get(idempotency_key(inp.workflow_id, inp.step_id)))
+        go = replace(go, email=emails.get(inp.customer_key, ""))
+        if paused.get(inp.campaign_id) == "paused":
+            verdicts.append(Verdict(CrmWriteResult(CrmOutcome.PAUSED, detail="campaign paused")))
+            continue
+        allowed = (inp.customer_key, inp.channel, inp.purpose) in granted
         kind = AuditKind.CONSENT_ALLOWED if allowed else AuditKind.CONSENT_BLOCKED
-        await _append(session, inp, kind, {"channel": inp.channel, "purpose": inp.purpose})
+        events.append(_event(inp, kind, {"channel": inp.channel, "purpose": inp.purpose}))
         if not allowed:
-            return CrmWriteResult(
-                outcome=CrmOutcome.CONSENT_BLOCKED,
-                detail=f"no consent for {inp.channel}/{inp.purpose}",
-            )
-        return await _cap(session, inp, ttl)
+            detail = f"no consent for {inp.channel}/{inp.purpose}"
+            verdicts.append(Verdict(CrmWriteResult(CrmOutcome.CONSENT_BLOCKED, detail=detail)))
+            continue
+        action = (inp.workflow_id, inp.step_id)
+        verdicts.append(go)
+        if action in written:
+            continue  # a retry of an action on record: its crm_written row counts it
+        slot = own.get(action)
+        if inp.cap_max_actions > 0 and not (slot is not None and slot > now):
+            capped.append(index)
+            continue
+        hold.append(_held(inp, now + item.ttl))
+    # Each attempt renews its reservation, so one only has to outlive one attempt.
+    await reservations.reserve_many(session, hold, now=now)
+    for index in capped:  # in order: each counts the slots taken before it
+        verdicts[index] = await _cap(session, items[index], now, events) or verdicts[index]
+    await audit.append_many(session, events)
+    return [v for v in verdicts if v is not None]
 
 
-async def _cap(session: AsyncSession, inp: CrmWriteInput, ttl: timedelta) -> CrmWriteResult | None:
+async def _cap(
+    session: AsyncSession, item: GateItem, now: datetime, events: list[audit.AuditEvent]
+) -> Verdict | None:
     """Refuse the action when the customer already has ``cap_max_actions`` outbound
     actions, from any campaign, within the cap's window; otherwise reserve its slot.
 
-    Runs under the customer's lock (see ``gate``), and counts actions written (audit rows
-    ``crm_written``) and in flight (live reservations), so the cap is strict: of campaigns
-    acting on one customer at the same instant, only as many as there are slots pass. Every
-    action reserves, capped campaign or not, so a capped campaign also sees an uncapped one's
-    write in flight. A retry of an action that was written, or whose reservation is still
-    live, is never capped: it is the same action.
+    Runs under the customer's lock and counts actions written (``crm_written`` rows) and in
+    flight (live reservations, those this transaction took included), so the cap is strict:
+    of campaigns acting on one customer at the same instant, only as many as there are slots
+    pass. Every action reserves, capped campaign or not, so a capped campaign also sees an
+    uncapped one's write in flight.
     """
-    written = AuditKind.CRM_WRITTEN
-    if await outbound.already_written(session, inp.workflow_id, inp.step_id, written_kind=written):
-        return None  # its crm_written row counts it; nothing to reserve
-    now = datetime.now(UTC)
-    own = await reservations.get_reservation(session, inp.workflow_id, inp.step_id)
-    holds_slot = own is not None and own.expires_at > now
-    if inp.cap_max_actions > 0 and not holds_slot:
-        recent = await outbound.outbound_since(
-            session,
-            inp.customer_key,
-            now - timedelta(seconds=inp.cap_window_seconds),
-            written_kind=written,
-            exclude=(inp.workflow_id, inp.step_id),
-            now=now,
-        )
-        if recent >= inp.cap_max_actions:
-            await _append(
-                session,
-                inp,
-                AuditKind.FREQUENCY_CAPPED,
-                {
-                    "action": inp.action,
-                    "recent_actions": recent,
-                    "max_actions": inp.cap_max_actions,
-                    "window_seconds": inp.cap_window_seconds,
-                },
-            )
-            return CrmWriteResult(
-                outcome=CrmOutcome.CAPPED,
-                detail=f"{recent} outbound actions in the cap window (max {inp.cap_max_actions})",
-            )
-    # Each attempt renews the reservation, so it only has to outlive one attempt.
-    await reservations.reserve(
+    inp = item.inp
+    recent = await outbound.outbound_since(
         session,
-        workflow_id=inp.workflow_id,
-        step_id=inp.step_id,
-        campaign_id=inp.campaign_id,
-        customer_key=inp.customer_key,
-        expires_at=now + ttl,
+        inp.customer_key,
+        now - timedelta(seconds=inp.cap_window_seconds),
+        written_kind=AuditKind.CRM_WRITTEN,
+        exclude=(inp.workflow_id, inp.step_id),
         now=now,
     )
-    return None
+    if recent < inp.cap_max_actions:
+        await reservations.reserve_many(session, [_held(inp, now + item.ttl)], now=now)
+        return None
+    payload = {
+        "action": inp.action,
+        "recent_actions": recent,
+        "max_actions": inp.cap_max_actions,
+        "window_seconds": inp.cap_window_seconds,
+    }
+    events.append(_event(inp, AuditKind.FREQUENCY_CAPPED, payload))
+    detail = f"{recent} outbound actions in the cap window (max {inp.cap_max_actions})"
+    return Verdict(CrmWriteResult(CrmOutcome.CAPPED, detail=detail))
 
 
-async def written(db: Database, inp: CrmWriteInput, effect: crm_ledger.Effect) -> None:
-    """The CRM took the action: its ledger entry and ``crm_written`` row replace its
-    reservation in one transaction, so no cap check ever counts it twice or misses it."""
-    async with db.transaction() as session:
-        await reservations.lock_customer(session, inp.customer_key)
-        await crm_ledger.record(session, effect)
-        payload = {"action": inp.action, "crm_id": effect.crm_id, "confirmed": effect.how}
-        await _append(session, inp, AuditKind.CRM_WRITTEN, payload)
-        await reservations.release(session, inp.workflow_id, inp.step_id)
+async def written_many(
+    session: AsyncSession, items: Sequence[tuple[CrmWriteInput, crm_ledger.Effect]]
+) -> list[None]:
+    """The CRM took these actions: their ledger entries and ``crm_written`` rows replace
+    their reservations in one transaction, so no cap check ever counts one twice or misses
+    it."""
+    await reservations.lock_customers(session, {inp.customer_key for inp, _ in items})
+    await crm_ledger.record_many(session, [effect for _, effect in items])
+    await reservations.release_many(session, [(i.workflow_id, i.step_id) for i, _ in items])
+    await audit.append_many(
+        session,
+        [
+            _event(
+                inp,
+                AuditKind.CRM_WRITTEN,
+                {"action": inp.action, "crm_id": effect.crm_id, "confirmed": effect.how},
+            )
+            for inp, effect in items
+        ],
+    )
+    return [None] * len(items)
 
 
 async def release(db: Database, customer_key: str, workflow_id: str, step_id: str) -> None:
@@ -126,12 +179,24 @@ async def release(db: Database, customer_key: str, workflow_id: str, step_id: st
         await reservations.release(session, workflow_id, step_id)
 
 
-async def _append(
-    session: AsyncSession, inp: CrmWriteInput, kind: AuditKind, payload: dict[str, Any]
-) -> None:
-    """Append one row about this action."""
-    await append_row(
-        session, inp.workflow_id, inp.step_id, kind, inp.campaign_id, inp.customer_key, payload
+def _held(inp: CrmWriteInput, expires_at: datetime) -> reservations.Held:
+    return reservations.Held(
+        inp.workflow_id, inp.step_id, inp.campaign_id, inp.customer_key, expires_at
+    )
+
+
+def _decision_events(inp: CrmWriteInput) -> list[audit.AuditEvent]:
+    return [
+        audit.AuditEvent(
+            inp.workflow_id, d.step_id, d.kind, inp.campaign_id, inp.customer_key, d.payload
+        )
+        for d in inp.decisions
+    ]
+
+
+def _event(inp: CrmWriteInput, kind: AuditKind, payload: dict[str, Any]) -> audit.AuditEvent:
+    return audit.AuditEvent(
+        inp.workflow_id, inp.step_id, kind, inp.campaign_id, inp.customer_key, payload
     )
 
 

@@ -6,8 +6,8 @@ customer's, the audit chain's). One at a time that costs more than the CRM call 
 at a CRM's batch ceiling (a thousand records a second) it is the bottleneck. So concurrent
 activities hand their item to a ``GroupCommit`` and await their own result, and its sender
 runs everything that arrived within ``linger`` as one transaction of set-based statements.
-Idle, an item waits at most ``linger`` (a few milliseconds); a transaction that fails fails
-each of its items, whose activities Temporal retries.
+Idle, an item waits at most ``linger`` (20 ms, small beside the CRM call it guards); a
+transaction that fails fails each of its items, whose activities Temporal retries.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class GroupCommit(Generic[_I, _R]):
         db: Database,
         run_many: RunMany[_I, _R],
         *,
-        linger: timedelta = timedelta(milliseconds=5),
+        linger: timedelta = timedelta(milliseconds=20),
         max_items: int = 500,
     ) -> None:
         self._db = db

@@ -6,8 +6,9 @@ import json
 import sqlite3
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
+from sqlalchemy import Table
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -48,8 +49,14 @@ def dialect_name(session: AsyncSession) -> str:
     return session.get_bind().dialect.name
 
 
-def upsert(session: AsyncSession, entity: type[Base]) -> Insert:
-    """An INSERT supporting ``ON CONFLICT`` for the session's dialect."""
+def table_of(entity: type[Base]) -> Table:
+    """The Core table of a mapped class, for statements that skip the ORM's per-row work."""
+    return cast(Table, entity.__table__)
+
+
+def upsert(session: AsyncSession, entity: type[Base] | Table) -> Insert:
+    """An INSERT supporting ``ON CONFLICT`` for the session's dialect. On a ``Table`` it is a
+    plain Core statement, cheaper than the ORM's for many rows at once."""
     name = dialect_name(session)
     if name == "postgresql":
         return postgresql.insert(entity)
@@ -68,3 +75,13 @@ def chunked(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
     """Consecutive slices of at most ``size`` items."""
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def in_list(items: Sequence[T], size: int = 1_024) -> Iterator[list[T]]:
+    """Slices of ``items`` for ``IN (...)`` lists, each padded (repeating its last item,
+    which changes no answer) to a power of two: the database sees a few statement shapes
+    and reuses their plans, instead of parsing and planning one for every list length."""
+    for chunk in chunked(items, size):
+        padded = list(chunk)
+        padded += [padded[-1]] * ((1 << (len(padded) - 1).bit_length()) - len(padded))
+        yield padded

@@ -9,7 +9,7 @@ TRUNCATE on PostgreSQL) on ``audit_log``; :func:`verify_chain` proves nothing sl
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import insert, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from cohortflow.storage._sql import canonical_json, dialect_name, utc
+from cohortflow.storage._sql import canonical_json, dialect_name, in_list, table_of, utc
 from cohortflow.storage.tables import AuditRow
 
 GENESIS_HASH = "0" * 64
@@ -88,53 +88,69 @@ async def append_audit(
     If (workflow_id, step_id, kind) is already recorded, that row is returned unchanged
     with ``created=False``. The payload must be JSON-serialisable (no NaN).
     """
-    payload_text = canonical_json(dict(event.payload))
+    return (await append_many(session, [event], now=now))[0]
+
+
+async def append_many(
+    session: AsyncSession, events: Sequence[AuditEvent], *, now: datetime | None = None
+) -> list[Appended]:
+    """Append ``events`` in order, as :func:`append_audit` appends one, in a few statements
+    whatever their number (group commit of concurrent activities); one result per event."""
+    if not events:
+        return []
     if dialect_name(session) == "postgresql":
         await session.execute(text(f"SELECT pg_advisory_xact_lock({AUDIT_LOCK_ID})"))
-    existing = (
-        await session.execute(
-            select(AuditRow.seq, AuditRow.hash).where(
-                AuditRow.workflow_id == event.workflow_id,
-                AuditRow.step_id == event.step_id,
-                AuditRow.kind == event.kind,
-            )
+    wanted = list(dict.fromkeys((e.workflow_id, e.step_id, e.kind) for e in events))
+    found: dict[tuple[str, str, str], tuple[int, str]] = {}
+    wanted_set = set(wanted)
+    # By the workflow's index alone (row-value IN lists defeat PostgreSQL's planner).
+    for chunk in in_list(sorted({workflow_id for workflow_id, _, _ in wanted})):
+        columns = (AuditRow.workflow_id, AuditRow.step_id, AuditRow.kind)
+        rows = await session.execute(
+            select(*columns, AuditRow.seq, AuditRow.hash).where(AuditRow.workflow_id.in_(chunk))
         )
-    ).first()
-    if existing is not None:
-        return Appended(seq=existing.seq, hash=existing.hash, created=False)
+        found |= {(w, s, k): (seq, h) for w, s, k, seq, h in rows if (w, s, k) in wanted_set}
     last = (
         await session.execute(
             select(AuditRow.seq, AuditRow.hash).order_by(AuditRow.seq.desc()).limit(1)
         )
     ).first()
-    seq, prev_hash = (1, GENESIS_HASH) if last is None else (last.seq + 1, last.hash)
+    seq, prev_hash = (0, GENESIS_HASH) if last is None else (last.seq, last.hash)
     created_at = utc(now).isoformat(timespec="microseconds")
-    row_hash = chain_hash(
-        seq,
-        prev_hash,
-        event.workflow_id,
-        event.step_id,
-        event.kind,
-        event.campaign_id,
-        event.customer_key,
-        payload_text,
-        created_at,
-    )
-    await session.execute(
-        insert(AuditRow).values(
-            seq=seq,
-            workflow_id=event.workflow_id,
-            step_id=event.step_id,
-            kind=event.kind,
-            campaign_id=event.campaign_id,
-            customer_key=event.customer_key,
-            payload=payload_text,
-            created_at=created_at,
-            prev_hash=prev_hash,
-            hash=row_hash,
+    appended: list[Appended] = []
+    rows_to_insert: list[dict[str, Any]] = []
+    for event in events:
+        key = (event.workflow_id, event.step_id, event.kind)
+        if key in found:
+            appended.append(Appended(seq=found[key][0], hash=found[key][1], created=False))
+            continue
+        seq += 1
+        payload_text = canonical_json(dict(event.payload))
+        row_hash = chain_hash(
+            seq,
+            prev_hash,
+            event.workflow_id,
+            event.step_id,
+            event.kind,
+            event.campaign_id,
+            event.customer_key,
+            payload_text,
+            created_at,
         )
-    )
-    return Appended(seq=seq, hash=row_hash, created=True)
+        rows_to_insert.append(
+            {
+                "seq": seq, "workflow_id": event.workflow_id, "step_id": event.step_id,
+                "kind": event.kind, "campaign_id": event.campaign_id,
+                "customer_key": event.customer_key, "payload": payload_text,
+                "created_at": created_at, "prev_hash": prev_hash, "hash": row_hash,
+            }
+        )  # fmt: skip
+        found[key] = (seq, row_hash)
+        prev_hash = row_hash
+        appended.append(Appended(seq=seq, hash=row_hash, created=True))
+    if rows_to_insert:
+        await session.execute(insert(table_of(AuditRow)), rows_to_insert)
+    return appended
 
 
 async def verify_chain(

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Collection
 from datetime import datetime
 from typing import Any, Literal, get_args
 
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from cohortflow.storage._sql import canonical_json, upsert, utc
+from cohortflow.storage._sql import canonical_json, in_list, upsert, utc
 from cohortflow.storage.tables import Campaign, CampaignEntry, CampaignSpecVersion
 
 CampaignStatus = Literal["active", "paused", "cancelled"]
@@ -171,3 +172,14 @@ async def list_entries(session: AsyncSession, campaign_id: str) -> list[Campaign
 async def list_campaigns(session: AsyncSession) -> list[Campaign]:
     """Every campaign, by id."""
     return list(await session.scalars(select(Campaign).order_by(Campaign.campaign_id)))
+
+
+async def statuses(session: AsyncSession, campaign_ids: Collection[str]) -> dict[str, str]:
+    """The status of each of these campaigns that exists."""
+    found: dict[str, str] = {}
+    for chunk in in_list(list(campaign_ids)):
+        rows = await session.execute(
+            select(Campaign.campaign_id, Campaign.status).where(Campaign.campaign_id.in_(chunk))
+        )
+        found |= {campaign_id: status for campaign_id, status in rows}
+    return found

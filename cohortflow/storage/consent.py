@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime
 
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from cohortflow.storage._sql import chunked, rows_per_statement, upsert, utc
+from cohortflow.storage._sql import chunked, in_list, rows_per_statement, upsert, utc
 from cohortflow.storage.tables import Consent
 
 ConsentRow = tuple[str, str, str, bool]
@@ -125,3 +125,20 @@ async def bulk_set_consent(
             )
         )
     return changed
+
+
+async def granted_many(
+    session: AsyncSession, wanted: Collection[tuple[str, str, str]]
+) -> set[tuple[str, str, str]]:
+    """Which of these (customer key, channel, purpose) are recorded as granted."""
+    # By the key's index alone (row-value IN lists defeat PostgreSQL's planner), the rest
+    # compared here: a customer has a handful of consent rows.
+    found: set[tuple[str, str, str]] = set()
+    for chunk in in_list(sorted({key for key, _, _ in wanted})):
+        rows = await session.execute(
+            select(Consent.customer_key, Consent.channel, Consent.purpose).where(
+                Consent.customer_key.in_(chunk), Consent.granted.is_(True)
+            )
+        )
+        found |= {(k, c, p) for k, c, p in rows if (k, c, p) in wanted}
+    return found

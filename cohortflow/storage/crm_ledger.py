@@ -9,14 +9,15 @@ were sent in the last window, counted under one lock per ceiling in every proces
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import delete, func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from cohortflow.storage._sql import dialect_name, upsert, utc
+from cohortflow.storage._sql import dialect_name, in_list, table_of, upsert, utc
 from cohortflow.storage.tables import CrmEffect, CrmRequest
 
 # The first key of the ceiling's two-key advisory lock on PostgreSQL ("ceil" in ASCII).
@@ -47,22 +48,51 @@ async def record(session: AsyncSession, effect: Effect, *, now: datetime | None 
     """Record a confirmed effect; False when its key was recorded before (nothing changes)."""
     statement = (
         upsert(session, CrmEffect)
-        .values(
-            idempotency_key=effect.idempotency_key,
-            workflow_id=effect.workflow_id,
-            step_id=effect.step_id,
-            customer_key=effect.customer_key,
-            action=effect.action,
-            target=effect.target,
-            properties=list(effect.properties),
-            crm_id=effect.crm_id,
-            confirmed_at=utc(now),
-            how=effect.how,
-        )
+        .values(_row(effect, utc(now)))
         .on_conflict_do_nothing(index_elements=["idempotency_key"])
     )
     result = await session.execute(statement)
     return bool(getattr(result, "rowcount", 0))
+
+
+async def record_many(
+    session: AsyncSession, effects: Sequence[Effect], *, now: datetime | None = None
+) -> None:
+    """Record confirmed effects (recorded keys stay as they are), as one executemany: one
+    compiled statement however many there are."""
+    if not effects:
+        return
+    at = utc(now)
+    statement = upsert(session, table_of(CrmEffect)).on_conflict_do_nothing(
+        index_elements=["idempotency_key"]
+    )
+    await session.execute(statement, [_row(e, at) for e in effects])
+
+
+def _row(effect: Effect, at: datetime) -> dict[str, Any]:
+    return {
+        "idempotency_key": effect.idempotency_key,
+        "workflow_id": effect.workflow_id,
+        "step_id": effect.step_id,
+        "customer_key": effect.customer_key,
+        "action": effect.action,
+        "target": effect.target,
+        "properties": list(effect.properties),
+        "crm_id": effect.crm_id,
+        "confirmed_at": at,
+        "how": effect.how,
+    }
+
+
+async def confirmed_many(
+    session: AsyncSession, idempotency_keys: Collection[str]
+) -> dict[str, CrmEffect]:
+    """The recorded effects among these keys."""
+    found: dict[str, CrmEffect] = {}
+    for chunk in in_list(list(idempotency_keys)):
+        rows = await session.scalars(select(CrmEffect).where(CrmEffect.idempotency_key.in_(chunk)))
+        found |= {e.idempotency_key: e for e in rows}
+    return found
 
 
 async def effects_of(session: AsyncSession, workflow_id: str) -> Sequence[CrmEffect]:

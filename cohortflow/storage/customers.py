@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from cohortflow.storage._sql import chunked, rows_per_statement, upsert, utc
+from cohortflow.storage._sql import chunked, in_list, rows_per_statement, upsert, utc
 from cohortflow.storage.tables import Customer, CustomerFeatures
 
 FeatureRow = tuple[str, Mapping[str, float | None], datetime]
@@ -139,4 +139,17 @@ async def get_features(
         )
         for key, features in result:
             found[key] = dict(features)
+    return found
+
+
+async def emails(session: AsyncSession, customer_keys: Collection[str]) -> dict[str, str]:
+    """The e-mail address of each of these customers that has one."""
+    found: dict[str, str] = {}
+    for chunk in in_list(list(customer_keys)):
+        rows = await session.execute(
+            select(Customer.customer_key, Customer.email).where(
+                Customer.customer_key.in_(chunk), Customer.email.is_not(None)
+            )
+        )
+        found |= {key: email for key, email in rows if email}
     return found

@@ -9,12 +9,13 @@ storage knows tables, not the campaign's vocabulary.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import datetime
 
 from sqlalchemy import and_, exists, func, not_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from cohortflow.storage._sql import utc
+from cohortflow.storage._sql import in_list, utc
 from cohortflow.storage.tables import AuditRow, OutboundReservation
 
 
@@ -82,3 +83,19 @@ async def already_written(
         )
     )
     return bool(found)
+
+
+async def written_many(
+    session: AsyncSession, actions: Collection[tuple[str, str]], *, written_kind: str
+) -> set[tuple[str, str]]:
+    """Which of these (workflow, step) actions already reached the CRM."""
+    # By the workflow's index alone (row-value IN lists defeat PostgreSQL's planner).
+    found: set[tuple[str, str]] = set()
+    for chunk in in_list(sorted({workflow_id for workflow_id, _ in actions})):
+        rows = await session.execute(
+            select(AuditRow.workflow_id, AuditRow.step_id).where(
+                AuditRow.workflow_id.in_(chunk), AuditRow.kind == written_kind
+            )
+        )
+        found |= {(w, s) for w, s in rows if (w, s) in actions}
+    return found

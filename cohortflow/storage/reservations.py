@@ -11,18 +11,31 @@ both take the last slot and no action is ever counted twice.
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 
-from sqlalchemy import delete, select, text
+from sqlalchemy import delete, select, text, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from cohortflow.storage._sql import dialect_name, upsert, utc
+from cohortflow.storage._sql import dialect_name, in_list, table_of, upsert, utc
 from cohortflow.storage.tables import OutboundReservation
 
 # The first key of PostgreSQL's two-key advisory locks ("coob" in ASCII). Two-key locks live
 # in a key space apart from the one-key locks of the audit chain and of migrations, so a
 # customer's lock can never be the audit lock by a hash collision.
 OUTBOUND_LOCK_SPACE = 0x636F6F62
+
+
+@dataclass(frozen=True)
+class Held:
+    """An action's slot to hold until ``expires_at``."""
+
+    workflow_id: str
+    step_id: str
+    campaign_id: str
+    customer_key: str
+    expires_at: datetime
 
 
 def customer_lock_key(customer_key: str) -> int:
@@ -49,6 +62,40 @@ async def lock_customer(session: AsyncSession, customer_key: str) -> None:
             text("SELECT pg_advisory_xact_lock(:space, :key)"),
             {"space": OUTBOUND_LOCK_SPACE, "key": customer_lock_key(customer_key)},
         )
+
+
+async def lock_customers(session: AsyncSession, customer_keys: Collection[str]) -> None:
+    """:func:`lock_customer` for many customers at once, in one order every transaction
+    follows (sorted lock keys), so two transactions locking overlapping sets never deadlock."""
+    if dialect_name(session) != "postgresql" or not customer_keys:
+        return
+    lock_keys = sorted({customer_lock_key(k) for k in customer_keys})
+    await session.execute(
+        text(
+            "SELECT pg_advisory_xact_lock(:space, k) "
+            "FROM (SELECT unnest(CAST(:keys AS integer[])) AS k ORDER BY 1) AS ordered"
+        ),
+        {"space": OUTBOUND_LOCK_SPACE, "keys": lock_keys},
+    )
+
+
+async def expiries(
+    session: AsyncSession, actions: Collection[tuple[str, str]]
+) -> dict[tuple[str, str], datetime]:
+    """When the reservations of these (workflow, step) actions expire, where one exists."""
+    # By the workflow's index alone (row-value IN lists defeat PostgreSQL's planner).
+    found: dict[tuple[str, str], datetime] = {}
+    columns = (OutboundReservation.workflow_id, OutboundReservation.step_id)
+    for chunk in in_list(sorted({workflow_id for workflow_id, _ in actions})):
+        rows = await session.execute(
+            select(*columns, OutboundReservation.expires_at).where(columns[0].in_(chunk))
+        )
+        found |= {
+            (w, s): utc(e if e.tzinfo else e.replace(tzinfo=UTC))
+            for w, s, e in rows
+            if (w, s) in actions
+        }
+    return found
 
 
 async def get_reservation(
@@ -95,6 +142,51 @@ async def reserve(
             set_={"expires_at": stmt.excluded.expires_at},
         )
     )
+
+
+async def reserve_many(
+    session: AsyncSession, held: Sequence[Held], *, now: datetime | None = None
+) -> None:
+    """:func:`reserve` for many actions at once (their customers locked, their caps checked)."""
+    if not held:
+        return
+    reserved_at = utc(now)
+    customers = sorted({h.customer_key for h in held})
+    for chunk in in_list(customers):
+        await session.execute(
+            delete(OutboundReservation).where(
+                OutboundReservation.customer_key.in_(chunk),
+                OutboundReservation.expires_at <= reserved_at,
+            )
+        )
+    rows = [
+        {
+            "workflow_id": h.workflow_id,
+            "step_id": h.step_id,
+            "campaign_id": h.campaign_id,
+            "customer_key": h.customer_key,
+            "reserved_at": reserved_at,
+            "expires_at": utc(h.expires_at),
+        }
+        for h in held
+    ]
+    # One executemany: one compiled statement however many rows.
+    stmt = upsert(session, table_of(OutboundReservation))
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[OutboundReservation.workflow_id, OutboundReservation.step_id],
+        set_={"expires_at": stmt.excluded.expires_at},
+    )
+    await session.execute(stmt, rows)
+
+
+async def release_many(session: AsyncSession, actions: Collection[tuple[str, str]]) -> None:
+    """:func:`release` for many (workflow, step) actions at once."""
+    for chunk in in_list(list(actions)):
+        await session.execute(
+            delete(OutboundReservation).where(
+                tuple_(OutboundReservation.workflow_id, OutboundReservation.step_id).in_(chunk)
+            )
+        )
 
 
 async def release(session: AsyncSession, workflow_id: str, step_id: str) -> bool:

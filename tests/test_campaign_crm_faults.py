@@ -1,0 +1,123 @@
+"""Campaigns through a misbehaving HubSpot-shaped CRM (the sandbox in HubSpot mode, over real
+HTTP, enrolments not idempotent): whatever the fault, every campaign ends as its spec says,
+nothing is lost and no effect happens twice."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from pydantic import SecretStr
+from temporalio.client import WorkflowHandle
+
+from cohortflow.crm.sandbox import SandboxConfig, create_app
+from tests.harness import Harness, serve_app, spec_document, without_approval
+from workflows.campaign.contract import CampaignState
+from workflows.campaign.messages import CampaignResult
+from workflows.campaign.workflow import CampaignWorkflow
+
+TOKEN = "pat-faults"
+CAMPAIGNS = 12
+
+
+@contextlib.contextmanager
+def hubspot_for(harness: Harness, tmp_path: Path, **config: Any) -> Iterator[str]:
+    """The sandbox in HubSpot mode, and the harness's workers pointed at it."""
+    app = create_app(
+        SandboxConfig(tmp_path / "hs.db", mode="hubspot", token=TOKEN, rate_limit=10_000, **config)
+    )
+    with serve_app(app) as url:
+        harness.settings = harness.settings.model_copy(
+            update={
+                "crm_kind": "hubspot",
+                "crm_url": url,
+                "crm_token": SecretStr(TOKEN),
+                "crm_user_id": "7",
+                "crm_sender_email": "rep@example.com",
+                "crm_batch_linger_ms": 50,
+            }
+        )
+        yield url
+
+
+def sandbox(url: str, route: str) -> Any:
+    return httpx.get(f"{url}/_sandbox/{route}", timeout=30).json()
+
+
+def inject(url: str, fault: dict[str, Any]) -> None:
+    httpx.post(f"{url}/_sandbox/faults", json=fault).raise_for_status()
+
+
+async def ended(handles: list[WorkflowHandle[Any, CampaignResult]]) -> list[CampaignResult]:
+    """Every campaign's result, polled with time skipping held: unlocked, the test server
+    may skip past activities still in flight (sdk-java#1291)."""
+    for _ in range(600):
+        states = [(await h.query(CampaignWorkflow.status)).state for h in handles]
+        if all(s.terminal for s in states):
+            return [await h.result() for h in handles]
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"campaigns still running: {states}")
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        pytest.param({"kind": "status", "status": 503, "count": 10}, id="5xx-burst"),
+        pytest.param(
+            {"kind": "status", "status": 429, "policy": "SECONDLY", "count": 15}, id="429-storm"
+        ),
+        pytest.param({"kind": "latency", "seconds": 5, "count": 4}, id="latency-spikes"),
+        pytest.param({"kind": "drop", "count": 3}, id="replies-lost"),
+    ],
+)
+async def test_every_campaign_ends_and_every_effect_happens_once(
+    harness: Harness, tmp_path: Path, fault: dict[str, Any]
+) -> None:
+    document = without_approval(spec_document())
+    document["steps"] = [
+        {"id": "label", "type": "crm", "action": "set_properties", "properties": {"tier": "1"}},
+        {"id": "enrol", "type": "crm", "action": "enroll_sequence", "sequence_id": "winback"},
+        {"id": "listed", "type": "crm", "action": "add_to_list", "list_id": "55"},
+    ]
+    spec, version = await harness.apply(document)
+    keys = [await harness.customer() for _ in range(CAMPAIGNS)]
+    with hubspot_for(harness, tmp_path) as url:
+        inject(url, fault)
+        async with harness.workers():
+            handles = [await harness.launch(spec, version, key) for key in keys]
+            results = await ended(handles)
+        effects = sandbox(url, "effects")
+        contacts = sandbox(url, "contacts")
+    assert [r.state for r in results] == [CampaignState.COMPLETED] * CAMPAIGNS
+    assert contacts["count"] == CAMPAIGNS
+    assert sum(e["count"] for e in effects["enrollments"]) == CAMPAIGNS
+    assert effects["duplicate_enrollments"] == 0
+    assert sum(m["adds"] for m in effects["list_memberships"]) == CAMPAIGNS
+    assert effects["duplicate_list_adds"] == 0
+
+
+async def test_a_crm_failing_at_random_still_gets_every_write_once(
+    harness: Harness, tmp_path: Path
+) -> None:
+    document = without_approval(spec_document())
+    document["steps"] = [
+        {"id": "label", "type": "crm", "action": "set_properties", "properties": {"tier": "1"}},
+        {"id": "enrol", "type": "crm", "action": "enroll_sequence", "sequence_id": "winback"},
+    ]
+    spec, version = await harness.apply(document)
+    keys = [await harness.customer() for _ in range(CAMPAIGNS)]
+    with hubspot_for(harness, tmp_path, error_rate=0.3, seed=7) as url:
+        async with harness.workers():
+            handles = [await harness.launch(spec, version, key) for key in keys]
+            results = await ended(handles)
+        effects = sandbox(url, "effects")
+        stats = sandbox(url, "stats")
+    assert [r.state for r in results] == [CampaignState.COMPLETED] * CAMPAIGNS
+    assert stats["by_status"].get("500", 0) + stats["by_status"].get("503", 0) > 0
+    assert sum(e["count"] for e in effects["enrollments"]) == CAMPAIGNS
+    assert effects["duplicate_enrollments"] == 0
