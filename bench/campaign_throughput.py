@@ -24,12 +24,12 @@ import os
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowHandle
 from temporalio.worker import Worker
 
 from bench._bare_workflow import BareWorkflow, noop
@@ -135,7 +135,13 @@ async def run_campaigns(
         handles = [
             client.get_workflow_handle(campaign_workflow_id(spec.campaign_id, k, "1")) for k in keys
         ]
-        await asyncio.gather(*(h.result() for h in handles))
+
+        async def ended(handle: WorkflowHandle[Any, Any]) -> None:
+            # A result is a long poll: the dev server allows only so many at once.
+            async with gate:
+                await handle.result()
+
+        await asyncio.gather(*(ended(h) for h in handles))
         elapsed = time.perf_counter() - started
     finally:
         for process in processes:
@@ -170,40 +176,47 @@ def sandbox_crm(root: Path, **config: Any) -> Iterator[str]:
         stop(proc)
 
 
+@contextlib.asynccontextmanager
+async def embedded(root: Path, **overrides: Any) -> AsyncIterator[Settings]:
+    """A trained churn model, a migrated app database and a dev server under ``root``, for as
+    long as the block runs; their settings, with ``overrides``."""
+    registry = ModelRegistry(root / "models")
+    registry.register(
+        train_churn(load_transactions(), TrainConfig(bootstrap_resamples=0)),
+        promoted_by="bench",
+    )
+    # BENCH_DATABASE_URL runs the app database elsewhere (e.g. PostgreSQL).
+    url = os.environ.get("BENCH_DATABASE_URL") or f"sqlite+aiosqlite:///{root / 'app.db'}"
+    await migrate(url)
+    settings = Settings(
+        data_dir=root,
+        temporal_port=free_port(),
+        temporal_ui_port=free_port(),
+        database_url=url,
+        models_dir=registry.root,
+        log_level="WARNING",
+        **overrides,
+    )
+    server = DevServer(settings)
+    await server.start()
+    try:
+        yield settings
+    finally:
+        server.stop()
+
+
 async def main(n: int, workers: int) -> dict[str, object]:
     """Run both workloads and return the figures."""
+    suffix = uuid.uuid4().hex[:6]
+    queues = {"task_queue": f"bench-{suffix}", "crm_task_queue": f"bench-crm-{suffix}"}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        registry = ModelRegistry(root / "models")
-        registry.register(
-            train_churn(load_transactions(), TrainConfig(bootstrap_resamples=0)),
-            promoted_by="bench",
-        )
-        # BENCH_DATABASE_URL runs the app database elsewhere (e.g. PostgreSQL).
-        url = os.environ.get("BENCH_DATABASE_URL") or f"sqlite+aiosqlite:///{root / 'app.db'}"
-        await migrate(url)
-        suffix = uuid.uuid4().hex[:6]
-        settings = Settings(
-            data_dir=root,
-            temporal_port=free_port(),
-            temporal_ui_port=free_port(),
-            database_url=url,
-            models_dir=registry.root,
-            task_queue=f"bench-{suffix}",
-            crm_task_queue=f"bench-crm-{suffix}",
-            crm_rate_limit=10_000,
-            log_level="WARNING",
-        )
-        server = DevServer(settings)
-        await server.start()
-        try:
+        async with embedded(root, crm_rate_limit=10_000, **queues) as settings:
             client = await connect(settings, tracing=False)
             with sandbox_crm(root) as crm_url:
                 bare_rate = await _bare(client, n, f"bare-{suffix}")
                 with_crm = settings.model_copy(update={"crm_url": crm_url})
                 campaign_rate, events = await run_campaigns(client, with_crm, n, workers)
-        finally:
-            server.stop()
     return {
         "bench": "campaign_throughput",
         "ratio": round(campaign_rate / bare_rate, 3),

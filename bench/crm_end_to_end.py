@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import tempfile
 import uuid
 from pathlib import Path
@@ -25,16 +24,10 @@ from typing import Any
 import httpx
 from pydantic import SecretStr
 
-from bench.campaign_throughput import run_campaigns, sandbox_crm
+from bench.campaign_throughput import embedded, run_campaigns, sandbox_crm
 from cohortflow.observability import configure_logging
-from cohortflow.runtime.devserver import DevServer
-from cohortflow.runtime.ports import free_port
 from cohortflow.settings import Settings
-from cohortflow.storage.db import migrate
 from cohortflow.temporal_client import connect
-from scoring.cdnow import load_transactions
-from scoring.registry import ModelRegistry
-from scoring.train import TrainConfig, train_churn
 
 TARGET = 0.8
 TOKEN = "pat-bench"
@@ -100,30 +93,11 @@ async def main(n: int, workers: int) -> dict[str, Any]:
     """Both runs on one dev server; the figures."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        registry = ModelRegistry(root / "models")
-        registry.register(
-            train_churn(load_transactions(), TrainConfig(bootstrap_resamples=0)),
-            promoted_by="bench",
-        )
-        url = os.environ.get("BENCH_DATABASE_URL") or f"sqlite+aiosqlite:///{root / 'app.db'}"
-        await migrate(url)
-        settings = Settings(
-            data_dir=root,
-            temporal_port=free_port(),
-            temporal_ui_port=free_port(),
-            database_url=url,
-            models_dir=registry.root,
-            log_level="WARNING",
-        )
         for name in ("unlimited", "limited"):
             (root / name).mkdir()
-        server = DevServer(settings)
-        await server.start()
-        try:
+        async with embedded(root) as settings:
             unlimited = await one_run(settings, root / "unlimited", n, workers, None)
             limited = await one_run(settings, root / "limited", n, workers, LIMIT)
-        finally:
-            server.stop()
     return {
         "bench": "crm_end_to_end",
         "ratio": round(limited["campaigns_per_s"] / unlimited["campaigns_per_s"], 3),

@@ -38,10 +38,8 @@ import httpx
 from sqlalchemy.engine import make_url
 
 from activities.campaign.crm import CrmActivities
+from bench.campaign_throughput import sandbox_crm
 from cohortflow.observability import configure_logging
-from cohortflow.runtime.ports import free_port
-from cohortflow.runtime.process import spawn, stop, tail
-from cohortflow.runtime.supervisor import child_env, cohortflow_command, http_ok
 from cohortflow.settings import Settings
 from cohortflow.storage import consent, customers
 from cohortflow.storage.db import Database, migrate
@@ -158,28 +156,14 @@ async def database(url: str | None, root: Path) -> AsyncIterator[str]:
 @contextlib.contextmanager
 def hubspot_sandbox(root: Path, limit: int, window: float) -> Iterator[Crm]:
     """The sandbox CRM in HubSpot mode, in its own process, at the given rate limit."""
-    settings = Settings(
-        data_dir=root,
-        crm_sandbox_port=free_port(),
-        crm_sandbox_mode="hubspot",
-        crm_sandbox_rate_limit=limit,
-        crm_sandbox_rate_window_seconds=window,
-        crm_token=TOKEN,
-    )
-    url = settings.resolved_crm_url
-    proc = spawn(
-        cohortflow_command("crm-sandbox"), env=child_env(settings), log_path=root / "crm.log"
-    )
-    try:
-        healthy = http_ok(f"{url}/healthz")
-        deadline = time.monotonic() + 60
-        while not healthy():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the sandbox CRM did not start:\n{tail(root / 'crm.log')}")
-            time.sleep(0.1)
+    config = {
+        "crm_sandbox_mode": "hubspot",
+        "crm_sandbox_rate_limit": limit,
+        "crm_sandbox_rate_window_seconds": window,
+        "crm_token": TOKEN,
+    }
+    with sandbox_crm(root, **config) as url:
         yield Crm("hubspot", url, TOKEN, limit, window, sandbox=True)
-    finally:
-        stop(proc)
 
 
 async def seed(url: str, n: int) -> list[str]:

@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import uvicorn
 from fastapi import FastAPI
+from pydantic import SecretStr
 from temporalio.api.common.v1 import SearchAttributes, WorkflowExecution
 from temporalio.api.workflowservice.v1 import DescribeWorkflowExecutionRequest
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
@@ -105,6 +106,38 @@ def serve_sandbox(db_path: Path, **config: Any) -> Iterator[Sandbox]:
     """Run the sandbox CRM in a thread until the block ends."""
     with serve_app(create_app(SandboxConfig(db_path=db_path, **config))) as url:
         yield Sandbox(url=url, db_path=db_path)
+
+
+HUBSPOT_TOKEN = "pat-test"
+
+
+@contextlib.contextmanager
+def hubspot_sandbox(db_path: Path, **config: Any) -> Iterator[str]:
+    """The sandbox in HubSpot mode on a free port; generous rate limits unless ``config`` sets
+    them."""
+    config = {"rate_limit": 10_000, **config}
+    app = create_app(SandboxConfig(db_path=db_path, mode="hubspot", token=HUBSPOT_TOKEN, **config))
+    with serve_app(app) as url:
+        yield url
+
+
+def hubspot_settings(settings: Settings, url: str, **overrides: Any) -> Settings:
+    """``settings`` with the CRM set to the HubSpot-mode sandbox at ``url``."""
+    crm = {
+        "crm_kind": "hubspot",
+        "crm_url": url,
+        "crm_token": SecretStr(HUBSPOT_TOKEN),
+        "crm_user_id": "7",
+        "crm_sender_email": "rep@example.com",
+    }
+    return settings.model_copy(update={**crm, **overrides})
+
+
+def sandbox_view(url: str, route: str) -> Any:
+    """What the sandbox at ``url`` reports at ``/_sandbox/{route}`` (stats, effects, ...)."""
+    response = httpx.get(f"{url}/_sandbox/{route}", timeout=30)
+    response.raise_for_status()
+    return response.json()
 
 
 def train_small_registry(root: Path) -> ModelRegistry:

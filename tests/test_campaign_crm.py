@@ -6,24 +6,22 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import httpx
 import pytest
-from pydantic import SecretStr
 from temporalio.api.sdk.v1 import WorkflowMetadata
 
 from cohortflow.crm.client import CrmClient
-from cohortflow.crm.sandbox import SandboxConfig, create_app
-from tests.harness import Harness, serve_app, spec_document, wait_for_state, without_approval
+from tests.harness import (
+    Harness,
+    hubspot_sandbox,
+    hubspot_settings,
+    sandbox_view,
+    spec_document,
+    wait_for_state,
+    without_approval,
+)
 from workflows.campaign.contract import SA, CampaignState
 from workflows.campaign.messages import ConsentChanged
 from workflows.campaign.workflow import CampaignWorkflow
-
-TOKEN = "pat-daily"
-
-
-def requests_sent(url: str) -> int:
-    """Every request the sandbox received."""
-    return int(httpx.get(f"{url}/_sandbox/stats").json()["total"])
 
 
 @pytest.mark.devserver
@@ -34,17 +32,8 @@ async def test_a_spent_daily_limit_parks_the_campaign_until_the_reset_visibly(
     document["steps"] = [s for s in document["steps"] if s["id"] in ("label", "enrol")]
     spec, version = await dev_harness.apply(document)
     key = await dev_harness.customer()
-    config = SandboxConfig(tmp_path / "hs.db", mode="hubspot", token=TOKEN, daily_limit=1)
-    with serve_app(create_app(config)) as url:
-        dev_harness.settings = dev_harness.settings.model_copy(
-            update={
-                "crm_kind": "hubspot",
-                "crm_url": url,
-                "crm_token": SecretStr(TOKEN),
-                "crm_user_id": "7",
-                "crm_sender_email": "rep@example.com",
-            }
-        )
+    with hubspot_sandbox(tmp_path / "hs.db", daily_limit=1) as url:
+        dev_harness.settings = hubspot_settings(dev_harness.settings, url)
         async with dev_harness.workers():
             handle = await dev_harness.launch(spec, version, key)
             # The label takes the day's one request; the enrolment finds the window spent.
@@ -54,7 +43,7 @@ async def test_a_spent_daily_limit_parks_the_campaign_until_the_reset_visibly(
             )
             attributes = (await handle.describe()).typed_search_attributes
             await handle.cancel()
-        requests = requests_sent(url)
+        requests = sandbox_view(url, "stats")["total"]
     midnight = (datetime.now(UTC) + timedelta(days=1)).replace(
         hour=0, minute=0, second=0, microsecond=0
     )

@@ -5,48 +5,26 @@ nothing is lost and no effect happens twice."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from pydantic import SecretStr
 from temporalio.client import WorkflowHandle
 
-from cohortflow.crm.sandbox import SandboxConfig, create_app
-from tests.harness import Harness, serve_app, spec_document, without_approval
+from tests.harness import (
+    Harness,
+    hubspot_sandbox,
+    hubspot_settings,
+    sandbox_view,
+    spec_document,
+    without_approval,
+)
 from workflows.campaign.contract import CampaignState
 from workflows.campaign.messages import CampaignResult
 from workflows.campaign.workflow import CampaignWorkflow
 
-TOKEN = "pat-faults"
 CAMPAIGNS = 12
-
-
-@contextlib.contextmanager
-def hubspot_for(harness: Harness, tmp_path: Path, **config: Any) -> Iterator[str]:
-    """The sandbox in HubSpot mode, and the harness's workers pointed at it."""
-    app = create_app(
-        SandboxConfig(tmp_path / "hs.db", mode="hubspot", token=TOKEN, rate_limit=10_000, **config)
-    )
-    with serve_app(app) as url:
-        harness.settings = harness.settings.model_copy(
-            update={
-                "crm_kind": "hubspot",
-                "crm_url": url,
-                "crm_token": SecretStr(TOKEN),
-                "crm_user_id": "7",
-                "crm_sender_email": "rep@example.com",
-                "crm_batch_linger_ms": 50,
-            }
-        )
-        yield url
-
-
-def sandbox(url: str, route: str) -> Any:
-    return httpx.get(f"{url}/_sandbox/{route}", timeout=30).json()
 
 
 def inject(url: str, fault: dict[str, Any]) -> None:
@@ -86,13 +64,14 @@ async def test_every_campaign_ends_and_every_effect_happens_once(
     ]
     spec, version = await harness.apply(document)
     keys = [await harness.customer() for _ in range(CAMPAIGNS)]
-    with hubspot_for(harness, tmp_path) as url:
+    with hubspot_sandbox(tmp_path / "hs.db") as url:
+        harness.settings = hubspot_settings(harness.settings, url, crm_batch_linger_ms=50)
         inject(url, fault)
         async with harness.workers():
             handles = [await harness.launch(spec, version, key) for key in keys]
             results = await ended(handles)
-        effects = sandbox(url, "effects")
-        contacts = sandbox(url, "contacts")
+        effects = sandbox_view(url, "effects")
+        contacts = sandbox_view(url, "contacts")
     assert [r.state for r in results] == [CampaignState.COMPLETED] * CAMPAIGNS
     assert contacts["count"] == CAMPAIGNS
     assert sum(e["count"] for e in effects["enrollments"]) == CAMPAIGNS
@@ -111,12 +90,13 @@ async def test_a_crm_failing_at_random_still_gets_every_write_once(
     ]
     spec, version = await harness.apply(document)
     keys = [await harness.customer() for _ in range(CAMPAIGNS)]
-    with hubspot_for(harness, tmp_path, error_rate=0.3, seed=7) as url:
+    with hubspot_sandbox(tmp_path / "hs.db", error_rate=0.3, seed=7) as url:
+        harness.settings = hubspot_settings(harness.settings, url, crm_batch_linger_ms=50)
         async with harness.workers():
             handles = [await harness.launch(spec, version, key) for key in keys]
             results = await ended(handles)
-        effects = sandbox(url, "effects")
-        stats = sandbox(url, "stats")
+        effects = sandbox_view(url, "effects")
+        stats = sandbox_view(url, "stats")
     assert [r.state for r in results] == [CampaignState.COMPLETED] * CAMPAIGNS
     assert stats["by_status"].get("500", 0) + stats["by_status"].get("503", 0) > 0
     assert sum(e["count"] for e in effects["enrollments"]) == CAMPAIGNS

@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -22,13 +22,19 @@ from temporalio.exceptions import ApplicationError
 from activities.campaign.crm import CrmActivities
 from cohortflow.crm.connector import ContactWrite, Membership
 from cohortflow.crm.hubspot import HubSpotConnector
-from cohortflow.crm.sandbox import SandboxConfig, create_app
 from cohortflow.storage.db import Database
 from cohortflow.storage.tables import AuditRow
-from tests.harness import consenting_customer, crm_env, crm_path, serve_app
+from tests.harness import (
+    HUBSPOT_TOKEN,
+    consenting_customer,
+    crm_env,
+    crm_path,
+    hubspot_sandbox,
+    sandbox_view,
+)
 from workflows.campaign.activity_io import CompensateInput, CrmOutcome, CrmWriteInput
 
-TOKEN = "pat-test"
+TOKEN = HUBSPOT_TOKEN
 HUBSPOT: dict[str, Any] = {
     "crm_kind": "hubspot",
     "crm_token": TOKEN,
@@ -36,17 +42,6 @@ HUBSPOT: dict[str, Any] = {
     "crm_sender_email": "rep@example.com",
     "crm_sequence_unenroll_path": "/automation/sequences/2026-03/enrollments/unenroll",
 }
-
-
-@contextlib.contextmanager
-def hubspot(tmp_path: Path, **config: Any) -> Iterator[str]:
-    """The sandbox in HubSpot mode, served on a free port."""
-    settings = {"rate_limit": 10_000, **config}
-    app = create_app(
-        SandboxConfig(db_path=tmp_path / "hubspot.db", mode="hubspot", token=TOKEN, **settings)
-    )
-    with serve_app(app) as url:
-        yield url
 
 
 @contextlib.asynccontextmanager
@@ -74,10 +69,6 @@ def write(key: str, action: str = "set_properties", **fields: Any) -> CrmWriteIn
     )
 
 
-def sandbox(url: str, route: str) -> Any:
-    return httpx.get(f"{url}/_sandbox/{route}").json()
-
-
 def fault(url: str, **body: Any) -> None:
     httpx.post(f"{url}/_sandbox/faults", json=body).raise_for_status()
 
@@ -96,7 +87,7 @@ async def test_writes_of_many_campaigns_share_batch_calls_and_each_learns_its_ow
     db: Database, tmp_path: Path
 ) -> None:
     keys = [await consenting_customer(db) for _ in range(230)]
-    with hubspot(tmp_path) as url:
+    with hubspot_sandbox(tmp_path / "hubspot.db") as url:
         fault(url, kind="reject_record", record_id=keys[17], count=1)
         async with crm_activities(db, url, crm_batch_linger_ms=300) as crm:
             outcomes = await asyncio.gather(
@@ -106,8 +97,8 @@ async def test_writes_of_many_campaigns_share_batch_calls_and_each_learns_its_ow
                 ),
                 return_exceptions=True,
             )
-        stats = sandbox(url, "stats")
-        contacts = sandbox(url, "contacts")["count"]
+        stats = sandbox_view(url, "stats")
+        contacts = sandbox_view(url, "contacts")["count"]
     refused = [o for o in outcomes if isinstance(o, BaseException)]
     assert len(refused) == 1 and isinstance(refused[0], ApplicationError)
     assert (refused[0].type, refused[0].non_retryable) == ("CrmRejected", True)
@@ -122,14 +113,14 @@ async def test_a_lost_reply_after_an_enrolment_is_read_back_not_sent_again(
     db: Database, tmp_path: Path
 ) -> None:
     key = await consenting_customer(db)
-    with hubspot(tmp_path) as url:
+    with hubspot_sandbox(tmp_path / "hubspot.db") as url:
         async with crm_activities(db, url) as crm:
             await crm_env().run(crm.crm_write, write(key, properties={"tier": "gold"}))
             fault(url, kind="drop", path_prefix="/automation/", count=1)
             enrol = write(key, "enroll_sequence", step_id="enrol", sequence_id="winback")
             result = await crm_env().run(crm.crm_write, enrol)
             again = await crm_env(attempt=2).run(crm.crm_write, enrol)
-        effects = sandbox(url, "effects")
+        effects = sandbox_view(url, "effects")
     assert result.outcome == again.outcome == CrmOutcome.WRITTEN
     assert [e["count"] for e in effects["enrollments"]] == [1]
     assert effects["duplicate_enrollments"] == 0
@@ -141,7 +132,7 @@ async def test_a_retried_enrolment_that_had_landed_is_read_back_first(
     db: Database, tmp_path: Path
 ) -> None:
     key = await consenting_customer(db)
-    with hubspot(tmp_path) as url:
+    with hubspot_sandbox(tmp_path / "hubspot.db") as url:
         # An earlier attempt enrolled the contact, then its worker died before recording it.
         async with HubSpotConnector(url, TOKEN, sender_email="r@example.com", user_id="7") as hs:
             await hs.upsert_contacts([ContactWrite("w", key, {"tier": "gold"})])
@@ -149,7 +140,7 @@ async def test_a_retried_enrolment_that_had_landed_is_read_back_first(
         async with crm_activities(db, url) as crm:
             enrol = write(key, "enroll_sequence", step_id="enrol", sequence_id="winback")
             result = await crm_env(attempt=2).run(crm.crm_write, enrol)
-        effects = sandbox(url, "effects")
+        effects = sandbox_view(url, "effects")
     assert result.outcome == CrmOutcome.WRITTEN
     assert effects["duplicate_enrollments"] == 0
 
@@ -158,11 +149,11 @@ async def test_a_rate_limit_without_retry_after_is_waited_out_then_sent(
     db: Database, tmp_path: Path
 ) -> None:
     key = await consenting_customer(db)
-    with hubspot(tmp_path) as url:
+    with hubspot_sandbox(tmp_path / "hubspot.db") as url:
         fault(url, kind="status", status=429, policy="SECONDLY", count=1)
         async with crm_activities(db, url) as crm:
             result = await crm_env().run(crm.crm_write, write(key, properties={"tier": "gold"}))
-        stats = sandbox(url, "stats")
+        stats = sandbox_view(url, "stats")
     assert result.outcome == CrmOutcome.WRITTEN
     assert stats["rate_limited"] == 1
 
@@ -171,7 +162,7 @@ async def test_a_spent_daily_window_is_answered_with_when_it_resets(
     db: Database, tmp_path: Path
 ) -> None:
     first, second = await consenting_customer(db), await consenting_customer(db)
-    with hubspot(tmp_path, daily_limit=1) as url:
+    with hubspot_sandbox(tmp_path / "hubspot.db", daily_limit=1) as url:
         async with crm_activities(db, url) as crm:
             done = await crm_env().run(crm.crm_write, write(first, properties={"a": "1"}))
             held = await crm_env().run(crm.crm_write, write(second, properties={"a": "1"}))
@@ -187,14 +178,14 @@ async def test_only_properties_cohortflow_owns_are_ever_written(
     db: Database, tmp_path: Path
 ) -> None:
     key = await consenting_customer(db)
-    with hubspot(tmp_path) as url:
+    with hubspot_sandbox(tmp_path / "hubspot.db") as url:
         async with crm_activities(db, url, crm_owned_properties=["cohort_*"]) as crm:
             with pytest.raises(ApplicationError) as refused:
                 await crm_env().run(
                     crm.crm_write, write(key, properties={"cohort_label": "x", "lifecycle": "y"})
                 )
             owned = await crm_env().run(crm.crm_write, write(key, properties={"cohort_a": "1"}))
-        contacts = sandbox(url, "contacts")["contacts"]
+        contacts = sandbox_view(url, "contacts")["contacts"]
     assert refused.value.non_retryable and "lifecycle" in str(refused.value)
     assert owned.outcome == CrmOutcome.WRITTEN
     assert [c["properties"].get("lifecycle") for c in contacts] == [None]
@@ -212,14 +203,14 @@ async def test_compensation_undoes_this_campaigns_effects_once(
     undo = CompensateInput(
         steps[0].workflow_id, "crmpath", key, ["unenroll", "remove_from_lists", "clear_properties"]
     )
-    with hubspot(tmp_path) as url:
+    with hubspot_sandbox(tmp_path / "hubspot.db") as url:
         async with crm_activities(db, url) as crm:
             for step in steps:
                 assert (await crm_env().run(crm.crm_write, step)).outcome == CrmOutcome.WRITTEN
             undone = await crm_env().run(crm.crm_compensate, undo)
-            requests = sandbox(url, "stats")["total"]
+            requests = sandbox_view(url, "stats")["total"]
             again = await crm_env().run(crm.crm_compensate, undo)
-            after = sandbox(url, "stats")["total"]
+            after = sandbox_view(url, "stats")["total"]
         async with HubSpotConnector(url, TOKEN) as hs:
             state = await hs.read_contact(key, ["cohort_label"])
     assert (undone.undone, undone.refused) == (3, 0)
@@ -232,7 +223,7 @@ async def test_two_processes_together_stay_under_the_crm_ceiling(
     database_url: str, db: Database, tmp_path: Path
 ) -> None:
     keys = [await consenting_customer(db) for _ in range(24)]
-    with hubspot(tmp_path, rate_limit=8, window_seconds=1.0) as url:
+    with hubspot_sandbox(tmp_path / "hubspot.db", rate_limit=8, window_seconds=1.0) as url:
         # The contacts exist first: enrolment needs them, and this test is about enrolments.
         async with HubSpotConnector(url, TOKEN) as hs:
             await hs.upsert_contacts([ContactWrite(f"w{k}", k, {}) for k in keys])
@@ -262,7 +253,7 @@ async def test_two_processes_together_stay_under_the_crm_ceiling(
             for database in databases:
                 await database.dispose()
         elapsed = time.monotonic() - started
-        stats = sandbox(url, "stats")
+        stats = sandbox_view(url, "stats")
     assert all(r.outcome == CrmOutcome.WRITTEN for r in results)
     assert stats["rate_limited"] == 0
     assert elapsed >= 2.0  # three windows' worth of requests

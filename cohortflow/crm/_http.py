@@ -8,10 +8,12 @@ body of the wrong shape, never ``KeyError``, ``TypeError`` or ``ValueError``.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 import httpx
 
@@ -35,16 +37,48 @@ _NOT_SENT: tuple[type[httpx.HTTPError], ...] = (
 BeforeRequest = Callable[[], Awaitable[None]]
 
 
-def request_hooks(before_request: BeforeRequest | None) -> dict[str, list[Any]]:
-    """httpx event hooks that await ``before_request`` before each request."""
-    if before_request is None:
-        return {}
-    gate = before_request
+def pooled_client(
+    base_url: str,
+    token: str | None,
+    timeout: float,
+    before_request: BeforeRequest | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> httpx.AsyncClient:
+    """One pooled JSON client for a CRM: bearer ``token`` when given, ``before_request``
+    awaited before every request it sends."""
+    headers = {"Accept": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    hooks: dict[str, list[Any]] = {}
+    if before_request is not None:
+        gate = before_request
 
-    async def hook(request: httpx.Request) -> None:
-        await gate()
+        async def hook(request: httpx.Request) -> None:
+            await gate()
 
-    return {"request": [hook]}
+        hooks["request"] = [hook]
+    return httpx.AsyncClient(
+        base_url=base_url, headers=headers, timeout=timeout, transport=transport, event_hooks=hooks
+    )
+
+
+class AsyncClosing(ABC):
+    """An async context manager that calls :meth:`aclose` on exit."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    @abstractmethod
+    async def aclose(self) -> None:
+        """Release the connections held."""
 
 
 def transport_error(method: str, path: str, exc: httpx.HTTPError) -> CrmUnavailable:

@@ -11,13 +11,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 from urllib.parse import quote
 
 import httpx
 
-from cohortflow.crm._http import BeforeRequest, parse_retry_after, request_hooks, transport_error
+from cohortflow.crm._http import (
+    AsyncClosing,
+    BeforeRequest,
+    parse_retry_after,
+    pooled_client,
+    transport_error,
+)
 from cohortflow.crm.errors import CrmError, CrmRateLimited, CrmRejected, CrmUnavailable
 
 MAX_BATCH = 100
@@ -70,7 +75,7 @@ class ContactRecord:
     lists: list[str]
 
 
-class CrmClient:
+class CrmClient(AsyncClosing):
     """Async CRM client over one pooled ``httpx.AsyncClient``; use it as a context manager."""
 
     def __init__(
@@ -81,26 +86,7 @@ class CrmClient:
         timeout: float = 10.0,
         before_request: BeforeRequest | None = None,
     ) -> None:
-        headers = {"Accept": "application/json"}
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        self._http = httpx.AsyncClient(
-            base_url=base_url,
-            headers=headers,
-            timeout=timeout,
-            event_hooks=request_hooks(before_request),
-        )
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
+        self._http = pooled_client(base_url, token, timeout, before_request)
 
     async def aclose(self) -> None:
         """Close the connection pool."""

@@ -52,14 +52,14 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from datetime import time as clock_time
-from types import TracebackType
-from typing import Any, Literal, NoReturn, Self
+from typing import Any, Literal, NoReturn
 from urllib.parse import quote
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import httpx
 
 from cohortflow.crm._http import (
+    AsyncClosing,
     BeforeRequest,
     ident,
     ident_list,
@@ -67,7 +67,7 @@ from cohortflow.crm._http import (
     member_list,
     obj,
     parse_retry_after,
-    request_hooks,
+    pooled_client,
     text,
     transport_error,
 )
@@ -147,7 +147,7 @@ class HubSpotPaths:
         raise ValueError(f"paths must be 2026-03 or legacy, not {paths!r}")
 
 
-class HubSpotConnector:
+class HubSpotConnector(AsyncClosing):
     """:class:`~cohortflow.crm.connector.CrmConnector` for HubSpot over one pooled client."""
 
     kind = "hubspot"
@@ -188,27 +188,7 @@ class HubSpotConnector:
         self._id_cache_size = id_cache_size
         self._admitted: deque[float] = deque(maxlen=1000)
         self._clock = clock or (lambda: datetime.now(UTC))
-        headers = {"Accept": "application/json"}
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        self._http = httpx.AsyncClient(
-            base_url=base_url,
-            headers=headers,
-            timeout=timeout,
-            transport=transport,
-            event_hooks=request_hooks(before_request),
-        )
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
+        self._http = pooled_client(base_url, token, timeout, before_request, transport)
 
     async def aclose(self) -> None:
         await self._http.aclose()

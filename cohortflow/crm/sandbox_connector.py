@@ -14,10 +14,8 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
-from types import TracebackType
-from typing import Self
 
-from cohortflow.crm._http import BeforeRequest
+from cohortflow.crm._http import AsyncClosing, BeforeRequest
 from cohortflow.crm.client import MAX_BATCH, ContactUpsert, CrmClient
 from cohortflow.crm.connector import (
     ContactState,
@@ -40,7 +38,7 @@ _NOTES = {
 }
 
 
-class SandboxConnector:
+class SandboxConnector(AsyncClosing):
     """:class:`~cohortflow.crm.connector.CrmConnector` for the sandbox's ``own`` mode."""
 
     kind = "sandbox"
@@ -58,17 +56,6 @@ class SandboxConnector:
         self.client = CrmClient(
             base_url, token=token, timeout=timeout, before_request=before_request
         )
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         await self.client.aclose()
