@@ -101,3 +101,34 @@ async def test_a_crm_failing_at_random_still_gets_every_write_once(
     assert stats["by_status"].get("500", 0) + stats["by_status"].get("503", 0) > 0
     assert sum(e["count"] for e in effects["enrollments"]) == CAMPAIGNS
     assert effects["duplicate_enrollments"] == 0
+
+
+async def test_a_record_the_crm_refuses_in_a_batch_fails_only_its_own_campaign(
+    harness: Harness, tmp_path: Path
+) -> None:
+    document = without_approval(spec_document())
+    document["steps"] = [
+        {"id": "label", "type": "crm", "action": "set_properties", "properties": {"tier": "1"}}
+    ]
+    spec, version = await harness.apply(document)
+    keys = [await harness.customer() for _ in range(CAMPAIGNS)]
+    refused = keys[5]
+    with hubspot_sandbox(tmp_path / "hs.db") as url:
+        harness.settings = hubspot_settings(harness.settings, url, crm_batch_linger_ms=300)
+        inject(url, {"kind": "reject_record", "record_id": refused, "message": "INVALID_EMAIL"})
+        async with harness.workers():
+            handles = [await harness.launch(spec, version, key) for key in keys]
+            results = dict(zip(keys, await ended(handles), strict=True))
+        stats = sandbox_view(url, "stats")
+        contacts = sandbox_view(url, "contacts")
+    assert results[refused].state == CampaignState.FALLBACK
+    assert "INVALID_EMAIL" in results[refused].reason
+    assert results[refused].segment == "nurture_default"
+    others = [results[key].state for key in keys if key != refused]
+    assert others == [CampaignState.COMPLETED] * (CAMPAIGNS - 1)
+    held = {c["keys"]["cohortflow_key"]: c["properties"] for c in contacts["contacts"]}
+    # The refused record was never written; only the safe segment landed on its contact.
+    assert "tier" not in held[refused]
+    assert held[refused]["cohortflow_segment"] == "nurture_default"
+    assert all(held[key]["tier"] == "1" for key in keys if key != refused)
+    assert stats["total"] < CAMPAIGNS, "the campaigns' writes were not batched"

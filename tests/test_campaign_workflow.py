@@ -234,13 +234,16 @@ async def test_an_activity_that_fails_after_its_audit_write_leaves_one_audit_row
     assert await audit_count(harness, handle.id, "crm_written") == 1
 
 
-async def test_a_crm_that_stays_down_is_waited_for_not_turned_into_a_fallback(
+async def test_a_ten_minute_crm_outage_is_waited_for_not_turned_into_a_fallback(
     harness: Harness,
 ) -> None:
     # More failed attempts than any fixed budget the old policy had (8), over minutes.
     _, handle, result = await label_once_through_a_fault(harness, 503, count=12)
     assert result.state == CampaignState.COMPLETED
     assert harness.sandbox.attempts(f"{handle.id}:label") == 13
+    events = [event async for event in handle.fetch_history_events()]
+    first, last = events[0].event_time.ToDatetime(), events[-1].event_time.ToDatetime()
+    assert last - first > timedelta(minutes=10), "the outage was not ten minutes long"
 
 
 async def test_the_spec_crm_give_up_after_ends_a_crm_outage_in_the_safe_segment(

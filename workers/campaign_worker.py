@@ -98,7 +98,7 @@ def crm_batcher(settings: Settings, db: Database) -> CrmBatcher:
         user_id=settings.crm_user_id,
         daily_reset_timezone=settings.crm_daily_reset_timezone,
         sequence_unenroll_path=settings.crm_sequence_unenroll_path,
-        before_request=ceiling.acquire,
+        request_gate=ceiling.slot,
     )
     return CrmBatcher(connector, linger=timedelta(milliseconds=settings.crm_batch_linger_ms))
 

@@ -1,24 +1,29 @@
 """One rate ceiling per CRM, in requests per window, shared by every worker process.
 
-Each request first takes a slot in the database (``storage.crm_ledger.take_request_slot``):
-a sliding log of what was sent in the last window, counted under one lock per ceiling. The
-database is already shared by every process (SQLite file or PostgreSQL), so the ceiling needs
-nothing more to run; a request costs one short transaction, negligible beside the CRM call at
-the tens of requests a second CRMs allow.
+Each request holds a slot in the database (``storage.crm_ledger``): a sliding log of the
+requests of the last window, counted under one lock per ceiling. A slot is taken before the
+request is sent and stamped again when its answer comes: the CRM counted the request at some
+moment in between, so a request that waited long in a busy event loop, a connection pool or
+the network still never lands in a window the CRM sees as full. The database is already
+shared by every process (SQLite file or PostgreSQL), so the ceiling needs nothing more to run;
+a request costs two short transactions, negligible beside the CRM call at the tens of requests
+a second CRMs allow.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
 
 from cohortflow.storage import crm_ledger
 from cohortflow.storage.db import Database
 
-# Sent requests reach the CRM a little after we count them: a slot is freed this much later
-# than the window says, so the CRM's own count never sees one request too many.
-SAFETY_MARGIN = timedelta(milliseconds=250)
+# Worker hosts' clocks differ a little, and every process compares its stamps with the
+# others': a slot is freed this much later than the window says.
+SAFETY_MARGIN = timedelta(milliseconds=100)
 
 
 @dataclass(frozen=True)
@@ -31,20 +36,30 @@ class CeilingConfig:
 
 
 class RequestCeiling:
-    """Waits until the CRM's window has room, then counts the request in it."""
+    """Holds one request's slot in the CRM's window, from before it is sent until it is
+    answered."""
 
     def __init__(self, db: Database, config: CeilingConfig) -> None:
         self._db = db
         self.config = config
 
-    async def acquire(self) -> None:
-        """Return once a request may be sent; it is counted from now."""
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Enter once the request may be sent; on leaving it counts from its answer."""
+        slot_id = await self._take()
+        try:
+            yield
+        finally:
+            async with self._db.transaction() as session:
+                await crm_ledger.request_answered(session, self.config.name, slot_id)
+
+    async def _take(self) -> int:
         window = self.config.window + SAFETY_MARGIN
         while True:
             async with self._db.transaction() as session:
-                wait = await crm_ledger.take_request_slot(
+                taken = await crm_ledger.take_request_slot(
                     session, self.config.name, self.config.limit, window
                 )
-            if wait <= timedelta(0):
-                return
-            await asyncio.sleep(wait.total_seconds())
+            if taken.id is not None:
+                return taken.id
+            await asyncio.sleep(taken.wait.total_seconds())

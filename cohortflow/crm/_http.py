@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from types import TracebackType
@@ -32,33 +33,43 @@ _NOT_SENT: tuple[type[httpx.HTTPError], ...] = (
 )
 
 
-# Awaited before every request a connector sends: where a rate ceiling shared by every process
-# counts requests as the CRM does, one per HTTP request, lookups and read-backs included.
-BeforeRequest = Callable[[], Awaitable[None]]
+# Entered around every request a connector sends, from before it goes until its answer
+# comes: where a rate ceiling shared by every process counts requests as the CRM does, one
+# per HTTP request, lookups and read-backs included.
+RequestGate = Callable[[], AbstractAsyncContextManager[object]]
+
+
+class _GatedTransport(httpx.AsyncBaseTransport):
+    """A transport that sends each request inside ``gate``."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, gate: RequestGate) -> None:
+        self._inner = inner
+        self._gate = gate
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        async with self._gate():
+            return await self._inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
 
 
 def pooled_client(
     base_url: str,
     token: str | None,
     timeout: float,
-    before_request: BeforeRequest | None = None,
+    request_gate: RequestGate | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> httpx.AsyncClient:
-    """One pooled JSON client for a CRM: bearer ``token`` when given, ``before_request``
-    awaited before every request it sends."""
+    """One pooled JSON client for a CRM: bearer ``token`` when given, every request sent
+    inside ``request_gate``."""
     headers = {"Accept": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    hooks: dict[str, list[Any]] = {}
-    if before_request is not None:
-        gate = before_request
-
-        async def hook(request: httpx.Request) -> None:
-            await gate()
-
-        hooks["request"] = [hook]
+    if request_gate is not None:
+        transport = _GatedTransport(transport or httpx.AsyncHTTPTransport(), request_gate)
     return httpx.AsyncClient(
-        base_url=base_url, headers=headers, timeout=timeout, transport=transport, event_hooks=hooks
+        base_url=base_url, headers=headers, timeout=timeout, transport=transport
     )
 
 

@@ -18,7 +18,7 @@ import httpx
 
 from cohortflow.crm._http import (
     AsyncClosing,
-    BeforeRequest,
+    RequestGate,
     parse_retry_after,
     pooled_client,
     transport_error,
@@ -84,9 +84,9 @@ class CrmClient(AsyncClosing):
         *,
         token: str | None = None,
         timeout: float = 10.0,
-        before_request: BeforeRequest | None = None,
+        request_gate: RequestGate | None = None,
     ) -> None:
-        self._http = pooled_client(base_url, token, timeout, before_request)
+        self._http = pooled_client(base_url, token, timeout, request_gate)
 
     async def aclose(self) -> None:
         """Close the connection pool."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from cohortflow.crm._http import BeforeRequest
+from cohortflow.crm._http import RequestGate
 from cohortflow.crm.connector import CrmConnector
 
 
@@ -21,7 +21,7 @@ def make_connector(
     daily_reset_timezone: str = "UTC",
     read_properties: Sequence[str] = (),
     sequence_unenroll_path: str | None = None,
-    before_request: BeforeRequest | None = None,
+    request_gate: RequestGate | None = None,
 ) -> CrmConnector:
     """A connector of ``kind`` for the CRM at ``url``. The keyword options are HubSpot's
     (:class:`~cohortflow.crm.hubspot.HubSpotConnector`); the sandbox's own dialect needs none
@@ -40,10 +40,10 @@ def make_connector(
             daily_reset_timezone=daily_reset_timezone,
             read_properties=read_properties,
             sequence_unenroll_path=sequence_unenroll_path or None,
-            before_request=before_request,
+            request_gate=request_gate,
         )
     if kind == "sandbox":
         from cohortflow.crm.sandbox_connector import SandboxConnector
 
-        return SandboxConnector(url, token=token, timeout=timeout, before_request=before_request)
+        return SandboxConnector(url, token=token, timeout=timeout, request_gate=request_gate)
     raise ValueError(f"unknown CRM kind {kind!r}: sandbox or hubspot")

@@ -60,7 +60,7 @@ import httpx
 
 from cohortflow.crm._http import (
     AsyncClosing,
-    BeforeRequest,
+    RequestGate,
     ident,
     ident_list,
     json_body,
@@ -170,7 +170,7 @@ class HubSpotConnector(AsyncClosing):
         id_cache_size: int = 100_000,
         clock: Callable[[], datetime] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
-        before_request: BeforeRequest | None = None,
+        request_gate: RequestGate | None = None,
     ) -> None:
         if not id_property:
             raise ValueError("id_property must name HubSpot's unique contact property")
@@ -188,7 +188,7 @@ class HubSpotConnector(AsyncClosing):
         self._id_cache_size = id_cache_size
         self._admitted: deque[float] = deque(maxlen=1000)
         self._clock = clock or (lambda: datetime.now(UTC))
-        self._http = pooled_client(base_url, token, timeout, before_request, transport)
+        self._http = pooled_client(base_url, token, timeout, request_gate, transport)
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -15,7 +15,7 @@ import re
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 
-from cohortflow.crm._http import AsyncClosing, BeforeRequest
+from cohortflow.crm._http import AsyncClosing, RequestGate
 from cohortflow.crm.client import MAX_BATCH, ContactUpsert, CrmClient
 from cohortflow.crm.connector import (
     ContactState,
@@ -51,11 +51,9 @@ class SandboxConnector(AsyncClosing):
         token: str | None = None,
         *,
         timeout: float = 10.0,
-        before_request: BeforeRequest | None = None,
+        request_gate: RequestGate | None = None,
     ) -> None:
-        self.client = CrmClient(
-            base_url, token=token, timeout=timeout, before_request=before_request
-        )
+        self.client = CrmClient(base_url, token=token, timeout=timeout, request_gate=request_gate)
 
     async def aclose(self) -> None:
         await self.client.aclose()

@@ -111,6 +111,14 @@ def ceiling_lock_key(ceiling: str) -> int:
     return int.from_bytes(digest[:4], "big", signed=True)
 
 
+@dataclass(frozen=True)
+class RequestSlot:
+    """A slot taken (``id`` set, ``wait`` zero), or how long until one frees."""
+
+    wait: timedelta
+    id: int | None = None
+
+
 async def take_request_slot(
     session: AsyncSession,
     ceiling: str,
@@ -118,9 +126,9 @@ async def take_request_slot(
     window: timedelta,
     *,
     now: datetime | None = None,
-) -> timedelta:
-    """Take a slot for one request to the CRM behind ``ceiling``; how long to wait instead
-    when ``limit`` requests were already sent in the last ``window`` (zero: taken).
+) -> RequestSlot:
+    """Take a slot for one request to the CRM behind ``ceiling``, or say how long to wait
+    when ``limit`` requests were already counted in the last ``window``.
 
     Serialised per ceiling: an advisory lock on PostgreSQL, the write lock every SQLite
     transaction holds from its start. The caller sends its request right after committing.
@@ -140,11 +148,26 @@ async def take_request_slot(
         )
     ).one()
     if sent < limit:
-        session.add(CrmRequest(ceiling=ceiling, sent_at=at))
-        return timedelta(0)
+        row = CrmRequest(ceiling=ceiling, sent_at=at)
+        session.add(row)
+        await session.flush()
+        return RequestSlot(timedelta(0), row.id)
     # Full: the oldest request leaves the window first. SQLite returns it naive (UTC).
     leaves = utc(oldest if oldest.tzinfo else oldest.replace(tzinfo=at.tzinfo)) + window
-    return max(leaves - at, timedelta(milliseconds=1))
+    return RequestSlot(max(leaves - at, timedelta(milliseconds=1)))
+
+
+async def request_answered(
+    session: AsyncSession, ceiling: str, slot_id: int, *, now: datetime | None = None
+) -> None:
+    """Count the request in slot ``slot_id`` from ``now``, when its answer came: the CRM
+    counted it at some moment between sending and answering, so from the answer on our
+    window never ends before the CRM's does, however long the request took to arrive.
+
+    A slot that has already left the window is counted again: the CRM may have counted the
+    request later than the window says."""
+    await session.execute(delete(CrmRequest).where(CrmRequest.id == slot_id))
+    session.add(CrmRequest(ceiling=ceiling, sent_at=utc(now)))
 
 
 async def requests_in_window(
