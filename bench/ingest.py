@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 import uuid
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ import asyncpg
 import httpx
 from sqlalchemy import select
 
+from cohortflow.auth.tokens import TokenService
 from cohortflow.events.importer import import_events
 from cohortflow.events.ingest import Ingestor
 from cohortflow.events.sources import read_jsonl
@@ -94,14 +96,26 @@ async def via_api(url: str, path: Path, workdir: Path, batch: int, concurrency: 
         "COHORTFLOW_API_PORT": str(port),
         "COHORTFLOW_TEMPORAL_ADDRESS": f"127.0.0.1:{free_port()}",
         "COHORTFLOW_LOG_LEVEL": "WARNING",
+        # One token posts everything: the bench measures ingestion, not the per-token limit.
+        "COHORTFLOW_API_RATE_PER_SECOND": "1000000",
         "PYTHONPATH": str(REPO),
     }
+    db = Database(url)
+    try:
+        token = (
+            await TokenService(db).create(
+                "bench-ingest", ["ingest"], lifetime=timedelta(hours=1), by="bench"
+            )
+        ).secret
+    finally:
+        await db.dispose()
     server = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "cohortflow", "api", env=env
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        async with httpx.AsyncClient(base_url=base, timeout=120) as client:
+        auth = {"Authorization": f"Bearer {token}"}
+        async with httpx.AsyncClient(base_url=base, timeout=120, headers=auth) as client:
             deadline = time.monotonic() + 60
             while True:
                 try:

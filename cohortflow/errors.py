@@ -1,5 +1,5 @@
 """Errors an operator can act on. The CLI prints them on one line and exits 2; the API maps
-them to 404, 409, 422 and 503, naming the field where there is one."""
+them to 401, 403, 404, 409, 422, 429 and 503, naming the field where there is one."""
 
 from __future__ import annotations
 
@@ -37,3 +37,25 @@ class Unavailable(OperatorError):
     """A part the request needs (Temporal, a worker) is not there."""
 
     http_status = 503
+
+
+class Unauthenticated(OperatorError):
+    """No usable credentials: none given, unknown, revoked or expired."""
+
+    http_status = 401
+
+
+class Forbidden(OperatorError):
+    """The caller is known but may not do this (role, scope or four-eyes rule)."""
+
+    http_status = 403
+
+
+class RateLimited(OperatorError):
+    """Too many requests from one token; try again after ``retry_after`` seconds."""
+
+    http_status = 429
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

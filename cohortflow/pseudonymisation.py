@@ -5,12 +5,17 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 import secrets
 from pathlib import Path
 
 from cohortflow.settings import Settings
 
 KEY_BYTES = 32
+
+
+# What customer_key returns; source ids of this very shape are read as keys.
+KEY_PATTERN = re.compile(r"c_[0-9a-f]{24}")
 
 
 class KeyMissing(LookupError):
@@ -53,6 +58,12 @@ class Pseudonymiser:
         """The customer key for a raw source id: ``c_`` and 24 hex digits of HMAC-SHA256."""
         digest = hmac.new(self._key, source_id.strip().encode(), hashlib.sha256).hexdigest()
         return f"c_{digest[:24]}"
+
+    def resolve(self, customer: str) -> str:
+        """The key for ``customer``, given either as a key (``c_`` and 24 hex digits, as
+        every operator screen shows) or as the source id."""
+        customer = customer.strip()
+        return customer if KEY_PATTERN.fullmatch(customer) else self.customer_key(customer)
 
     @classmethod
     def from_settings(cls, settings: Settings, *, create: bool = True) -> Pseudonymiser:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cohortflow.errors import Invalid
+
+RoleName = Literal["ingest", "operator", "approver", "admin"]
 
 
 class Settings(BaseSettings):
@@ -53,6 +55,24 @@ class Settings(BaseSettings):
 
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=1, le=65535)
+    api_rate_per_second: float = Field(
+        20.0, gt=0, description="Requests a second one API token may make (per API process)."
+    )
+    api_rate_burst: int = Field(60, ge=1, description="Requests a token may make at once.")
+    token: SecretStr | None = Field(
+        None,
+        description="An API token the CLI acts as (its name and roles) instead of the"
+        " local identity.",
+    )
+    local_identity: str | None = Field(
+        None,
+        description="Who the CLI acts as on this machine without a token (default: the"
+        " operating-system user); recorded in the audit trail.",
+    )
+    local_roles: list[RoleName] = Field(
+        default_factory=lambda: list(get_args(RoleName)),
+        description="The local identity's roles (JSON list).",
+    )
 
     crm_kind: Literal["sandbox", "hubspot"] = Field(
         "sandbox",

@@ -19,7 +19,15 @@ from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from workflows.campaign.definition import (
     ApprovalPolicy,
@@ -179,12 +187,27 @@ class StepSpec(_Model):
             yield "'timeout', 'on_event' and 'on_timeout' only apply to a wait for an event"
 
 
+ApproverRole = Literal["approver", "operator", "admin"]
+
+
+def _approvers_only() -> list[ApproverRole]:
+    return ["approver"]
+
+
 class ApprovalSpec(_Model):
-    """Approval policy for sensitive campaigns."""
+    """Approval policy for sensitive campaigns.
+
+    ``required`` distinct approvers must approve (the campaign waits for the last; one
+    rejection ends it). ``approve_roles`` and ``reject_roles`` say which token roles may
+    give each answer; ``approvers``, when set, names the only identities who may decide.
+    """
 
     timeout: str = "P3D"
     on_timeout: Literal["reject", "fallback"] = "reject"
     approvers: list[str] = Field(default_factory=list)
+    required: int = Field(1, ge=1, le=10)
+    approve_roles: list[ApproverRole] = Field(default_factory=_approvers_only, min_length=1)
+    reject_roles: list[ApproverRole] = Field(default_factory=_approvers_only, min_length=1)
 
     @field_validator("timeout")
     @classmethod
@@ -294,6 +317,9 @@ class CampaignSpec(_Model):
     campaign_id: Ident
     name: str = Field(min_length=1)
     owner: str = Field(min_length=1)
+    # Who wrote this version: barred from approving for it, like whoever applies it.
+    author: str = ""
+    tags: list[Ident] = Field(default_factory=list)  # approver tokens may be scoped to tags
     entry_cohort: Ident
     safe_default_segment: str = Field(min_length=1)
     sensitive: bool = False
@@ -310,7 +336,9 @@ class CampaignSpec(_Model):
     on_consent_revoked: list[Literal["unenroll", "remove_from_lists", "clear_properties"]] = Field(
         default_factory=list
     )
-    approval: ApprovalSpec = Field(default_factory=ApprovalSpec)
+    approval: ApprovalSpec = Field(
+        default_factory=ApprovalSpec, validation_alias=AliasChoices("approval", "approvals")
+    )
     steps: list[StepSpec] = Field(min_length=1)
 
     @field_validator("default_timezone")
@@ -332,8 +360,9 @@ class CampaignSpec(_Model):
             raise ValueError(_PROBLEMS_MARK + "\n".join(problems))
         return self
 
-    def to_definition(self, version: int) -> CampaignSpecDef:
-        """The plain dataclass form the workflow runs, for one stored version."""
+    def to_definition(self, version: int, applied_by: str = "") -> CampaignSpecDef:
+        """The plain dataclass form the workflow runs, for one stored version (applied by
+        ``applied_by``)."""
         cap, quiet, goal, strata = (
             self.frequency_cap,
             self.quiet_hours,
@@ -354,6 +383,9 @@ class CampaignSpec(_Model):
                 timeout_seconds=parse_duration(self.approval.timeout).total_seconds(),
                 on_timeout=self.approval.on_timeout,
                 approvers=list(self.approval.approvers),
+                required=self.approval.required,
+                approve_roles=list(self.approval.approve_roles),
+                reject_roles=list(self.approval.reject_roles),
             ),
             steps=[_step_definition(s) for s in self.steps],
             exit_on_events=list(self.exit_on_events),
@@ -368,6 +400,8 @@ class CampaignSpec(_Model):
             default_timezone=self.default_timezone,
             crm_give_up_after_seconds=parse_duration(self.crm.give_up_after).total_seconds(),
             on_consent_revoked=list(dict.fromkeys(self.on_consent_revoked)),
+            author=self.author,
+            applied_by=applied_by,
         )
 
 
@@ -376,6 +410,12 @@ def _campaign_problems(spec: CampaignSpec) -> Iterator[str]:
     for i, step in enumerate(spec.steps):
         if step.type == "approval" and not spec.sensitive:
             yield f"steps[{i}]: approval steps are only allowed in a campaign marked sensitive"
+    named = spec.approval.approvers
+    if named and spec.approval.required > len(set(named)):
+        yield (
+            f"approval.required: {spec.approval.required} approvers required but "
+            f"approval.approvers names only {len(set(named))}"
+        )
     strata = spec.holdout_stratify
     if strata is not None:
         first = spec.steps[0]

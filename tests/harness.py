@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,8 @@ from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
 
 from activities.campaign.batcher import CrmBatcher
 from activities.campaign.crm import CrmActivities
+from cohortflow.auth.identity import Identity, Role
+from cohortflow.auth.tokens import TokenService
 from cohortflow.campaigns.launcher import FIRST_ENTRY, Entry, Launcher
 from cohortflow.crm.sandbox.app import SandboxConfig, create_app
 from cohortflow.runtime.ports import free_port
@@ -78,6 +80,26 @@ class Sandbox:
         )
         response.raise_for_status()
         return int(response.json()["count"])
+
+
+async def issue_token(db: Database, name: str, *roles: str, **scope: Any) -> str:
+    """A new API token for ``name`` with ``roles`` (an hour long), as its secret."""
+    lifetime = scope.pop("lifetime", timedelta(hours=1))
+    issued = await TokenService(db).create(
+        name, list(roles), lifetime=lifetime, by="tests", **scope
+    )
+    return issued.secret
+
+
+def who(name: str, *roles: str) -> Identity:
+    """An identity as the CLI's local one would be: ``roles`` (default: every role)."""
+    granted = frozenset(Role(r) for r in roles) if roles else frozenset(Role)
+    return Identity(name=name, roles=granted, token_id="local")
+
+
+def bearer(token: str) -> dict[str, str]:
+    """The header that presents ``token``."""
+    return {"Authorization": f"Bearer {token}"}
 
 
 @contextlib.contextmanager

@@ -25,6 +25,8 @@ from cohortflow.storage.tables import Approval, AuditRow
 from tests.harness import (
     FEATURES,
     Harness,
+    bearer,
+    issue_token,
     serve_app,
     spec_document,
     wait_for_state,
@@ -67,10 +69,20 @@ async def api(dev_harness: Harness, dev_settings: Settings, tmp_path: Path) -> A
         yield served
 
 
+@contextlib.asynccontextmanager
+async def client_as(
+    api: Api, harness: Harness, name: str, *roles: str
+) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client of the served API presenting a new token of ``name`` with ``roles``."""
+    token = await issue_token(harness.db, name, *roles)
+    async with httpx.AsyncClient(base_url=api.url, timeout=30, headers=bearer(token)) as client:
+        yield client
+
+
 @pytest.fixture
-async def http(api: Api) -> AsyncIterator[httpx.AsyncClient]:
-    """An HTTP client of the served API."""
-    async with httpx.AsyncClient(base_url=api.url, timeout=30) as client:
+async def http(api: Api, dev_harness: Harness) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client of the served API, as alice: approver, operator and admin."""
+    async with client_as(api, dev_harness, "alice", "approver", "operator", "admin") as client:
         yield client
 
 
@@ -105,16 +117,19 @@ def error_loc(response: httpx.Response) -> list[list[Any]]:
     return [d["loc"] for d in response.json()["detail"]]
 
 
-async def test_healthz_answers_over_http(http: httpx.AsyncClient) -> None:
-    response = await http.get("/healthz")
+async def test_healthz_answers_over_http_without_a_token(api: Api) -> None:
+    async with httpx.AsyncClient(base_url=api.url) as anonymous:
+        response = await anonymous.get("/healthz")
     assert response.status_code == 200
     assert response.json() == {"status": "ok"}
 
 
-async def test_approvals_list_decide_and_every_bad_decision(api: Api, dev_harness: Harness) -> None:
+async def test_approvals_list_decide_and_every_bad_decision(
+    api: Api, dev_harness: Harness, http: httpx.AsyncClient
+) -> None:
     spec, version = await dev_harness.apply(with_wait(spec_document(), "PT1S"))
     key = await dev_harness.customer()
-    async with dev_harness.workers(), httpx.AsyncClient(base_url=api.url) as http:
+    async with dev_harness.workers():
         handle = await dev_harness.launch(spec, version, key)
         status = await wait_for_state(handle, CampaignState.AWAITING_APPROVAL)
         assert status.pending_approval is not None
@@ -129,9 +144,11 @@ async def test_approvals_list_decide_and_every_bad_decision(api: Api, dev_harnes
         assert row["reason"] == "test approval"
         assert row["scores"]["churn"] == pytest.approx(status.scores["churn"])
 
+        owner_token = await issue_token(dev_harness.db, "crm-team", "approver")
+        bob_token = await issue_token(dev_harness.db, "bob", "approver")
         before = await counts(dev_harness)
         decision = f"/v1/approvals/{approval_id}/decision"
-        good = {"decision": "approve", "operator": "alice", "reason": "within budget"}
+        good = {"decision": "approve", "reason": "within budget"}
 
         unknown = await http.post("/v1/approvals/apr_000000000000/decision", json=good)
         assert unknown.status_code == 404
@@ -139,18 +156,17 @@ async def test_approvals_list_decide_and_every_bad_decision(api: Api, dev_harnes
         assert "apr_000000000000" in unknown.json()["detail"][0]["msg"]
 
         malformed = {
-            "operator": {"decision": "approve", "reason": "x"},
+            "reason": {"decision": "approve"},
             "decision": {**good, "decision": "maybe"},
-            "extra": {**good, "extra": 1},
+            "operator": {**good, "operator": "bob"},  # a forged name is refused, not used
         }
         for field, body in malformed.items():
             response = await http.post(decision, json=body)
             assert response.status_code == 422, (field, response.text)
             assert ["body", field] in error_loc(response), (field, response.json())
 
-        own = await http.post(decision, json={**good, "operator": "crm-team"})
-        assert own.status_code == 422
-        assert error_loc(own) == [["body", "operator"]]
+        own = await http.post(decision, json=good, headers=bearer(owner_token))
+        assert own.status_code == 403
         assert "crm-team" in own.json()["detail"][0]["msg"]
 
         assert await counts(dev_harness) == before
@@ -159,13 +175,17 @@ async def test_approvals_list_decide_and_every_bad_decision(api: Api, dev_harnes
 
         approved = await http.post(decision, json=good)
         assert approved.status_code == 200, approved.text
-        assert approved.json() == {"approval_id": approval_id, "decision": "approved"}
+        assert approved.json() == {
+            "approval_id": approval_id,
+            "decision": "approved",
+            "remaining": 0,
+        }
         result = await dev_harness.result(handle)
         assert result.state == CampaignState.COMPLETED
 
         after = await counts(dev_harness)
         assert after[1] == [(approval_id, "approved")]
-        again = await http.post(decision, json={**good, "operator": "bob"})
+        again = await http.post(decision, json=good, headers=bearer(bob_token))
         assert again.status_code == 409
         assert error_loc(again) == [["path", "approval_id"]]
         assert "approved" in again.json()["detail"][0]["msg"]
@@ -198,7 +218,7 @@ async def test_expired_approval_is_409_and_no_worker_polling_is_503(
                 expires_at=expires,
             )
     before = await counts(dev_harness)
-    good = {"decision": "approve", "operator": "alice", "reason": "ok"}
+    good = {"decision": "approve", "reason": "ok"}
 
     expired = await http.post("/v1/approvals/apr_expired00000/decision", json=good)
     assert expired.status_code == 409
@@ -246,7 +266,7 @@ async def test_consent_revoke_stops_a_waiting_campaign_at_once(
                 break
             await asyncio.sleep(0.1)
         started = time.monotonic()
-        async with httpx.AsyncClient(base_url=api.url, timeout=30) as http:
+        async with client_as(api, dev_harness, "dpo", "admin") as http:
             response = await http.post(
                 "/v1/consent",
                 json={
@@ -278,7 +298,7 @@ async def test_campaign_pause_over_http(http: httpx.AsyncClient, dev_harness: Ha
     spec, _ = await dev_harness.apply(spec_document())
     response = await http.post(
         f"/v1/campaigns/{spec.campaign_id}/pause",
-        json={"operator": "alice", "reason": "copy review"},
+        json={"reason": "copy review"},
     )
     assert response.status_code == 200, response.text
     assert response.json() == {"campaign_id": spec.campaign_id, "status": "paused", "workflows": 0}
@@ -287,7 +307,7 @@ async def test_campaign_pause_over_http(http: httpx.AsyncClient, dev_harness: Ha
     assert campaign is not None and campaign.status == "paused"
 
     before = await counts(dev_harness)
-    unknown = await http.post("/v1/campaigns/no_such_campaign/pause", json={"operator": "alice"})
+    unknown = await http.post("/v1/campaigns/no_such_campaign/pause", json={})
     assert unknown.status_code == 404
     assert error_loc(unknown) == [["path", "campaign_id"]]
     assert await counts(dev_harness) == before

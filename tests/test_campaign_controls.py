@@ -18,7 +18,7 @@ from cohortflow.errors import Conflict
 from cohortflow.pseudonymisation import Pseudonymiser
 from cohortflow.storage import campaigns
 from cohortflow.storage.tables import AuditRow
-from tests.harness import Harness, spec_document, wait_for_state, without_approval
+from tests.harness import Harness, spec_document, wait_for_state, who, without_approval
 from workflows.campaign.contract import CampaignState, idempotency_key
 from workflows.campaign.messages import CampaignResult, CampaignStatus
 from workflows.campaign.workflow import CampaignWorkflow
@@ -75,7 +75,7 @@ async def test_pause_holds_the_next_crm_step_and_resume_completes(dev_harness: H
         handle = await dev_harness.launch(spec, version, key)
         await wait_for_state(handle, CampaignState.WAITING)
         paused = await controls.change_campaign(
-            spec.campaign_id, "pause", operator="alice", reason="copy review"
+            spec.campaign_id, "pause", identity=who("alice"), reason="copy review"
         )
         assert (paused.status, paused.workflows) == ("paused", 1)
         assert await campaign_status(dev_harness, spec.campaign_id) == "paused"
@@ -92,7 +92,7 @@ async def test_pause_holds_the_next_crm_step_and_resume_completes(dev_harness: H
         kinds_while_paused = await audit_kinds(dev_harness, handle.id)
 
         resumed = await controls.change_campaign(
-            spec.campaign_id, "resume", operator="alice", reason="copy ok"
+            spec.campaign_id, "resume", identity=who("alice"), reason="copy ok"
         )
         assert (resumed.status, resumed.workflows) == ("active", 1)
         result = await dev_harness.result(handle)
@@ -126,7 +126,7 @@ async def test_cancel_ends_running_workflows_as_exited_and_is_audited(
             await asyncio.sleep(0.1)
         started = time.monotonic()
         outcome = await controls.change_campaign(
-            spec.campaign_id, "cancel", operator="alice", reason="offer withdrawn"
+            spec.campaign_id, "cancel", identity=who("alice"), reason="offer withdrawn"
         )
         assert (outcome.status, outcome.workflows) == ("cancelled", 2)
         results = [await dev_harness.result(h) for h in handles]
@@ -146,7 +146,9 @@ async def test_cancel_ends_running_workflows_as_exited_and_is_audited(
         )
     assert cancelled == 1
     with pytest.raises(Conflict):
-        await controls.change_campaign(spec.campaign_id, "resume", operator="al", reason="oops")
+        await controls.change_campaign(
+            spec.campaign_id, "resume", identity=who("al"), reason="oops"
+        )
     assert await campaign_status(dev_harness, spec.campaign_id) == "cancelled"
 
 
@@ -173,7 +175,7 @@ async def test_crm_write_while_the_store_says_paused_without_a_signal_waits(
         assert "crm_written" not in kinds
         assert "consent_allowed" not in kinds  # the pause check comes before consent
 
-        await controls.change_campaign(spec.campaign_id, "resume", operator="al", reason="go")
+        await controls.change_campaign(spec.campaign_id, "resume", identity=who("al"), reason="go")
         result = await dev_harness.result(handle)
 
     assert result.state == CampaignState.COMPLETED

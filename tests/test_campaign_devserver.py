@@ -15,9 +15,9 @@ from temporalio.converter import DataConverter
 
 from cohortflow.campaigns.controls import Controls
 from cohortflow.crm.client import CrmClient
-from cohortflow.errors import Conflict, Invalid, NotFound
+from cohortflow.errors import Conflict, Forbidden, NotFound
 from cohortflow.pseudonymisation import Pseudonymiser
-from tests.harness import Harness, spec_document, wait_for_state
+from tests.harness import Harness, spec_document, wait_for_state, who
 from workflows.campaign.contract import SA, CampaignState
 
 pytestmark = pytest.mark.devserver
@@ -117,14 +117,18 @@ async def test_summary_details_and_visibility_while_awaiting_approval_then_opera
         assert await count_soon(dev_harness, f"{campaign} AND {deadline_before(expires, 1)}") == 1
         assert await count_soon(dev_harness, f"{campaign} AND {deadline_before(expires, -1)}") == 0
 
-        listed = await controls.list_approvals()
+        listed = await controls.list_approvals(who("alice"))
         assert [a.approval_id for a in listed] == [approval_id]
         with pytest.raises(NotFound):
-            await controls.decide("apr_000000000000", approve=True, operator="al", reason="x")
-        with pytest.raises(Invalid) as bad:
-            await controls.decide(approval_id, approve=True, operator="crm-team", reason="mine")
-        assert bad.value.field == "operator"
-        decided = await controls.decide(approval_id, approve=True, operator="alice", reason="ok")
+            await controls.decide("apr_000000000000", approve=True, identity=who("al"), reason="x")
+        with pytest.raises(Forbidden) as bad:
+            await controls.decide(
+                approval_id, approve=True, identity=who("crm-team"), reason="mine"
+            )
+        assert "crm-team requested this campaign" in bad.value.message
+        decided = await controls.decide(
+            approval_id, approve=True, identity=who("alice"), reason="ok"
+        )
         assert decided.decision == "approved"
         waiting = await wait_for_state(handle, CampaignState.WAITING)
         assert "approve: approved by alice: ok" in await current_details(handle)
@@ -141,4 +145,4 @@ async def test_summary_details_and_visibility_while_awaiting_approval_then_opera
         assert attributes.get(SA.APPROVAL_DEADLINE) is None
         assert attributes.get(SA.WAIT_UNTIL) is None
         with pytest.raises(Conflict):
-            await controls.decide(approval_id, approve=False, operator="bob", reason="late")
+            await controls.decide(approval_id, approve=False, identity=who("bob"), reason="late")

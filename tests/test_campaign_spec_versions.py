@@ -132,7 +132,7 @@ async def test_a_long_campaign_continues_as_new_without_losing_anything(harness:
         assert asked.pending_approval is not None
         await latest.execute_update(
             CampaignWorkflow.decide,
-            DecideRequest(asked.pending_approval.approval_id, True, "alice", "fine"),
+            DecideRequest(asked.pending_approval.approval_id, True, "alice", "fine", ["approver"]),
         )
         waiting = await wait_for_state(latest, CampaignState.WAITING)
         assert waiting.step_id == "hold"
@@ -231,7 +231,9 @@ async def test_a_run_continued_as_new_before_the_split_resumes_on_this_code(
             assert status.pending_approval.expires_at == pending["expires_at"]
             await handle.execute_update(
                 CampaignWorkflow.decide,
-                DecideRequest(pending["approval_id"], True, "alice", "resumed after the split"),
+                DecideRequest(
+                    pending["approval_id"], True, "alice", "resumed after the split", ["approver"]
+                ),
             )
         else:
             assert status.waiting_until == datetime.fromisoformat(carried["deadline"]).isoformat(

@@ -110,15 +110,15 @@ async def test_decide_refuses_the_requester_then_an_approval_completes_the_campa
         with pytest.raises(WorkflowUpdateFailedError) as refused:
             await handle.execute_update(
                 CampaignWorkflow.decide,
-                DecideRequest(approval_id, True, "crm-team", "self-approval"),
+                DecideRequest(approval_id, True, "crm-team", "self-approval", ["approver"]),
             )
         assert "cannot approve" in str(refused.value.cause)
         with pytest.raises(WorkflowUpdateFailedError):
             await handle.execute_update(
-                CampaignWorkflow.decide, DecideRequest("apr_unknown", True, "al", "x")
+                CampaignWorkflow.decide, DecideRequest("apr_unknown", True, "al", "x", ["approver"])
             )
         await handle.execute_update(
-            CampaignWorkflow.decide, DecideRequest(approval_id, True, "alice", "ok")
+            CampaignWorkflow.decide, DecideRequest(approval_id, True, "alice", "ok", ["approver"])
         )
         result = await harness.result(handle)
     assert result.state == CampaignState.COMPLETED
@@ -519,7 +519,8 @@ async def test_a_carried_approval_that_never_resumes_is_withdrawn_and_refuses_de
         handle = await harness.start(spec, version, key, carried=carried)
         with pytest.raises(WorkflowUpdateFailedError) as refused:
             await handle.execute_update(
-                CampaignWorkflow.decide, DecideRequest(pending.approval_id, True, "alice", "ok")
+                CampaignWorkflow.decide,
+                DecideRequest(pending.approval_id, True, "alice", "ok", ["approver"]),
             )
         result = await harness.result(handle)
     assert isinstance(refused.value.cause, ApplicationError)

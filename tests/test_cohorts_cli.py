@@ -10,6 +10,7 @@ import httpx
 
 from cohortflow.events.ingest import Ingestor
 from cohortflow.storage.db import Database
+from tests.harness import bearer, issue_token
 from tests.test_events import PSEUDONYMISER, T0, _cli, cli_env, serve_api, settings_for, track
 
 RICH = {
@@ -22,8 +23,9 @@ RICH = {
 async def test_cohort_api_applies_evaluates_and_pages_members(
     db: Database, database_url: str, tmp_path: Path
 ) -> None:
-    with serve_api(settings_for(database_url, tmp_path)) as url:
-        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+    async with serve_api(settings_for(database_url, tmp_path)) as served:
+        admin = bearer(await issue_token(db, "tests-admin", "admin", "ingest"))
+        async with httpx.AsyncClient(base_url=served.url, timeout=60, headers=admin) as client:
             bad = {**RICH, "rule": {"all": [{"feature": "monetary_total", "op": "~", "value": 1}]}}
             response = await client.post("/v1/cohorts", json=bad)
             assert response.status_code == 422

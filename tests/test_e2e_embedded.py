@@ -52,12 +52,16 @@ def env() -> dict[str, str]:
     return {**clean, "PYTHONPATH": str(REPO), "COLUMNS": "250"}
 
 
-def cohortflow(*args: str | Path | int, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def cohortflow(
+    *args: str | Path | int, timeout: float = 60, **settings: str
+) -> subprocess.CompletedProcess[str]:
+    """``cohortflow ARGS`` with ``settings`` as COHORTFLOW_ variables (local_identity=...)."""
+    extra = {f"COHORTFLOW_{k.upper()}": v for k, v in settings.items()}
     return subprocess.run(
         [sys.executable, "-m", "cohortflow", *map(str, args)],
         capture_output=True,
         text=True,
-        env=env(),
+        env=env() | extra,
         timeout=timeout,
     )
 
@@ -292,9 +296,10 @@ def test_demo_up_approve_kill_restart_verify_and_stop(tmp_path: Path) -> None:
             p for p in pending if status_of(address, p["workflow_id"]).variant == "treatment"
         ]
         approval, workflow_id = treated[0]["approval_id"], treated[0]["workflow_id"]
+        # The spec lists alice and bob as approvers; the demo applied it, so both may.
         approved = cohortflow(
-            "approve", approval, "--operator", "alice", "--reason", "offer within budget",
-            "--data-dir", data,
+            "approve", approval, "--reason", "offer within budget", "--data-dir", data,
+            local_identity="alice",
         )  # fmt: skip
         assert approved.returncode == 0, approved.stderr
         assert approved.stdout.strip() == f"{approval} approved"
@@ -329,7 +334,15 @@ def test_demo_up_approve_kill_restart_verify_and_stop(tmp_path: Path) -> None:
             "type": "track", "event": "purchase", "messageId": f"e2e-{buyer}", "userId": buyer,
             "timestamp": now, "properties": {"amount": 42.0},
         }  # fmt: skip
-        posted = httpx.post(f"{api}/v1/events", json={"batch": [purchase]}, timeout=30)
+        ingest = cohortflow("token", "create", "--name", "e2e-sdk", "--role", "ingest",
+                            "--data-dir", data)  # fmt: skip
+        assert ingest.returncode == 0, ingest.stderr
+        auth = {"Authorization": f"Bearer {ingest.stdout.strip()}"}
+        anonymous = httpx.post(f"{api}/v1/events", json={"batch": [purchase]}, timeout=30)
+        assert anonymous.status_code == 401
+        posted = httpx.post(
+            f"{api}/v1/events", json={"batch": [purchase]}, headers=auth, timeout=30
+        )
         assert posted.status_code == 200, posted.text
         assert (posted.json()["accepted"], posted.json()["signalled"]) == (1, 1)
         wait_until(reaches(address, drip_id, CampaignState.COMPLETED), 60, "the thank-you")

@@ -8,7 +8,8 @@ import json
 import os
 import random
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from cohortflow.storage.feature_store import recompute_all
 from cohortflow.storage.tables import Customer, CustomerFeatures, Event
 from scoring.cdnow import load_transactions
 from scoring.features import FEATURE_NAMES, rfm_features
-from tests.harness import serve_app
+from tests.harness import bearer, issue_token, serve_app
 
 REPO = Path(__file__).resolve().parent.parent
 KEY = "k" * 32
@@ -50,18 +51,32 @@ def settings_for(database_url: str, data_dir: Path) -> Settings:
     )
 
 
-@contextlib.contextmanager
-def serve_api(settings: Settings) -> Iterator[str]:
-    """The real API over a socket on a free port, in a thread, until the block ends."""
+@dataclass(frozen=True)
+class Served:
+    """A served API and the headers of an ingest token on it."""
+
+    url: str
+    headers: dict[str, str]
+
+
+@contextlib.asynccontextmanager
+async def serve_api(settings: Settings) -> AsyncIterator[Served]:
+    """The real API over a socket on a free port, in a thread, until the block ends; with an
+    ingest token issued in its database."""
+    db = Database(settings.resolved_database_url)
+    try:
+        token = await issue_token(db, "tests-ingest", "ingest")
+    finally:
+        await db.dispose()
     with serve_app(create_app(settings)) as url:
-        yield url
+        yield Served(url, bearer(token))
 
 
 @pytest.fixture
-async def api(db: Database, database_url: str, tmp_path: Path) -> AsyncIterator[str]:
-    """The API's base URL, over the migrated test database."""
-    with serve_api(settings_for(database_url, tmp_path)) as url:
-        yield url
+async def api(db: Database, database_url: str, tmp_path: Path) -> AsyncIterator[Served]:
+    """The API, over the migrated test database."""
+    async with serve_api(settings_for(database_url, tmp_path)) as served:
+        yield served
 
 
 def track(
@@ -84,14 +99,14 @@ def track(
     }
 
 
-async def post(url: str, body: Any) -> httpx.Response:
-    """POST a batch (or raw bytes) to /v1/events."""
-    async with httpx.AsyncClient(timeout=30) as client:
+async def post(api: Served, body: Any) -> httpx.Response:
+    """POST a batch (or raw bytes) to /v1/events with the ingest token."""
+    async with httpx.AsyncClient(base_url=api.url, timeout=30, headers=api.headers) as client:
         if isinstance(body, bytes):
             return await client.post(
-                f"{url}/v1/events", content=body, headers={"content-type": "application/json"}
+                "/v1/events", content=body, headers={"content-type": "application/json"}
             )
-        return await client.post(f"{url}/v1/events", json=body)
+        return await client.post("/v1/events", json=body)
 
 
 async def features_table(db: Database) -> dict[str, tuple[dict[str, Any], datetime]]:
@@ -103,7 +118,9 @@ async def features_table(db: Database) -> dict[str, tuple[dict[str, Any], dateti
         return {key: (dict(features), as_of) for key, features, as_of in rows}
 
 
-async def test_batch_accepts_good_events_rejects_bad_ones_by_path(api: str, db: Database) -> None:
+async def test_batch_accepts_good_events_rejects_bad_ones_by_path(
+    api: Served, db: Database
+) -> None:
     future = datetime.now(UTC) + timedelta(days=2)
     batch = [
         track("m1", "alice", amount=30.0, quantity=2),
@@ -180,7 +197,7 @@ async def test_batch_accepts_good_events_rejects_bad_ones_by_path(api: str, db: 
 
 
 async def test_a_later_track_event_keeps_the_contact_data_an_identify_stored(
-    api: str, db: Database
+    api: Served, db: Database
 ) -> None:
     def identify(message_id: str, **traits: Any) -> dict[str, Any]:
         return {
@@ -228,7 +245,7 @@ async def test_a_later_track_event_keeps_the_contact_data_an_identify_stored(
     ],
 )
 async def test_malformed_requests_name_the_field(
-    api: str, db: Database, body: bytes, status: int, loc: list[str]
+    api: Served, db: Database, body: bytes, status: int, loc: list[str]
 ) -> None:
     response = await post(api, body)
     assert response.status_code == status
@@ -237,7 +254,7 @@ async def test_malformed_requests_name_the_field(
         assert await event_store.count_all_events(session) == 0
 
 
-async def test_oversized_and_all_rejected_batches(api: str, db: Database) -> None:
+async def test_oversized_and_all_rejected_batches(api: Served, db: Database) -> None:
     too_many = [track(f"m{i}", "u") for i in range(1001)]
     response = await post(api, {"batch": too_many})
     assert response.status_code == 413
@@ -306,9 +323,9 @@ async def test_cdnow_via_api_and_via_import_give_the_same_features(
 ) -> None:
     sample = _cdnow_sample(60)
     docs = [doc for _, doc in cdnow_events(sample)]
-    with serve_api(settings_for(database_url, tmp_path)) as url:
+    async with serve_api(settings_for(database_url, tmp_path)) as served:
         for start in range(0, len(docs), 100):
-            response = await post(url, {"batch": docs[start : start + 100]})
+            response = await post(served, {"batch": docs[start : start + 100]})
             assert response.json()["accepted"] == len(docs[start : start + 100])
     via_api = await features_table(db)
     assert len(via_api) == 60

@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from workflows.campaign import interpreter
-from workflows.campaign.contract import CampaignState
+from workflows.campaign.contract import CampaignState, DecideRefusal
 from workflows.campaign.definition import BranchRule, CampaignSpecDef, Comparison, StepDef
 from workflows.campaign.interpreter import Ending, Next
 from workflows.campaign.messages import CustomerEvent, DecideRequest, PendingApproval
@@ -142,25 +142,48 @@ def awaiting(**fields: object) -> RunState:
     )
 
 
-@pytest.mark.parametrize(
-    ("state", "request_", "field"),
-    [
-        (RunState(), DecideRequest("apr_1", True, "alice", "ok"), ""),
-        (awaiting(), DecideRequest("apr_2", True, "alice", "ok"), ""),
-        (awaiting(decision=DecideRequest("apr_1", True, "bob", "ok")), None, ""),
-        (awaiting(), DecideRequest("apr_1", True, " ", "ok"), "operator"),
-        (awaiting(), DecideRequest("apr_1", True, "alice", ""), "reason"),
-        (awaiting(), DecideRequest("apr_1", True, "crm-team", "mine"), "operator"),
-        (awaiting(), DecideRequest("apr_1", True, "mallory", "ok"), "operator"),
-    ],
-    ids=["not-pending", "other", "decided", "no-operator", "no-reason", "owner", "not-listed"],
+APPROVER = ["approver"]
+CONFLICT, INVALID, FORBIDDEN = (
+    DecideRefusal.CONFLICT,
+    DecideRefusal.INVALID,
+    DecideRefusal.FORBIDDEN,
 )
-def test_a_decision_is_refused_naming_the_field_or_none_for_a_conflict(
-    state: RunState, request_: DecideRequest | None, field: str
+
+
+def ask(operator: str, approve: bool = True, roles: list[str] = APPROVER) -> DecideRequest:
+    return DecideRequest("apr_1", approve, operator, "ok", list(roles))
+
+
+@pytest.mark.parametrize(
+    ("state", "request_", "kind", "field"),
+    [
+        (RunState(), ask("alice"), CONFLICT, ""),
+        (awaiting(), DecideRequest("apr_2", True, "alice", "ok", APPROVER), CONFLICT, ""),
+        (awaiting(decision=ask("bob")), None, CONFLICT, ""),
+        (awaiting(), ask(" "), INVALID, "operator"),
+        (awaiting(), DecideRequest("apr_1", True, "alice", "", APPROVER), INVALID, "reason"),
+        (awaiting(), ask("crm-team"), FORBIDDEN, "operator"),
+        (awaiting(), ask("mallory"), FORBIDDEN, "operator"),
+        (awaiting(), ask("alice", roles=["operator", "admin"]), FORBIDDEN, "operator"),
+        (awaiting(), ask("carol"), FORBIDDEN, "operator"),
+        (awaiting(), ask("dan"), FORBIDDEN, "operator"),
+        (awaiting(approvals=[ask("alice")]), None, FORBIDDEN, "operator"),
+    ],
+    ids=[
+        "not-pending", "other", "decided", "no-operator", "no-reason", "owner", "not-listed",
+        "no-approver-role", "author", "applier", "approved-already",
+    ],
+)  # fmt: skip
+def test_a_decision_is_refused_by_kind_naming_the_field(
+    state: RunState, request_: DecideRequest | None, kind: DecideRefusal, field: str
 ) -> None:
-    request = request_ or DecideRequest("apr_1", True, "alice", "ok")
-    refusal = interpreter.decide_refusal(state, approvers("alice", "bob"), request, asking=True)
-    assert refusal is not None and refusal[1] == field
+    request = request_ or ask("alice")
+    # carol and dan are listed, so only being the author or the applier bars them.
+    document = approvers("alice", "bob", "carol", "dan")
+    document.author, document.applied_by = "carol", "dan"
+    document.approval.required = 2
+    refusal = interpreter.decide_refusal(state, document, request, asking=True)
+    assert refusal is not None and (refusal[0], refusal[2]) == (kind, field), refusal
 
 
 def approvers(*names: str) -> CampaignSpecDef:
@@ -170,12 +193,41 @@ def approvers(*names: str) -> CampaignSpecDef:
 
 
 def test_a_listed_approver_other_than_the_owner_may_decide_while_asked() -> None:
-    request = DecideRequest("apr_1", False, "bob", "not now")
+    request = DecideRequest("apr_1", False, "bob", "not now", APPROVER)
     document = approvers("alice", "bob")
     assert interpreter.decide_refusal(awaiting(), document, request, asking=True) is None
     # A request carried into a run that has not reached its step again is not being asked.
     refusal = interpreter.decide_refusal(awaiting(), document, request, asking=False)
-    assert refusal == ("approval apr_1 is not pending", "")
+    assert refusal == (CONFLICT, "approval apr_1 is not pending", "")
+
+
+def test_reject_may_be_given_to_a_role_that_may_not_approve() -> None:
+    document = approvers()
+    document.approval.reject_roles = ["operator", "approver"]
+    reject = ask("dave", approve=False, roles=["operator"])
+    assert interpreter.decide_refusal(awaiting(), document, reject, asking=True) is None
+    approve = ask("dave", roles=["operator"])
+    refusal = interpreter.decide_refusal(awaiting(), document, approve, asking=True)
+    assert refusal == (FORBIDDEN, "operator: dave needs role approver to approve", "operator")
+
+
+def test_the_nth_distinct_approval_decides_and_any_rejection_ends_it_at_once() -> None:
+    document = approvers()
+    document.approval.required = 3
+    state = awaiting()
+    assert interpreter.take_decision(state, document, ask("alice")).remaining == 2
+    assert interpreter.take_decision(state, document, ask("bob")).remaining == 1
+    assert state.decision is None
+    last = interpreter.take_decision(state, document, ask("carol"))
+    assert (last.decision, last.remaining) == ("approved", 0)
+    assert state.decision is not None and state.decision.operator == "carol"
+    assert interpreter.approvers_of(state, state.decision) == ["alice", "bob", "carol"]
+
+    rejected = awaiting()
+    interpreter.take_decision(rejected, document, ask("alice"))
+    no = interpreter.take_decision(rejected, document, ask("bob", approve=False))
+    assert (no.decision, no.remaining) == ("rejected", 0)
+    assert rejected.decision is not None and not rejected.decision.approve
 
 
 def test_only_a_revoked_channel_the_campaign_uses_stops_it() -> None:

@@ -21,8 +21,18 @@ from cohortflow.storage import customers
 from cohortflow.storage.db import Database, migrate
 from scoring.cdnow import load_transactions
 from scoring.features import FEATURE_NAMES, rfm_features
+from tests.harness import bearer, issue_token
 
 runner = CliRunner()
+
+
+async def token_for(settings: Settings, name: str, *roles: str) -> str:
+    """A token issued in ``settings``' database."""
+    db = Database(settings.resolved_database_url)
+    try:
+        return await issue_token(db, name, *roles)
+    finally:
+        await db.dispose()
 
 
 def cli(*args: str) -> Any:
@@ -146,7 +156,8 @@ def test_drift_cli_and_api_flag_a_shifted_store(
     assert table.exit_code == 0, table.output
     assert "DRIFT" in table.stdout and "recency_days" in table.stdout
 
-    with TestClient(create_app(settings)) as client:
+    token = asyncio.run(token_for(settings, "tests-operator", "operator"))
+    with TestClient(create_app(settings), headers=bearer(token)) as client:
         response = client.get("/v1/models/drift", params={"model": "churn"})
         assert response.status_code == 200, response.text
         body = response.json()

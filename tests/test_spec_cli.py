@@ -29,8 +29,12 @@ DRIP = ROOT / "examples" / "onboarding_drip.yaml"
 WINBACK = ROOT / "examples" / "winback_sensitive.yaml"
 
 
-def cli(data_dir: Path | None, *args: str) -> subprocess.CompletedProcess[str]:
+def cli(
+    data_dir: Path | None, *args: str, identity: str = "alice", roles: str = '["admin"]'
+) -> subprocess.CompletedProcess[str]:
+    """``cohortflow ARGS`` as the local identity ``identity`` with ``roles`` (a JSON list)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("COHORTFLOW_")}
+    env |= {"COHORTFLOW_LOCAL_IDENTITY": identity, "COHORTFLOW_LOCAL_ROLES": roles}
     where = ["--data-dir", str(data_dir)] if data_dir is not None else []
     return subprocess.run(
         [sys.executable, "-m", "cohortflow", *args, *where],
@@ -77,7 +81,7 @@ async def test_a_bad_spec_lists_every_problem_exits_2_and_stores_nothing(
         "steps[2].timeout: 'P3X' is not an ISO-8601 duration such as P3D or PT30S",
         "steps[4].next: unknown step 'nowhere'",
     ]
-    applied = cli(data_dir, "campaign", "apply", str(bad), "--by", "alice")
+    applied = cli(data_dir, "campaign", "apply", str(bad))
     assert (applied.returncode, lines(applied.stderr)) == (2, lines(validated.stderr))
     db = database(data_dir)
     async with db.transaction() as session:
@@ -87,14 +91,19 @@ async def test_a_bad_spec_lists_every_problem_exits_2_and_stores_nothing(
 
 def test_apply_makes_a_version_only_when_the_spec_changed(data_dir: Path, tmp_path: Path) -> None:
     assert cli(None, "campaign", "validate", str(DRIP)).returncode == 0
-    first = cli(data_dir, "campaign", "apply", str(DRIP), "--by", "alice")
+    first = cli(data_dir, "campaign", "apply", str(DRIP))
     assert first.stdout.strip() == "onboarding_drip: stored version 1", first.stderr
-    again = cli(data_dir, "campaign", "apply", str(DRIP), "--by", "bob")
+    again = cli(data_dir, "campaign", "apply", str(DRIP), identity="bob")
     assert again.stdout.strip() == "onboarding_drip: unchanged, still version 1"
     changed = tmp_path / "drip.yaml"
     changed.write_text(DRIP.read_text().replace("timeout: P3D", "timeout: P5D"))
-    second = cli(data_dir, "campaign", "apply", str(changed), "--by", "bob")
+    second = cli(data_dir, "campaign", "apply", str(changed), identity="bob")
     assert second.stdout.strip() == "onboarding_drip: stored version 2"
+    operator_only = cli(data_dir, "campaign", "apply", str(DRIP), roles='["operator"]')
+    assert operator_only.returncode == 2
+    assert lines(operator_only.stderr) == [
+        "cohortflow: error: alice needs role admin to apply campaigns"
+    ]
     listed = lines(cli(data_dir, "campaign", "list").stdout)
     assert [line.split() for line in listed] == [["onboarding_drip", "active", "v2"]]
     shown = cli(data_dir, "campaign", "show", "onboarding_drip", "--version", "1").stdout

@@ -18,7 +18,7 @@ from cohortflow.storage.tables import Base
 
 REPO = Path(__file__).resolve().parent.parent
 TABLES = set(Base.metadata.tables)
-HEAD = "0005"
+HEAD = "0006"
 
 
 def _table_names(connection: Connection) -> set[str]:
@@ -68,6 +68,7 @@ async def test_upgrade_downgrade_upgrade(database_url: str) -> None:
         "outbound_reservations",
         "crm_effects",
         "crm_requests",
+        "api_tokens",
     } == TABLES
     await migrate(database_url)
     assert _tables_without_alembic(await _tables(database_url)) == TABLES

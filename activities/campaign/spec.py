@@ -34,12 +34,13 @@ class SpecActivities:
         (the failure's first detail), or ``DEFAULT_SAFE_SEGMENT``.
         """
         async with self._db.transaction() as session:
-            document = await campaigns.get_spec(session, inp.campaign_id, inp.version)
+            stored = await campaigns.get_spec_version(session, inp.campaign_id, inp.version)
         where = f"campaign {inp.campaign_id} v{inp.version}"
-        if document is None:
+        if stored is None:
             raise _invalid(f"{where} is not stored", None)
+        document, applied_by = stored
         try:
-            return parse_spec(document).to_definition(inp.version)
+            return parse_spec(document).to_definition(inp.version, applied_by)
         except SpecError as exc:
             raise _invalid(f"{where}: {'; '.join(exc.problems)}", document) from exc
 

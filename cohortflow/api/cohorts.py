@@ -8,6 +8,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Query
 from temporalio.client import Client
 
+from cohortflow.api.auth import guard
+from cohortflow.auth import policy
 from cohortflow.cohorts.service import CohortService
 from cohortflow.settings import Settings
 from cohortflow.storage import cohorts
@@ -17,7 +19,8 @@ from cohortflow.temporal_client import connect
 
 def cohorts_router(db: Database, settings: Settings) -> APIRouter:
     """The cohort API over ``db``; evaluation signals and launches on the configured Temporal."""
-    router = APIRouter(prefix="/v1/cohorts")
+    router = APIRouter(prefix="/v1/cohorts", tags=["cohorts"])
+    unknown = {404: "unknown cohort"}
     clients: list[Client] = []
 
     async def service(*, temporal: bool = False) -> CohortService:
@@ -27,13 +30,13 @@ def cohorts_router(db: Database, settings: Settings) -> APIRouter:
                 clients.append(await connect(settings, tracing=False))
         return CohortService(db, settings, clients[0] if clients else None)
 
-    @router.post("")
+    @router.post("", **guard(policy.ADMIN, "define cohorts", {422: "invalid definition"}))
     async def apply(document: Annotated[dict[str, Any], Body()]) -> dict[str, Any]:
         """Validate and store a definition; 422 names each offending field by path."""
         definition, version, changed = await (await service()).apply(document)
         return {"cohort_id": definition.cohort_id, "version": version, "changed": changed}
 
-    @router.get("")
+    @router.get("", **guard(policy.READ, "read cohorts"))
     async def list_all() -> list[dict[str, Any]]:
         """Every cohort with its version and member count."""
         async with db.transaction() as session:
@@ -48,13 +51,13 @@ def cohorts_router(db: Database, settings: Settings) -> APIRouter:
             for c, n in rows
         ]
 
-    @router.get("/{cohort_id}")
+    @router.get("/{cohort_id}", **guard(policy.READ, "read cohorts", unknown))
     async def show(cohort_id: str) -> dict[str, Any]:
         """The definition; 404 if unknown."""
         definition = await (await service()).definition(cohort_id)
         return definition.model_dump(mode="json", by_alias=True)
 
-    @router.post("/{cohort_id}/evaluate")
+    @router.post("/{cohort_id}/evaluate", **guard(policy.ADMIN, "evaluate cohorts", unknown))
     async def evaluate(cohort_id: str, launch: Annotated[bool, Query()] = True) -> dict[str, Any]:
         """Evaluate; store entries and exits, signal exits, start the bulk launches."""
         report = await (await service(temporal=True)).evaluate(cohort_id, launch=launch)
@@ -72,7 +75,7 @@ def cohorts_router(db: Database, settings: Settings) -> APIRouter:
             ],
         }
 
-    @router.get("/{cohort_id}/members")
+    @router.get("/{cohort_id}/members", **guard(policy.READ, "read cohorts", unknown))
     async def members(
         cohort_id: str, after: str = "", limit: Annotated[int, Query(ge=1, le=10_000)] = 100
     ) -> dict[str, Any]:

@@ -9,6 +9,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from cohortflow.api.auth import guard
+from cohortflow.auth import policy
 from cohortflow.events.ingest import Ingestor, TemporalSignaller
 from cohortflow.events.schema import MAX_BATCH_BYTES, MAX_BATCH_EVENTS
 from cohortflow.pseudonymisation import Pseudonymiser
@@ -58,11 +60,16 @@ def events_router(db: Database, pseudonymiser: Pseudonymiser, settings: Settings
     @router.post(
         "/v1/events",
         response_model=BatchOut,
-        responses={
-            400: {"description": "malformed JSON"},
-            413: {"description": "batch too large"},
-            422: {"description": "wrong shape, or every event rejected"},
-        },
+        tags=["events"],
+        **guard(
+            policy.INGEST,
+            "post events",
+            {
+                400: "malformed JSON",
+                413: "batch too large",
+                422: "wrong shape, or every event rejected",
+            },
+        ),
     )
     async def post_events(request: Request) -> Any:
         """Store a batch of events; each is accepted, a duplicate, or rejected with reasons.

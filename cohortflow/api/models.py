@@ -7,6 +7,8 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
 
+from cohortflow.api.auth import guard
+from cohortflow.auth import policy
 from cohortflow.model_drift import store_drift
 from cohortflow.settings import Settings
 from scoring.drift import DEFAULT_THRESHOLD
@@ -18,7 +20,7 @@ def models_router(settings: Settings) -> APIRouter:
     router = APIRouter(prefix="/v1/models", tags=["models"])
     registry = ModelRegistry(settings.resolved_models_dir)
 
-    @router.get("")
+    @router.get("", **guard(policy.READ, "read models"))
     async def list_models() -> list[dict[str, Any]]:
         """Every registered version with its holdout metrics and role."""
         infos = await asyncio.to_thread(registry.list)
@@ -39,7 +41,7 @@ def models_router(settings: Settings) -> APIRouter:
             for i in infos
         ]
 
-    @router.get("/drift")
+    @router.get("/drift", **guard(policy.READ, "read models", {404: "no champion model"}))
     async def drift(
         model: Annotated[Literal["churn", "propensity"], Query()] = "churn",
         threshold: Annotated[float, Query(ge=0.0)] = DEFAULT_THRESHOLD,

@@ -18,8 +18,10 @@ from temporalio.client import Client, WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError, FailureError
 from temporalio.service import RPCError
 
+from cohortflow.auth import policy
+from cohortflow.auth.identity import Identity
 from cohortflow.campaigns import visibility
-from cohortflow.errors import Conflict, Invalid, NotFound, Unavailable
+from cohortflow.errors import Conflict, Forbidden, Invalid, NotFound, Unavailable
 from cohortflow.pseudonymisation import Pseudonymiser
 from cohortflow.settings import Settings
 from cohortflow.storage import approvals, audit, campaigns, consent, customers
@@ -76,24 +78,33 @@ class Controls:
 
     # ------------------------------------------------------------------ approvals
 
-    async def list_approvals(self, status: str | None = "pending") -> list[Approval]:
-        """Approvals, newest first; ``status`` None lists all."""
+    async def list_approvals(
+        self, identity: Identity, status: str | None = "pending", campaign_id: str | None = None
+    ) -> list[Approval]:
+        """Approvals, newest first; ``status`` None lists all, ``campaign_id`` filters."""
+        policy.require(identity, policy.READ, "read approvals")
         if status not in (None, "pending", "approved", "rejected", "expired"):
             raise Invalid(f"status: unknown status {status!r}", field="status")
         async with self._db.transaction() as session:
-            rows = await approvals.list_approvals(session, status=status)
+            if campaign_id is not None and not await campaigns.get_campaign(session, campaign_id):
+                raise NotFound(f"campaign_id: no campaign {campaign_id!r}", field="campaign_id")
+            rows = await approvals.list_approvals(session, status=status, campaign_id=campaign_id)
         return sorted(rows, key=lambda a: a.requested_at, reverse=True)
 
     async def decide(
-        self, approval_id: str, *, approve: bool, operator: str, reason: str
+        self, approval_id: str, *, approve: bool, identity: Identity, reason: str
     ) -> DecideResult:
-        """Approve or reject a pending approval through the campaign's ``decide`` update."""
-        _require_text("operator", operator)
+        """Approve or reject a pending approval through the campaign's ``decide`` update,
+        as ``identity``; the workflow's validator applies the four-eyes rules."""
+        policy.require(identity, policy.DECIDE, "decide approvals")
         _require_text("reason", reason, limit=1000)
         async with self._db.transaction() as session:
             row = await approvals.get_approval(session, approval_id)
-        if row is None:
-            raise NotFound(f"approval_id: no approval {approval_id!r}", field="approval_id")
+            if row is None:
+                raise NotFound(f"approval_id: no approval {approval_id!r}", field="approval_id")
+            tags = await campaigns.campaign_tags(session, row.campaign_id)
+        if not identity.may_reach(row.campaign_id, tags):
+            raise Forbidden(f"{identity.name}'s token does not reach campaign {row.campaign_id}")
         if row.status != "pending":
             raise Conflict(f"approval {approval_id} is already {row.status}", field="approval_id")
         if _aware(row.expires_at) <= datetime.now(UTC):
@@ -103,22 +114,40 @@ class Controls:
             )
         client = await self._require_worker()
         handle = client.get_workflow_handle_for(CampaignWorkflow.run, row.workflow_id)
-        request = DecideRequest(approval_id, approve, operator.strip(), reason.strip())
+        request = DecideRequest(
+            approval_id, approve, identity.name, reason.strip(), sorted(identity.roles)
+        )
         try:
             result = await handle.execute_update(CampaignWorkflow.decide, request)
         except WorkflowUpdateFailedError as exc:
             raise _refused(exc) from exc
         except RPCError as exc:
             raise Conflict(f"approval {approval_id}: {exc.message}") from exc
-        log.info("approval decided", approval_id=approval_id, decision=result.decision)
+        if result.remaining:
+            async with self._db.transaction() as session:
+                await approvals.add_approver(session, approval_id, identity.name)
+        log.info(
+            "approval decided",
+            approval_id=approval_id,
+            decision=result.decision,
+            remaining=result.remaining,
+        )
         return result
 
     # ------------------------------------------------------------------ consent
 
     async def set_consent(
-        self, customer_id: str, *, channel: str, purpose: str, granted: bool, source: str
+        self,
+        customer_id: str,
+        *,
+        channel: str,
+        purpose: str,
+        granted: bool,
+        source: str,
+        identity: Identity,
     ) -> ConsentOutcome:
         """Grant or revoke consent for a source customer id, then tell running campaigns."""
+        policy.require(identity, policy.ADMIN, "correct consent")
         _require_text("customer", customer_id, limit=200)
         _require_text("channel", channel, limit=32)
         _require_text("purpose", purpose, limit=64)
@@ -139,7 +168,12 @@ class Controls:
                         kind=AuditKind.CONSENT_GRANTED if granted else AuditKind.CONSENT_REVOKED,
                         campaign_id="-",
                         customer_key=key,
-                        payload={"channel": channel, "purpose": purpose, "source": source},
+                        payload={
+                            "channel": channel,
+                            "purpose": purpose,
+                            "source": source,
+                            "by": identity.name,
+                        },
                     ),
                 )
         signalled = 0
@@ -155,10 +189,11 @@ class Controls:
     # ------------------------------------------------------------------ campaigns
 
     async def change_campaign(
-        self, campaign_id: str, action: CampaignAction, *, operator: str, reason: str
+        self, campaign_id: str, action: CampaignAction, *, identity: Identity, reason: str
     ) -> CampaignOutcome:
         """Pause, resume or cancel the outbound actions of a campaign's running workflows."""
-        _require_text("operator", operator)
+        policy.require(identity, policy.ADMIN if action == "cancel" else policy.PAUSE, action)
+        operator = identity.name
         status, kind = _ACTIONS[action]
         now = datetime.now(UTC)
         async with self._db.transaction() as session:
@@ -216,12 +251,14 @@ class Controls:
         return self._client
 
 
-def _refused(exc: WorkflowUpdateFailedError) -> Invalid | Conflict:
+def _refused(exc: WorkflowUpdateFailedError) -> Invalid | Conflict | Forbidden:
     """The ``decide`` validator's refusal as an operator error, by its type."""
     cause = exc.cause
     if isinstance(cause, ApplicationError) and cause.type == DecideRefusal.INVALID:
         field = str(cause.details[0]) if cause.details else "approval_id"
         return Invalid(cause.message, field=field)
+    if isinstance(cause, ApplicationError) and cause.type == DecideRefusal.FORBIDDEN:
+        return Forbidden(cause.message)
     message = cause.message if isinstance(cause, FailureError) else str(exc)
     return Conflict(message, field="approval_id")
 

@@ -15,10 +15,10 @@ import yaml
 
 from cohortflow.cli.common import (
     DataDir,
-    Operator,
     Reason,
     control,
     err,
+    identity_of,
     out,
     print_line,
     run,
@@ -46,12 +46,10 @@ campaign_app = typer.Typer(
 )
 
 
-def _campaign(
-    campaign_id: str, action: CampaignAction, operator: str, reason: str, data_dir: Path | None
-) -> None:
+def _campaign(campaign_id: str, action: CampaignAction, reason: str, data_dir: Path | None) -> None:
     outcome = control(
         data_dir,
-        lambda c: c.change_campaign(campaign_id, action, operator=operator, reason=reason),
+        lambda c, who: c.change_campaign(campaign_id, action, identity=who, reason=reason),
     )
     out.print(f"{outcome.campaign_id} {outcome.status}; {outcome.workflows} running workflow(s)")
 
@@ -60,27 +58,25 @@ CampaignArg = Annotated[str, typer.Argument(help="The campaign id.")]
 
 
 @campaign_app.command("pause")
-def campaign_pause(
-    campaign_id: CampaignArg, operator: Operator, reason: Reason = "", data_dir: DataDir = None
-) -> None:
+def campaign_pause(campaign_id: CampaignArg, reason: Reason = "", data_dir: DataDir = None) -> None:
     """Hold every outbound action of the campaign's running workflows."""
-    _campaign(campaign_id, "pause", operator, reason, data_dir)
+    _campaign(campaign_id, "pause", reason, data_dir)
 
 
 @campaign_app.command("resume")
 def campaign_resume(
-    campaign_id: CampaignArg, operator: Operator, reason: Reason = "", data_dir: DataDir = None
+    campaign_id: CampaignArg, reason: Reason = "", data_dir: DataDir = None
 ) -> None:
     """Let paused campaigns act again."""
-    _campaign(campaign_id, "resume", operator, reason, data_dir)
+    _campaign(campaign_id, "resume", reason, data_dir)
 
 
 @campaign_app.command("cancel")
 def campaign_cancel(
-    campaign_id: CampaignArg, operator: Operator, reason: Reason = "", data_dir: DataDir = None
+    campaign_id: CampaignArg, reason: Reason = "", data_dir: DataDir = None
 ) -> None:
     """Cancel the campaign: running workflows exit, no new outbound action is made."""
-    _campaign(campaign_id, "cancel", operator, reason, data_dir)
+    _campaign(campaign_id, "cancel", reason, data_dir)
 
 
 # ---------------------------------------------------------------------- specs and versions
@@ -155,24 +151,29 @@ def campaign_validate(path: SpecFile) -> None:
 @campaign_app.command("apply")
 def campaign_apply(
     path: SpecFile,
-    by: Annotated[str, typer.Option("--by", help="Who applies it (kept with the version).")],
     data_dir: DataDir = None,
 ) -> None:
     """Store the spec as the campaign's next version, unless it equals the latest one.
 
     Running campaigns finish on the version they started with; new entries take this one.
+    Needs the admin role. Who applies it (this command's identity: COHORTFLOW_TOKEN's name,
+    else COHORTFLOW_LOCAL_IDENTITY or the system user) is kept with the version and may not
+    approve for it, nor may the spec's ``author``.
     """
+    from cohortflow.auth import policy
     from cohortflow.storage import campaigns
 
     spec = _load(path)
-    if not by.strip():
-        raise Invalid("--by: must not be empty", field="by")
+    settings = settings_for(data_dir=data_dir)
 
     async def apply() -> tuple[int, bool]:
-        async with _database(settings_for(data_dir=data_dir)) as db, db.transaction() as session:
-            return await campaigns.save_spec_version(
-                session, spec.campaign_id, spec.model_dump(mode="json"), created_by=by.strip()
-            )
+        async with _database(settings) as db:
+            who = await identity_of(settings, db)
+            policy.require(who, policy.ADMIN, "apply campaigns")
+            async with db.transaction() as session:
+                return await campaigns.save_spec_version(
+                    session, spec.campaign_id, spec.model_dump(mode="json"), created_by=who.name
+                )
 
     version, created = run(apply)
     if created:

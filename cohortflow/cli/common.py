@@ -15,8 +15,10 @@ from cohortflow.errors import Invalid
 from cohortflow.settings import Settings
 
 if TYPE_CHECKING:
+    from cohortflow.auth.identity import Identity
     from cohortflow.campaigns.controls import Controls
     from cohortflow.pseudonymisation import Pseudonymiser
+    from cohortflow.storage.db import Database
 
 T = TypeVar("T")
 
@@ -35,7 +37,6 @@ LogFormat = Annotated[
     Literal["console", "json"] | None,
     typer.Option("--log-format", help="console or json (env COHORTFLOW_LOG_FORMAT)."),
 ]
-Operator = Annotated[str, typer.Option("--operator", help="Who decides (recorded in the audit).")]
 Reason = Annotated[str, typer.Option("--reason", help="Why (recorded in the audit).")]
 
 
@@ -109,13 +110,33 @@ def embedded_endpoints(settings: Settings) -> Settings:
     return settings.model_copy(update=update)
 
 
-def control(data_dir: Path | None, action: Callable[[Controls], Awaitable[T]]) -> T:
-    """Run one operator ``action`` over the data dir's (or configured) database and Temporal."""
+async def identity_of(settings: Settings, db: Database) -> Identity:
+    """Who this command acts as: the token in ``COHORTFLOW_TOKEN`` when set, else the
+    configured local identity (a command run on the server's own machine)."""
+    import getpass
+
+    from cohortflow.auth.identity import Identity, Role
+    from cohortflow.auth.tokens import TokenService
+
+    if settings.token is not None:
+        return await TokenService(db).authenticate(settings.token.get_secret_value())
+    return Identity(
+        name=settings.local_identity or getpass.getuser(),
+        roles=frozenset(Role(r) for r in settings.local_roles),
+        token_id="local",
+    )
+
+
+def control(data_dir: Path | None, action: Callable[[Controls, Identity], Awaitable[T]]) -> T:
+    """Run one operator ``action``, as this command's identity, over the data dir's (or
+    configured) database and Temporal."""
     settings = settings_for(data_dir=data_dir)
     return run(lambda: _with_controls(settings, action))
 
 
-async def _with_controls(settings: Settings, action: Callable[[Controls], Awaitable[T]]) -> T:
+async def _with_controls(
+    settings: Settings, action: Callable[[Controls, Identity], Awaitable[T]]
+) -> T:
     """Run ``action`` with Controls over the configured database and Temporal."""
     from cohortflow.campaigns.controls import Controls
     from cohortflow.storage.db import Database
@@ -132,7 +153,8 @@ async def _with_controls(settings: Settings, action: Callable[[Controls], Awaita
     except RuntimeError:
         client = None
     try:
-        return await action(Controls(db, settings, pseudonymiser, client))
+        identity = await identity_of(settings, db)
+        return await action(Controls(db, settings, pseudonymiser, client), identity)
     finally:
         await db.dispose()
 

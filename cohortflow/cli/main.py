@@ -27,6 +27,7 @@ from cohortflow.cli.events import events_app
 from cohortflow.cli.models import models_app
 from cohortflow.cli.operators import approvals_app, audit_app, consent_app, decisions_app
 from cohortflow.cli.synth import synth_app
+from cohortflow.cli.tokens import token_app
 from cohortflow.errors import OperatorError
 from cohortflow.runtime.ports import PortInUse
 
@@ -54,6 +55,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(events_app, name="events")
 app.add_typer(cohort_app, name="cohort")
 app.add_typer(synth_app, name="synth")
+app.add_typer(token_app, name="token")
 
 
 @app.command()

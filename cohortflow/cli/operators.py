@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 
+if TYPE_CHECKING:
+    from cohortflow.storage.tables import Approval
+
 from cohortflow.cli.common import (
     DataDir,
-    Operator,
     Reason,
     control,
     err,
@@ -28,83 +30,103 @@ audit_app = typer.Typer(help="The append-only, hash-chained audit trail.", no_ar
 decisions_app = typer.Typer()
 
 
+_RULES = """
+Who may decide: a token (COHORTFLOW_TOKEN) or the local identity (COHORTFLOW_LOCAL_IDENTITY,
+default the system user) with a role the campaign allows (by default approver), whose scope
+reaches the campaign, who is not the campaign's owner, nor the author or applier of its
+version, and, when the spec lists approvers, one of them. A spec with approval.required N
+waits for N distinct approvers; one rejection ends it.
+"""
+
+
 @approvals_app.command("list")
 def approvals_list(
     data_dir: DataDir = None,
     status: Annotated[
         str, typer.Option(help="pending, approved, rejected, expired or all.")
     ] = "pending",
+    campaign: Annotated[
+        str | None, typer.Option("--campaign", help="Only this campaign's approvals.")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    wide: Annotated[bool, typer.Option("--wide", help="Every column, however wide.")] = False,
 ) -> None:
-    """List approvals with customer key, scores, reason, requested and expiry times."""
+    """List approvals, newest first: id, campaign, customer key, scores, expiry."""
     wanted = None if status == "all" else status
-    rows = control(data_dir, lambda c: c.list_approvals(wanted))
+    rows = control(data_dir, lambda c, who: c.list_approvals(who, wanted, campaign))
     if as_json:
         for r in rows:
-            print_line(
-                json.dumps(
-                    {
-                        "approval_id": r.approval_id,
-                        "workflow_id": r.workflow_id,
-                        "customer_key": r.customer_key,
-                        "scores": r.scores,
-                        "reason": r.reason,
-                        "status": r.status,
-                        "requested_at": r.requested_at.isoformat(),
-                        "expires_at": r.expires_at.isoformat(),
-                    }
-                )
-            )
+            print_line(json.dumps(_approval_json(r)))
         return
-    table = Table(title=f"Approvals ({status})")
-    for column in ("id", "customer key"):
-        table.add_column(column, no_wrap=True)
-    for column in ("scores", "reason", "requested", "expires", "status"):
-        table.add_column(column)
+    out.print(_approvals_table(rows, status, wide=wide))
+
+
+def _approval_json(r: Approval) -> dict[str, Any]:
+    return {
+        "approval_id": r.approval_id,
+        "workflow_id": r.workflow_id,
+        "campaign_id": r.campaign_id,
+        "customer_key": r.customer_key,
+        "scores": r.scores,
+        "reason": r.reason,
+        "status": r.status,
+        "approved_by": r.approved_by,
+        "decided_by": r.decided_by,
+        "requested_at": r.requested_at.isoformat(),
+        "expires_at": r.expires_at.isoformat(),
+    }
+
+
+def _approvals_table(rows: list[Approval], status: str, *, wide: bool) -> Table:
+    """At 80 columns: id, campaign, key (shortened), scores, expiry; ``wide`` adds the rest."""
+    table = Table(title=f"Approvals ({status})", expand=False)
+    columns = ["id", "campaign", "customer", "scores", "expires"]
+    if wide:
+        columns += ["reason", "requested", "status", "decided by"]
+    for column in columns:
+        table.add_column(column, no_wrap=column in ("id", "customer"), overflow="fold")
     for r in rows:
-        scores = ", ".join(f"{k} {float(v):.3f}" for k, v in sorted(r.scores.items()))
-        table.add_row(
-            r.approval_id,
-            r.customer_key,
-            scores,
-            r.reason,
-            f"{r.requested_at:%Y-%m-%d %H:%M}",
-            f"{r.expires_at:%Y-%m-%d %H:%M}",
-            r.status,
-        )
-    out.print(table)
+        scores = " ".join(f"{k[:5]} {float(v):.2f}" for k, v in sorted(r.scores.items()))
+        key = r.customer_key if wide else f"{r.customer_key[:10]}…"
+        cells = [r.approval_id, r.campaign_id, key, scores, f"{r.expires_at:%m-%d %H:%M}"]
+        if wide:
+            cells += [
+                r.reason,
+                f"{r.requested_at:%Y-%m-%d %H:%M}",
+                r.status,
+                r.decided_by or ", ".join(r.approved_by),
+            ]
+        table.add_row(*cells)
+    return table
 
 
-def _decide(
-    approval_id: str, approve: bool, operator: str, reason: str, data_dir: Path | None
-) -> None:
+def _decide(approval_id: str, approve: bool, reason: str, data_dir: Path | None) -> None:
     result = control(
         data_dir,
-        lambda c: c.decide(approval_id, approve=approve, operator=operator, reason=reason),
+        lambda c, who: c.decide(approval_id, approve=approve, identity=who, reason=reason),
     )
-    out.print(f"{result.approval_id} {result.decision}")
+    more = f"; {result.remaining} more approval(s) needed" if result.remaining else ""
+    out.print(f"{result.approval_id} {result.decision}{more}")
 
 
-@decisions_app.command()
-def approve(
-    approval_id: Annotated[str, typer.Argument(help="The approval id (apr_…).")],
-    operator: Operator,
-    reason: Reason,
-    data_dir: DataDir = None,
-) -> None:
-    """Approve a pending approval; the campaign carries on at once."""
-    _decide(approval_id, True, operator, reason, data_dir)
+ApprovalArg = Annotated[str, typer.Argument(help="The approval id (apr_…).")]
 
 
-@decisions_app.command()
-def reject(
-    approval_id: Annotated[str, typer.Argument(help="The approval id (apr_…).")],
-    operator: Operator,
-    reason: Reason,
-    data_dir: DataDir = None,
-) -> None:
-    """Reject a pending approval; the campaign ends as rejected."""
-    _decide(approval_id, False, operator, reason, data_dir)
+@decisions_app.command(
+    epilog=_RULES + "\nExample: cohortflow approve apr_0123456789ab --reason 'offer within budget'"
+)
+def approve(approval_id: ApprovalArg, reason: Reason, data_dir: DataDir = None) -> None:
+    """Approve a pending approval as this command's identity; the campaign carries on once
+    enough approvers have approved."""
+    _decide(approval_id, True, reason, data_dir)
+
+
+@decisions_app.command(
+    epilog=_RULES + "\nExample: cohortflow reject apr_0123456789ab --reason 'too generous'"
+)
+def reject(approval_id: ApprovalArg, reason: Reason, data_dir: DataDir = None) -> None:
+    """Reject a pending approval as this command's identity; the campaign ends as rejected."""
+    _decide(approval_id, False, reason, data_dir)
 
 
 def _consent(
@@ -112,8 +134,8 @@ def _consent(
 ) -> None:
     outcome = control(
         data_dir,
-        lambda c: c.set_consent(
-            customer, channel=channel, purpose=purpose, granted=granted, source="cli"
+        lambda c, who: c.set_consent(
+            customer, channel=channel, purpose=purpose, granted=granted, source="cli", identity=who
         ),
     )
     verb = "granted" if granted else "revoked"
@@ -172,11 +194,15 @@ def audit_verify(data_dir: DataDir = None) -> None:
 
 @audit_app.command("show")
 def audit_show(
-    customer: Annotated[str, typer.Option("--customer", help="Source customer id.")],
+    customer: Annotated[
+        str, typer.Option("--customer", help="Customer key (c_…) or source customer id.")
+    ],
     data_dir: DataDir = None,
 ) -> None:
-    """Print one customer's decisions, oldest first (the id is pseudonymised at lookup)."""
+    """Print one customer's decisions, oldest first; exit 2 for a customer never seen."""
+    from cohortflow.errors import NotFound
     from cohortflow.storage.audit import audit_for_customer
+    from cohortflow.storage.customers import get_customer
     from cohortflow.storage.db import Database
 
     settings = settings_for(data_dir=data_dir)
@@ -184,11 +210,14 @@ def audit_show(
 
     async def show() -> Any:
         nonlocal key
-        key = (await ready(settings)).customer_key(customer)
+        key = (await ready(settings)).resolve(customer)
         db = Database(settings.resolved_database_url)
         try:
             async with db.transaction() as session:
-                return await audit_for_customer(session, key)
+                rows = await audit_for_customer(session, key)
+                if not rows and await get_customer(session, key) is None:
+                    raise NotFound(f"customer: no customer {customer!r}", field="customer")
+                return rows
         finally:
             await db.dispose()
 

@@ -8,6 +8,7 @@ Message ids are derived from the signup id, so a rerun is a duplicate, not a sec
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -34,6 +35,9 @@ from cohortflow.storage.db import Database
 Progress = Callable[[str], None]
 
 
+_RATE_LIMITED_TRIES = 30
+
+
 def signup_ids(n: int) -> list[str]:
     """The source ids of the demo's signups."""
     return [f"signup-{i:05d}" for i in range(1, n + 1)]
@@ -49,15 +53,23 @@ def purchase_amount(source_id: str) -> float:
     return float(20 + int.from_bytes(source_id.encode()[-2:], "big") % 80)
 
 
+async def post_json(api: httpx.AsyncClient, path: str, body: dict[str, Any]) -> httpx.Response:
+    """POST ``body``; a 429 (the token's rate limit) is waited out as ``Retry-After`` says."""
+    for _ in range(_RATE_LIMITED_TRIES):
+        response = await api.post(path, json=body)
+        if response.status_code != 429:
+            break
+        await asyncio.sleep(float(response.headers.get("Retry-After", "1")))
+    response.raise_for_status()
+    return response
+
+
 async def post_events(api: httpx.AsyncClient, events: list[dict[str, Any]]) -> dict[str, int]:
     """Send events in batches the API accepts; returns the summed counts of its answers."""
     totals = {"accepted": 0, "duplicates": 0, "rejected": 0, "signalled": 0}
     for start in range(0, len(events), MAX_BATCH_EVENTS):
-        response = await api.post(
-            "/v1/events", json={"batch": events[start : start + MAX_BATCH_EVENTS]}
-        )
-        response.raise_for_status()
-        body = response.json()
+        batch = {"batch": events[start : start + MAX_BATCH_EVENTS]}
+        body = (await post_json(api, "/v1/events", batch)).json()
         if body.get("temporal") == "unreachable":
             # Stored but never signalled: a rerun would see duplicates and signal nothing.
             raise RuntimeError("the API could not reach Temporal to signal the campaigns")
@@ -104,9 +116,10 @@ async def prepare_drip(
     for source_id, key in zip(ids, keys, strict=True):
         if key in known:
             continue
-        response = await api.post(
+        await post_json(
+            api,
             "/v1/consent",
-            json={
+            {
                 "customer_id": source_id,
                 "channel": CHANNEL,
                 "purpose": PURPOSE,
@@ -114,7 +127,6 @@ async def prepare_drip(
                 "source": "demo-signup",
             },
         )
-        response.raise_for_status()
     spec = load_spec_file(example_spec(DRIP_SPEC))
     version = await save_version(db, spec)
     progress(f"cohort {spec.entry_cohort}: {len(keys)} signups; {spec.campaign_id} v{version}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from functools import partial
 from typing import Any
 
@@ -19,6 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from temporalio.client import Client
 
+from cohortflow.auth.tokens import TokenService
 from cohortflow.campaigns.launcher import Launcher
 from cohortflow.demo.drip import first_purchases, prepare_drip
 from cohortflow.demo.launching import Launch, launch_all
@@ -86,7 +88,13 @@ async def run_demo_job(
 
     db = Database(settings.resolved_database_url)
     try:
-        async with httpx.AsyncClient(base_url=api_url, timeout=60) as api:
+        # The demo signs customers up and answers their consent as an admin integration would:
+        # with a token of its own, good for the hour the demo needs.
+        issued = await TokenService(db).create(
+            "demo", ["ingest", "admin"], lifetime=timedelta(hours=1), by="demo"
+        )
+        headers = {"Authorization": f"Bearer {issued.secret}"}
+        async with httpx.AsyncClient(base_url=api_url, timeout=60, headers=headers) as api:
             winback = await prepare_winback(settings, db, options, note)
             drip = await prepare_drip(settings, db, api, options, note)
             launches: list[Launch] = [winback, drip]
@@ -191,7 +199,8 @@ def print_summary(summary: DemoSummary, out: Console) -> None:
         out.print(
             "Approve from the CLI:\n"
             "  cohortflow approvals list\n"
-            "  cohortflow approve APPROVAL_ID --operator alice --reason 'offer is fine'"
+            "  COHORTFLOW_LOCAL_IDENTITY=alice \\\n"
+            "    cohortflow approve APPROVAL_ID --reason 'offer is fine'"
         )
     out.print(
         "Reports: cohortflow campaign report winback_sensitive | "

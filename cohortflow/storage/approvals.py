@@ -118,3 +118,11 @@ async def mark_decided(
     if current == status:
         return False
     raise ApprovalAlreadyDecided(approval_id, current)
+
+
+async def add_approver(session: AsyncSession, approval_id: str, name: str) -> None:
+    """Note one more approver of a pending approval that needs several (for display: the
+    workflow's own record of who approved is what counts)."""
+    row = await session.get(Approval, approval_id, with_for_update=True)
+    if row is not None and name not in row.approved_by:
+        row.approved_by = [*row.approved_by, name]

@@ -86,6 +86,34 @@ async def get_spec(session: AsyncSession, campaign_id: str, version: int) -> dic
     )
 
 
+async def get_spec_version(
+    session: AsyncSession, campaign_id: str, version: int
+) -> tuple[dict[str, Any], str] | None:
+    """The spec document of one version and who applied it, or None."""
+    row = (
+        await session.execute(
+            select(CampaignSpecVersion.spec, CampaignSpecVersion.created_by).where(
+                CampaignSpecVersion.campaign_id == campaign_id,
+                CampaignSpecVersion.version == version,
+            )
+        )
+    ).first()
+    return None if row is None else (row.spec, row.created_by)
+
+
+async def campaign_tags(session: AsyncSession, campaign_id: str) -> frozenset[str]:
+    """The tags of the campaign's latest version (none for an unknown campaign)."""
+    latest = select(Campaign.latest_version).where(Campaign.campaign_id == campaign_id)
+    spec = await session.scalar(
+        select(CampaignSpecVersion.spec).where(
+            CampaignSpecVersion.campaign_id == campaign_id,
+            CampaignSpecVersion.version == latest.scalar_subquery(),
+        )
+    )
+    tags = spec.get("tags", []) if isinstance(spec, dict) else []
+    return frozenset(t for t in tags if isinstance(t, str))
+
+
 async def get_campaign(session: AsyncSession, campaign_id: str) -> Campaign | None:
     """The campaign, or None."""
     return await session.get(Campaign, campaign_id)

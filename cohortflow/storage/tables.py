@@ -22,6 +22,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -173,6 +174,8 @@ class Approval(Base):
     decided_by: Mapped[str | None] = mapped_column(String(128))
     decided_at: Mapped[datetime | None]
     decision_reason: Mapped[str | None] = mapped_column(Text)
+    # Approvals given so far when the spec asks for several approvers; empty otherwise.
+    approved_by: Mapped[list[str]] = mapped_column(JSON, default=list, server_default=text("'[]'"))
 
 
 class SegmentAssignment(Base):
@@ -352,3 +355,25 @@ class CrmRequest(Base):
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     ceiling: Mapped[str] = mapped_column(String(100))
     sent_at: Mapped[datetime]
+
+
+class ApiToken(Base):
+    """A bearer token of the API: who it names, what roles it carries, until when.
+
+    Only the SHA-256 of the secret is kept; the token itself is shown once, at creation.
+    ``campaigns`` and ``tags`` scope an approver: empty both means every campaign.
+    """
+
+    __tablename__ = "api_tokens"
+
+    token_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), index=True)
+    roles: Mapped[list[str]] = mapped_column(JSON)
+    campaigns: Mapped[list[str]] = mapped_column(JSON, default=list)
+    tags: Mapped[list[str]] = mapped_column(JSON, default=list)
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime]
+    expires_at: Mapped[datetime]
+    revoked_at: Mapped[datetime | None]
+    revoked_by: Mapped[str | None] = mapped_column(String(128))

@@ -154,6 +154,8 @@ class AuditKind(enum.StrEnum):
     CAMPAIGN_PAUSED = "campaign_paused"
     CAMPAIGN_ACTIVE = "campaign_active"
     CAMPAIGN_CANCELLED = "campaign_cancelled"
+    TOKEN_CREATED = "token_created"
+    TOKEN_REVOKED = "token_revoked"
 
 
 class DecideRefusal(enum.StrEnum):
@@ -161,11 +163,13 @@ class DecideRefusal(enum.StrEnum):
 
     ``INVALID``: the request itself is wrong (its first detail names the field);
     ``CONFLICT``: the approval is not pending here (decided, expired, or another one; its
-    detail is ``approval_id``).
+    detail is ``approval_id``); ``FORBIDDEN``: this identity may not decide it (four eyes,
+    role, approver list; its detail is ``operator``).
     """
 
     INVALID = "DecideInvalid"
     CONFLICT = "DecideConflict"
+    FORBIDDEN = "DecideForbidden"
 
 
 @dataclass(frozen=True)

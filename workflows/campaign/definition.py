@@ -72,6 +72,9 @@ class ApprovalPolicy:
     timeout_seconds: float = 3 * 24 * 3600.0
     on_timeout: str = "reject"  # reject | fallback
     approvers: list[str] = field(default_factory=list)  # empty: any operator
+    required: int = 1  # distinct approvals the campaign waits for; one rejection ends it
+    approve_roles: list[str] = field(default_factory=lambda: ["approver"])
+    reject_roles: list[str] = field(default_factory=lambda: ["approver"])
 
 
 @dataclass
@@ -103,3 +106,6 @@ class CampaignSpecDef:
     # the campaign falls back; 0: until it is made.
     crm_give_up_after_seconds: float = 0.0
     on_consent_revoked: list[str] = field(default_factory=list)  # what a revocation undoes
+    # Four eyes: neither the version's author nor whoever applied it may approve for it.
+    author: str = ""
+    applied_by: str = ""

@@ -20,13 +20,14 @@ from typing import Protocol
 from temporalio.common import SearchAttributeKey
 
 from workflows.campaign.activity_io import CrmWriteInput, Decision
-from workflows.campaign.contract import SA, CampaignState, FallbackReason
+from workflows.campaign.contract import SA, CampaignState, DecideRefusal, FallbackReason
 from workflows.campaign.definition import CampaignSpecDef, Comparison, StepDef
 from workflows.campaign.messages import (
     CohortExited,
     ConsentChanged,
     CustomerEvent,
     DecideRequest,
+    DecideResult,
     PauseChanged,
 )
 from workflows.campaign.state import CampaignInput, RunState
@@ -324,30 +325,74 @@ def decide_refusal(
     *,
     asking: bool,
     handing_over: bool = False,
-) -> tuple[str, str] | None:
-    """Why an operator's decision cannot be taken: (message, the request field at fault, or
-    "" when the approval is not pending here), or None when it can. ``asking``: the run is
-    waiting for this answer now (a carried request is not asked until its step resumes);
-    ``handing_over``: the run is continuing as new, so the next one will take it."""
+) -> tuple[DecideRefusal, str, str] | None:
+    """Why an operator's decision cannot be taken: (kind, message, the request field at
+    fault), or None when it can. ``asking``: the run is waiting for this answer now (a
+    carried request is not asked until its step resumes); ``handing_over``: the run is
+    continuing as new, so the next one will take it."""
+    conflict = DecideRefusal.CONFLICT
     if handing_over:
-        return f"approval {request.approval_id}: the campaign is continuing as new; retry", ""
+        return (
+            conflict,
+            f"approval {request.approval_id}: the campaign is continuing as new; retry",
+            "",
+        )
     pending = state.pending_approval
     if pending is None or spec is None or not asking:
-        return f"approval {request.approval_id} is not pending", ""
+        return conflict, f"approval {request.approval_id} is not pending", ""
     if request.approval_id != pending.approval_id:
-        return f"approval {request.approval_id} is not pending here", ""
+        return conflict, f"approval {request.approval_id} is not pending here", ""
     if state.decision is not None:
-        return f"approval {request.approval_id} is already decided", ""
+        return conflict, f"approval {request.approval_id} is already decided", ""
     operator = request.operator.strip()
     if not operator:
-        return "operator: must not be empty", "operator"
+        return DecideRefusal.INVALID, "operator: must not be empty", "operator"
     if not request.reason.strip():
-        return "reason: must not be empty", "reason"
+        return DecideRefusal.INVALID, "reason: must not be empty", "reason"
+    why_not = _four_eyes_refusal(spec, state, request, operator)
+    return (DecideRefusal.FORBIDDEN, why_not, "operator") if why_not else None
+
+
+def _four_eyes_refusal(
+    spec: CampaignSpecDef, state: RunState, request: DecideRequest, operator: str
+) -> str:
+    """Why this identity may not decide this approval, or "" when it may."""
+    policy = spec.approval
+    verb = "approve" if request.approve else "reject"
+    roles = policy.approve_roles if request.approve else policy.reject_roles
+    if not set(request.roles) & set(roles):
+        return f"operator: {operator} needs role {' or '.join(roles)} to {verb}"
     if operator == spec.owner:
-        return f"operator: {operator} requested this campaign and cannot approve it", "operator"
-    if spec.approval.approvers and operator not in spec.approval.approvers:
-        return f"operator: {operator} is not an authorised approver", "operator"
-    return None
+        return f"operator: {operator} requested this campaign and cannot approve it"
+    if operator in (spec.author, spec.applied_by):
+        return (
+            f"operator: {operator} authored or applied version {spec.version} of "
+            f"{spec.campaign_id} and cannot decide its approvals"
+        )
+    if policy.approvers and operator not in policy.approvers:
+        return f"operator: {operator} is not an authorised approver"
+    if any(given.operator == operator for given in state.approvals):
+        return f"operator: {operator} has already approved; another approver must"
+    return ""
+
+
+def take_decision(state: RunState, spec: CampaignSpecDef, request: DecideRequest) -> DecideResult:
+    """Record a validated decision: an approval short of the required number is kept and
+    waits for more; the last approval, or any rejection, becomes the decision."""
+    if request.approve and len(state.approvals) + 1 < spec.approval.required:
+        state.approvals.append(request)
+        remaining = spec.approval.required - len(state.approvals)
+        return DecideResult(request.approval_id, "approved", remaining=remaining)
+    state.decision = request
+    return DecideResult(request.approval_id, "approved" if request.approve else "rejected")
+
+
+def approvers_of(state: RunState, decision: DecideRequest | None = None) -> list[str]:
+    """Everyone who approved so far, in order, with ``decision``'s operator when it approves."""
+    names = [given.operator for given in state.approvals]
+    if decision is not None and decision.approve:
+        names.append(decision.operator)
+    return names
 
 
 def interruption(state: RunState, spec: CampaignSpecDef) -> Ending | None:

@@ -30,8 +30,9 @@ class DecideRequest:
 
     approval_id: str
     approve: bool
-    operator: str
+    operator: str  # the authenticated identity, never a name the caller typed
     reason: str
+    roles: list[str] = field(default_factory=list)  # the identity's roles
 
 
 @dataclass
@@ -40,6 +41,7 @@ class DecideResult:
 
     approval_id: str
     decision: str  # approved | rejected
+    remaining: int = 0  # approvals still needed before the campaign carries on
 
 
 @dataclass

@@ -45,6 +45,7 @@ class RunState:
     left_cohort: str = ""  # the entry cohort, once the customer left it
     fallback_reason: str = ""
     decision: DecideRequest | None = None  # the operator's answer to the pending approval
+    approvals: list[DecideRequest] = field(default_factory=list)  # given, fewer than required
     unrecorded: list[Decision] = field(default_factory=list)  # ride with the next activity
     early_events: list[CustomerEvent] = field(default_factory=list)  # before the spec loaded
     waiting_until: str = ""

@@ -47,7 +47,6 @@ with workflow.unsafe.imports_passed_through():
         ActivityName,
         AuditKind,
         CampaignState,
-        DecideRefusal,
         FallbackReason,
         HandlerName,
     )
@@ -274,6 +273,7 @@ class CampaignWorkflow:
             expires_at=(now + timeout).isoformat(),
         )
         self.state.pending_approval, self.state.decision = pending, None
+        self.state.approvals = []
         payload = {"scores": self.state.scores, "expires_at": pending.expires_at}
         await self.calls.audit(step.id, AuditKind.APPROVAL_REQUESTED, payload, approval=pending)
         return timeout
@@ -282,7 +282,9 @@ class CampaignWorkflow:
         pending, self.state.pending_approval = self.state.pending_approval, None
         on_timeout = self.spec.approval.on_timeout
         details.remember(self.state, workflow.now(), f"{step.id}: expired unanswered")
-        payload = {"on_timeout": on_timeout}
+        payload: dict[str, Any] = {"on_timeout": on_timeout}
+        if self.state.approvals:  # some approved, too few
+            payload["approved_by"] = interpreter.approvers_of(self.state)
         await self.calls.audit(step.id, AuditKind.APPROVAL_EXPIRED, payload, pending)
         if on_timeout == "fallback":
             return Ending(CampaignState.FALLBACK, FallbackReason.APPROVAL_EXPIRED.value)
@@ -292,8 +294,10 @@ class CampaignWorkflow:
         self, step: StepDef, decision: DecideRequest, pending: PendingApproval
     ) -> Next:
         details.remember(self.state, workflow.now(), details.decision_line(step.id, decision))
-        payload = {"approve": decision.approve, "operator": decision.operator}
+        payload: dict[str, Any] = {"approve": decision.approve, "operator": decision.operator}
         payload["reason"] = decision.reason
+        if self.spec.approval.required > 1:
+            payload["approved_by"] = interpreter.approvers_of(self.state, decision)
         await self.calls.audit(step.id, AuditKind.APPROVAL_DECIDED, payload, pending)
         if not decision.approve:
             return Ending(CampaignState.REJECTED, f"rejected by {decision.operator}")
@@ -416,19 +420,17 @@ class CampaignWorkflow:
     @workflow.update(name=HandlerName.DECIDE)
     def decide(self, request: DecideRequest) -> DecideResult:
         """An operator approves or rejects the pending approval."""
-        self.state.decision = request
-        return DecideResult(request.approval_id, "approved" if request.approve else "rejected")
+        return interpreter.take_decision(self.state, self.spec, request)
 
     @decide.validator
     def _validate_decide(self, request: DecideRequest) -> None:
         """Refuse, before anything enters history, a decision this approval cannot take:
-        ``DecideRefusal.INVALID`` names the request field at fault, ``CONFLICT`` none."""
+        its type is a ``DecideRefusal``, its first detail the request field at fault."""
         refusal = interpreter.decide_refusal(
             self.state, self._spec, request, asking=self._asking, handing_over=self._handing_over
         )
         if refusal is not None:
-            message, field = refusal
-            kind = DecideRefusal.INVALID if field else DecideRefusal.CONFLICT
+            kind, message, field = refusal
             raise ApplicationError(message, field or "approval_id", type=kind, non_retryable=True)
 
     @workflow.signal(name=HandlerName.COHORT_EXITED)

@@ -1,0 +1,1 @@
+"""Who is asking: API tokens, roles, and the local identity of the CLI."""
