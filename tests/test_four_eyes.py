@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from cohortflow.api.app import create_app
 from cohortflow.settings import Settings
@@ -159,6 +159,19 @@ async def test_an_approver_token_reaches_only_the_campaigns_of_its_scope(
     db = dev_harness.db
     async with dev_harness.workers():
         handle, approval_id = await awaiting(dev_harness, two_approvers(required=1))
+        reader = bearer(await issue_token(db, "olga", "operator"))
+        async with httpx.AsyncClient(base_url=api_url, timeout=30, headers=reader) as http:
+            context = (await http.get(f"/v1/approvals/{approval_id}")).json()
+            assert (await http.get("/v1/approvals/apr_000000000000")).status_code == 404
+        assert context["approval"]["approval_id"] == approval_id
+        assert (context["cohort_id"], context["campaign_version"]) == ("test_cohort", 1)
+        assert set(context["model_versions"]) == {"churn"}
+        assert context["top_contributions"]["churn"], context  # the features behind the score
+        assert [(p["step_id"], p["action"], p["target"]) for p in context["proposed"]] == [
+            ("label", "set_properties", ""),
+            ("enrol", "enroll_sequence", "winback"),
+        ]
+        assert 3 * 86400 - 120 < context["expires_in_seconds"] <= 3 * 86400
         elsewhere = await issue_token(db, "erin", "approver", campaigns=["some_other_campaign"])
         refused = await decide(api_url, elsewhere, approval_id)
         assert refused.status_code == 403
@@ -194,6 +207,11 @@ async def test_the_same_rules_over_the_cli_as_a_token_or_the_local_identity(
 ) -> None:
     async with dev_harness.workers():
         handle, approval_id = await awaiting(dev_harness, two_approvers())
+        shown = await cli(settings, "approvals", "show", approval_id)
+        assert shown.returncode == 0, shown.stderr
+        assert f"{approval_id}  pending  campaign" in shown.stdout
+        assert "then enrol: enroll_sequence winback" in shown.stdout
+        assert all(len(line) <= 80 for line in shown.stdout.splitlines()), shown.stdout
         approve = ("approve", approval_id, "--reason", "fine")
         applier = await cli(settings, *approve, COHORTFLOW_LOCAL_IDENTITY="tests")
         assert applier.returncode == 2
@@ -218,3 +236,72 @@ async def test_the_same_rules_over_the_cli_as_a_token_or_the_local_identity(
         assert second.returncode == 0, second.stderr
         assert second.stdout.strip() == f"{approval_id} approved"
         assert (await dev_harness.result(handle)).state == CampaignState.COMPLETED
+
+
+async def test_bulk_decisions_by_filter_each_through_its_campaign_and_resumable(
+    api_url: str, settings: Settings, dev_harness: Harness
+) -> None:
+    db = dev_harness.db
+    recencies = [5.0, 40.0, 90.0, 150.0, 200.0, 300.0]
+    async with dev_harness.workers():
+        document = two_approvers(required=1)
+        spec, version = await dev_harness.apply(document)
+        handles = [
+            await dev_harness.launch(spec, version, await dev_harness.customer(recency_days=r))
+            for r in recencies
+        ]
+        for handle in handles:
+            await wait_for_state(handle, CampaignState.AWAITING_APPROVAL)
+        async with db.transaction() as session:
+            pending = await approvals.list_approvals(session, campaign_id=spec.campaign_id)
+        churn = sorted(float(a.scores["churn"]) for a in pending)
+        threshold = churn[len(churn) // 2]
+        high = {a.approval_id for a in pending if float(a.scores["churn"]) >= threshold}
+        assert 0 < len(high) < len(pending)
+
+        body = {"decision": "approve", "reason": "batch review", "campaign_id": spec.campaign_id}
+        alice = bearer(await issue_token(db, "alice", "approver"))
+        applier = bearer(await issue_token(db, "tests", "approver"))
+        async with httpx.AsyncClient(base_url=api_url, timeout=120) as http:
+            bad = await http.post(
+                "/v1/approvals/decisions", json={**body, "min_score": 0.5}, headers=alice
+            )
+            assert bad.status_code == 422
+            assert bad.json()["detail"][0]["loc"] == ["body", "score"]
+            own = await http.post("/v1/approvals/decisions", json=body, headers=applier)
+            assert own.json()["refused"] == len(pending)
+            assert own.json()["decided"] == 0
+            chosen = {**body, "score": "churn", "min_score": threshold}
+            first = await http.post("/v1/approvals/decisions", json=chosen, headers=alice)
+            assert first.status_code == 200, first.text
+            assert first.json() == {
+                "matched": len(high),
+                "decided": len(high),
+                "refused": 0,
+                "already_decided": 0,
+                "refusals": {},
+            }
+            again = await http.post("/v1/approvals/decisions", json=chosen, headers=alice)
+            assert again.json()["matched"] == 0  # resumable: nothing is decided twice
+
+        rest = await cli(
+            settings, "approvals", "decide", "reject", "--campaign", spec.campaign_id,
+            "--reason", "not this quarter", "--yes", COHORTFLOW_LOCAL_IDENTITY="bob",
+        )  # fmt: skip
+        assert rest.returncode == 0, rest.stderr
+        low = len(pending) - len(high)
+        assert rest.stdout.splitlines()[0] == (
+            f"matched {low}: {low} rejected, 0 refused by validation, 0 already decided"
+        )
+        results = [await dev_harness.result(h) for h in handles]
+    assert sorted(r.state for r in results).count(CampaignState.REJECTED) == low
+    async with db.transaction() as session:
+        decided = await session.scalar(
+            select(func.count())
+            .select_from(AuditRow)
+            .where(AuditRow.campaign_id == spec.campaign_id, AuditRow.kind == "approval_decided")
+        )
+        rows = await approvals.list_approvals(session, None, spec.campaign_id)
+    assert decided == len(pending)  # one audit row per request
+    assert {r.approval_id for r in rows if r.status == "approved"} == high
+    assert {r.decided_by for r in rows} == {"alice", "bob"}

@@ -16,6 +16,7 @@ from cohortflow.api.campaigns import campaigns_router
 from cohortflow.api.cohorts import cohorts_router
 from cohortflow.api.deps import AppState
 from cohortflow.api.events import events_router
+from cohortflow.api.inbox import inbox_router
 from cohortflow.api.models import models_router
 from cohortflow.api.tokens import tokens_router
 from cohortflow.errors import OperatorError, RateLimited, Unauthenticated
@@ -87,6 +88,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(approvals_router())
     app.include_router(campaigns_router())
     app.include_router(tokens_router())
+    app.include_router(inbox_router())
     app.include_router(events_router(state.db, state.pseudonymiser, settings))
     app.include_router(cohorts_router(state.db, settings))
     app.include_router(models_router(settings))

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict
 from temporalio.client import Client
 
 from cohortflow.api.auth import Authenticator
+from cohortflow.api.inbox_session import InboxSessions
 from cohortflow.auth.rate_limit import RateLimiter
 from cohortflow.auth.tokens import TokenService
 from cohortflow.campaigns.controls import Controls
@@ -39,6 +40,9 @@ class AppState:
         self.auth = Authenticator(
             self.tokens, RateLimiter(settings.api_rate_per_second, settings.api_rate_burst)
         )
+        # Cookies are Secure outside development, where the API sits behind TLS.
+        secure = settings.environment != "development"
+        self.inbox = InboxSessions(self.db, self.tokens, secure=secure)
 
     async def controls(self) -> Controls:
         """Operator controls over the database and (when reachable) Temporal."""

@@ -112,6 +112,10 @@ class TokenService:
             row = await tokens.get_token(session, token_id)
         if row is None or not hmac.compare_digest(row.secret_hash, _digest(secret)):
             raise Unauthenticated("unknown token")
+        return self.identity_of(row, now=now)
+
+    def identity_of(self, row: ApiToken, *, now: datetime | None = None) -> Identity:
+        """The identity of a stored token; :class:`Unauthenticated` once revoked or expired."""
         if row.revoked_at is not None:
             raise Unauthenticated("token revoked")
         if row.expires_at <= (now or datetime.now(UTC)):

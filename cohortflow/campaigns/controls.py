@@ -21,6 +21,7 @@ from temporalio.service import RPCError
 from cohortflow.auth import policy
 from cohortflow.auth.identity import Identity
 from cohortflow.campaigns import visibility
+from cohortflow.campaigns.approval_context import ApprovalContext, approval_context
 from cohortflow.errors import Conflict, Forbidden, Invalid, NotFound, Unavailable
 from cohortflow.pseudonymisation import Pseudonymiser
 from cohortflow.settings import Settings
@@ -90,6 +91,17 @@ class Controls:
                 raise NotFound(f"campaign_id: no campaign {campaign_id!r}", field="campaign_id")
             rows = await approvals.list_approvals(session, status=status, campaign_id=campaign_id)
         return sorted(rows, key=lambda a: a.requested_at, reverse=True)
+
+    async def approval_context(self, identity: Identity, approval_id: str) -> ApprovalContext:
+        """One approval with what it takes to decide it."""
+        policy.require(identity, policy.READ, "read approvals")
+        return await approval_context(self._db, approval_id)
+
+    async def entry_cohorts(self, campaign_ids: set[str]) -> dict[str, str]:
+        """The entry cohort of each campaign's latest version."""
+        async with self._db.transaction() as session:
+            specs = await campaigns.latest_specs(session, campaign_ids)
+        return {c: str(spec.get("entry_cohort", "")) for c, spec in specs.items()}
 
     async def decide(
         self, approval_id: str, *, approve: bool, identity: Identity, reason: str

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.progress import Progress
 from rich.table import Table
 
 if TYPE_CHECKING:
+    from cohortflow.auth.identity import Identity
+    from cohortflow.campaigns.bulk import BulkSummary
+    from cohortflow.campaigns.controls import Controls
     from cohortflow.storage.tables import Approval
 
 from cohortflow.cli.common import (
@@ -59,6 +64,34 @@ def approvals_list(
             print_line(json.dumps(_approval_json(r)))
         return
     out.print(_approvals_table(rows, status, wide=wide))
+
+
+@approvals_app.command("show")
+def approvals_show(
+    approval_id: Annotated[str, typer.Argument(help="The approval id (apr_…).")],
+    data_dir: DataDir = None,
+) -> None:
+    """One approval with what it takes to decide it: cohort, version, scores with their
+    model versions and top contributions, the CRM writes it would allow, time left."""
+    found = control(data_dir, lambda c, who: c.approval_context(who, approval_id))
+    r = found.approval
+    print_line(f"{r.approval_id}  {r.status}  campaign {r.campaign_id} v{found.campaign_version}")
+    print_line(f"customer {r.customer_key}  cohort {found.cohort_id}  reason: {r.reason}")
+    hours = found.waited_seconds / 3600
+    left = found.expires_in_seconds / 3600
+    print_line(f"waiting {hours:.1f} h; expires {r.expires_at:%Y-%m-%d %H:%M}Z (in {left:.1f} h)")
+    for model, value in sorted(r.scores.items()):
+        version = found.model_versions.get(model, "?")
+        print_line(f"  {model} {float(value):.3f} (model {version}), mostly from:")
+        for c in found.top_contributions.get(model, []):
+            print_line(f"    {c['feature']} {float(c['value']):+.2f}")
+    for action in found.proposed:
+        target = action.target or ", ".join(sorted(action.properties))
+        print_line(f"  then {action.step_id}: {action.action} {target}")
+    if r.approved_by:
+        print_line(f"approved so far by {', '.join(r.approved_by)}")
+    if r.decided_by:
+        print_line(f"decided by {r.decided_by}: {r.decision_reason}")
 
 
 def _approval_json(r: Approval) -> dict[str, Any]:
@@ -127,6 +160,82 @@ def approve(approval_id: ApprovalArg, reason: Reason, data_dir: DataDir = None) 
 def reject(approval_id: ApprovalArg, reason: Reason, data_dir: DataDir = None) -> None:
     """Reject a pending approval as this command's identity; the campaign ends as rejected."""
     _decide(approval_id, False, reason, data_dir)
+
+
+@approvals_app.command(
+    "decide",
+    epilog=_RULES + "\nExample: cohortflow approvals decide approve --campaign winback_sensitive"
+    " --score churn --min 0.8 --older-than PT2H --reason 'reviewed as a batch'",
+)
+def approvals_decide(
+    decision: Annotated[str, typer.Argument(help="approve or reject.")],
+    reason: Reason,
+    campaign: Annotated[str | None, typer.Option("--campaign", help="Only this campaign.")] = None,
+    cohort: Annotated[
+        str | None, typer.Option("--cohort", help="Only campaigns entered from this cohort.")
+    ] = None,
+    score: Annotated[
+        str | None, typer.Option("--score", help="The model score --min/--max bound.")
+    ] = None,
+    min_score: Annotated[float | None, typer.Option("--min", help="Score at least.")] = None,
+    max_score: Annotated[float | None, typer.Option("--max", help="Score at most.")] = None,
+    older_than: Annotated[
+        str | None, typer.Option("--older-than", help="Waiting at least (ISO-8601, PT2H).")
+    ] = None,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+    data_dir: DataDir = None,
+) -> None:
+    """Decide every pending approval matching the filter, each through its own campaign with
+    the same checks as `approve`; prints how many were decided, refused or already decided.
+    Interrupted, run it again: only what is still pending is decided."""
+    from cohortflow.campaigns.bulk import ApprovalFilter, decide_all, matching
+    from cohortflow.errors import Invalid
+
+    if decision not in ("approve", "reject"):
+        raise Invalid(f"decision: {decision!r} is neither approve nor reject", field="decision")
+    criteria = ApprovalFilter(
+        campaign_id=campaign,
+        cohort_id=cohort,
+        score=score,
+        min_score=min_score,
+        max_score=max_score,
+        older_than=_duration("older_than", older_than),
+    )
+
+    async def bulk(controls: Controls, who: Identity) -> BulkSummary:
+        rows = await matching(controls, who, criteria)
+        if rows and not yes and not typer.confirm(f"{decision} {len(rows)} approval(s)?"):
+            raise typer.Exit(1)
+        with Progress(transient=True, console=err) as bar:
+            task = bar.add_task(decision, total=len(rows))
+            return await decide_all(
+                controls,
+                who,
+                rows,
+                approve=decision == "approve",
+                reason=reason,
+                progress=lambda done, _: bar.update(task, completed=done),
+            )
+
+    summary = control(data_dir, bulk)
+    print_line(
+        f"matched {summary.matched}: {summary.decided} {decision.rstrip('e')}ed, "
+        f"{summary.refused} refused by validation, {summary.already_decided} already decided"
+    )
+    for why, count in sorted(summary.refusals.items()):
+        print_line(f"  {count} × {why}")
+
+
+def _duration(field: str, text: str | None) -> timedelta | None:
+    from cohortflow.errors import Invalid
+    from cohortflow.spec import parse_duration
+
+    if text is None:
+        return None
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise Invalid(f"{field}: {exc}", field=field) from exc
 
 
 def _consent(

@@ -101,17 +101,28 @@ async def get_spec_version(
     return None if row is None else (row.spec, row.created_by)
 
 
+async def latest_specs(
+    session: AsyncSession, campaign_ids: Collection[str]
+) -> dict[str, dict[str, Any]]:
+    """The spec document of each campaign's latest version (unknown campaigns left out)."""
+    found: dict[str, dict[str, Any]] = {}
+    for chunk in in_list(sorted(set(campaign_ids))):
+        rows = await session.execute(
+            select(CampaignSpecVersion.campaign_id, CampaignSpecVersion.spec)
+            .join(Campaign, Campaign.campaign_id == CampaignSpecVersion.campaign_id)
+            .where(
+                CampaignSpecVersion.campaign_id.in_(chunk),
+                CampaignSpecVersion.version == Campaign.latest_version,
+            )
+        )
+        found |= {campaign_id: spec for campaign_id, spec in rows}
+    return found
+
+
 async def campaign_tags(session: AsyncSession, campaign_id: str) -> frozenset[str]:
     """The tags of the campaign's latest version (none for an unknown campaign)."""
-    latest = select(Campaign.latest_version).where(Campaign.campaign_id == campaign_id)
-    spec = await session.scalar(
-        select(CampaignSpecVersion.spec).where(
-            CampaignSpecVersion.campaign_id == campaign_id,
-            CampaignSpecVersion.version == latest.scalar_subquery(),
-        )
-    )
-    tags = spec.get("tags", []) if isinstance(spec, dict) else []
-    return frozenset(t for t in tags if isinstance(t, str))
+    spec = (await latest_specs(session, [campaign_id])).get(campaign_id, {})
+    return frozenset(t for t in spec.get("tags", []) if isinstance(t, str))
 
 
 async def get_campaign(session: AsyncSession, campaign_id: str) -> Campaign | None:
