@@ -169,7 +169,8 @@ def inbox_router() -> APIRouter:
             note = await _decide_in_bulk(ctl, session, form)
         except OperatorError as exc:
             note = exc.message
-        return RedirectResponse(f"/inbox?{urlencode({'note': note})}", status_code=303)
+        kept = {k: form[k] for k in _FILTERS if form.get(k)}  # back to the same view
+        return RedirectResponse(f"/inbox?{urlencode({**kept, 'note': note})}", status_code=303)
 
     return router
 

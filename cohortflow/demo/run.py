@@ -200,7 +200,9 @@ def print_summary(summary: DemoSummary, out: Console) -> None:
             "Approve from the CLI:\n"
             "  cohortflow approvals list\n"
             "  COHORTFLOW_LOCAL_IDENTITY=alice \\\n"
-            "    cohortflow approve APPROVAL_ID --reason 'offer is fine'"
+            "    cohortflow approve APPROVAL_ID --reason 'offer is fine'\n"
+            "or in the browser: cohortflow token create --name alice --role approver, then "
+            "sign in with it at the API's /inbox page"
         )
     out.print(
         "Reports: cohortflow campaign report winback_sensitive | "
