@@ -80,6 +80,9 @@ async def test_every_campaign_ends_and_every_effect_happens_once(
     assert effects["duplicate_list_adds"] == 0
 
 
+# Observed 41-71 s, once over 300 s in CI: with time skipping held, each 503 costs a real
+# retry backoff, and an unlucky run of them adds up. Slack until that tail is understood.
+@pytest.mark.timeout(600)
 async def test_a_crm_failing_at_random_still_gets_every_write_once(
     harness: Harness, tmp_path: Path
 ) -> None:
