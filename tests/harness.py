@@ -82,6 +82,22 @@ class Sandbox:
         return int(response.json()["count"])
 
 
+def api_settings(
+    harness: Harness, dev_settings: Settings, tmp_path: Path, key: str, **extra: Any
+) -> Settings:
+    """Settings for an API served over ``harness``'s database, deciding through the
+    session's dev server on the harness's queues, with pseudonymisation key ``key``."""
+    return Settings(
+        data_dir=tmp_path / "api",
+        database_url=harness.db.url,
+        temporal_port=dev_settings.temporal_port,
+        task_queue=harness.settings.task_queue,
+        crm_task_queue=harness.settings.crm_task_queue,
+        pseudonymisation_key=key,
+        **extra,
+    )
+
+
 async def issue_token(db: Database, name: str, *roles: str, **scope: Any) -> str:
     """A new API token for ``name`` with ``roles`` (an hour long), as its secret."""
     lifetime = scope.pop("lifetime", timedelta(hours=1))

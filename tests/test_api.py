@@ -25,6 +25,7 @@ from cohortflow.storage.tables import Approval, AuditRow
 from tests.harness import (
     FEATURES,
     Harness,
+    api_settings,
     bearer,
     issue_token,
     serve_app,
@@ -57,15 +58,7 @@ def serve_api(settings: Settings) -> Iterator[Api]:
 @pytest.fixture
 async def api(dev_harness: Harness, dev_settings: Settings, tmp_path: Path) -> AsyncIterator[Api]:
     """The API over the harness's database, deciding through the session's dev server."""
-    settings = Settings(
-        data_dir=tmp_path / "api",
-        database_url=dev_harness.db.url,
-        temporal_port=dev_settings.temporal_port,
-        task_queue=dev_harness.settings.task_queue,
-        crm_task_queue=dev_harness.settings.crm_task_queue,
-        pseudonymisation_key=KEY,
-    )
-    with serve_api(settings) as served:
+    with serve_api(api_settings(dev_harness, dev_settings, tmp_path, KEY)) as served:
         yield served
 
 

@@ -19,7 +19,7 @@ from cohortflow.api.app import create_app
 from cohortflow.auth.identity import Role
 from cohortflow.auth.tokens import TokenService
 from cohortflow.settings import Settings
-from tests.harness import Harness, bearer, issue_token, serve_app
+from tests.harness import Harness, api_settings, bearer, issue_token, serve_app
 
 pytestmark = pytest.mark.devserver
 
@@ -27,24 +27,11 @@ OPEN = {"/healthz"}
 KEY = "access-test-pseudonymisation-key-0123456"
 
 
-def served_settings(
-    harness: Harness, dev_settings: Settings, tmp_path: Path, **extra: object
-) -> Settings:
-    return Settings(
-        data_dir=tmp_path / "api",
-        database_url=harness.db.url,
-        temporal_port=dev_settings.temporal_port,
-        task_queue=harness.settings.task_queue,
-        pseudonymisation_key=KEY,
-        **extra,
-    )
-
-
 @pytest.fixture
 async def api_url(
     dev_harness: Harness, dev_settings: Settings, tmp_path: Path
 ) -> AsyncIterator[str]:
-    settings = served_settings(dev_harness, dev_settings, tmp_path, api_rate_burst=1000)
+    settings = api_settings(dev_harness, dev_settings, tmp_path, KEY, api_rate_burst=1000)
     with serve_app(create_app(settings)) as url:
         yield url
 
@@ -121,8 +108,8 @@ async def test_every_route_answers_401_403_or_its_own_answer_by_role(
 async def test_a_flood_from_one_token_gets_429_with_retry_after_and_spares_others(
     dev_harness: Harness, dev_settings: Settings, tmp_path: Path
 ) -> None:
-    settings = served_settings(
-        dev_harness, dev_settings, tmp_path, api_rate_per_second=0.5, api_rate_burst=5
+    settings = api_settings(
+        dev_harness, dev_settings, tmp_path, KEY, api_rate_per_second=0.5, api_rate_burst=5
     )
     flooder = await issue_token(dev_harness.db, "flooder", "operator")
     other = await issue_token(dev_harness.db, "other", "operator")

@@ -23,8 +23,10 @@ from cohortflow.storage import approvals
 from cohortflow.storage.tables import AuditRow
 from tests.harness import (
     Harness,
+    api_settings,
     bearer,
     issue_token,
+    save_history_if_asked,
     serve_app,
     spec_document,
     wait_for_state,
@@ -40,13 +42,7 @@ DECIDE = {"decision": "approve", "reason": "within budget"}
 
 @pytest.fixture
 def settings(dev_harness: Harness, dev_settings: Settings, tmp_path: Path) -> Settings:
-    return Settings(
-        data_dir=tmp_path / "api",
-        database_url=dev_harness.db.url,
-        temporal_port=dev_settings.temporal_port,
-        task_queue=dev_harness.settings.task_queue,
-        pseudonymisation_key=KEY,
-    )
+    return api_settings(dev_harness, dev_settings, tmp_path, KEY)
 
 
 @pytest.fixture
@@ -116,6 +112,7 @@ async def test_two_distinct_approvers_neither_author_applier_nor_owner_over_the_
         second = await decide(api_url, bob, approval_id, reason="agreed")
         assert second.json() == {"approval_id": approval_id, "decision": "approved", "remaining": 0}
         result = await dev_harness.result(handle)
+        await save_history_if_asked(handle, "two_approvers_completed")
     assert result.state == CampaignState.COMPLETED
     async with db.transaction() as session:
         decided = await session.scalar(
@@ -149,6 +146,7 @@ async def test_one_rejection_ends_it_and_reject_may_take_another_role(
             "remaining": 0,
         }
         result = await dev_harness.result(handle)
+        await save_history_if_asked(handle, "one_of_two_then_rejected")
     assert result.state == CampaignState.REJECTED
     assert result.reason == "rejected by dave"
 

@@ -16,7 +16,14 @@ from playwright.async_api import Page, async_playwright, expect
 from cohortflow.api.app import create_app
 from cohortflow.settings import Settings
 from cohortflow.storage import approvals
-from tests.harness import Harness, issue_token, serve_app, spec_document, wait_for_state
+from tests.harness import (
+    Harness,
+    api_settings,
+    issue_token,
+    serve_app,
+    spec_document,
+    wait_for_state,
+)
 from workflows.campaign.contract import CampaignState
 
 pytestmark = pytest.mark.devserver
@@ -30,14 +37,7 @@ KEY = "inbox-test-pseudonymisation-key-0123456"
 async def api_url(
     dev_harness: Harness, dev_settings: Settings, tmp_path: Path
 ) -> AsyncIterator[str]:
-    settings = Settings(
-        data_dir=tmp_path / "api",
-        database_url=dev_harness.db.url,
-        temporal_port=dev_settings.temporal_port,
-        task_queue=dev_harness.settings.task_queue,
-        pseudonymisation_key=KEY,
-    )
-    with serve_app(create_app(settings)) as url:
+    with serve_app(create_app(api_settings(dev_harness, dev_settings, tmp_path, KEY))) as url:
         yield url
 
 

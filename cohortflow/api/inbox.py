@@ -18,10 +18,9 @@ from fastapi.templating import Jinja2Templates
 
 from cohortflow.api.deps import Ctl, app_state
 from cohortflow.api.inbox_session import InboxSessions, Session
-from cohortflow.campaigns.bulk import ApprovalFilter, decide_all, matching
+from cohortflow.campaigns.bulk import ApprovalFilter, decide_all, matching, waiting_at_least
 from cohortflow.campaigns.controls import Controls
 from cohortflow.errors import Invalid, OperatorError, Unauthenticated
-from cohortflow.spec import parse_duration
 
 templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
 _FILTERS = ("campaign", "cohort", "score", "min", "max", "older_than")
@@ -42,18 +41,13 @@ def _filter(values: dict[str, str]) -> ApprovalFilter:
         except ValueError:
             raise Invalid(f"{name}: {text!r} is not a number", field=name) from None
 
-    older = values.get("older_than", "").strip()
-    try:
-        older_than = parse_duration(older) if older else None
-    except ValueError as exc:
-        raise Invalid(f"older_than: {exc}", field="older_than") from exc
     return ApprovalFilter(
         campaign_id=values.get("campaign") or None,
         cohort_id=values.get("cohort") or None,
         score=values.get("score") or None,
         min_score=number("min"),
         max_score=number("max"),
-        older_than=older_than,
+        older_than=waiting_at_least(values.get("older_than")),
     )
 
 

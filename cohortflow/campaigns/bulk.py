@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from cohortflow.auth.identity import Identity
 from cohortflow.campaigns.controls import Controls
 from cohortflow.errors import Conflict, Forbidden, Invalid, NotFound
+from cohortflow.spec import parse_duration
 from cohortflow.storage.tables import Approval
 
 Progress = Callable[[int, int], None]
@@ -55,6 +56,16 @@ class ApprovalFilter:
         low = self.min_score if self.min_score is not None else float("-inf")
         high = self.max_score if self.max_score is not None else float("inf")
         return low <= value <= high
+
+
+def waiting_at_least(text: str | None) -> timedelta | None:
+    """The ``older_than`` filter from its ISO-8601 text (empty: none); a bad one names it."""
+    if not text or not text.strip():
+        return None
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise Invalid(f"older_than: {exc}", field="older_than") from exc
 
 
 @dataclass

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -188,7 +187,7 @@ def approvals_decide(
     """Decide every pending approval matching the filter, each through its own campaign with
     the same checks as `approve`; prints how many were decided, refused or already decided.
     Interrupted, run it again: only what is still pending is decided."""
-    from cohortflow.campaigns.bulk import ApprovalFilter, decide_all, matching
+    from cohortflow.campaigns.bulk import ApprovalFilter, decide_all, matching, waiting_at_least
     from cohortflow.errors import Invalid
 
     if decision not in ("approve", "reject"):
@@ -199,7 +198,7 @@ def approvals_decide(
         score=score,
         min_score=min_score,
         max_score=max_score,
-        older_than=_duration("older_than", older_than),
+        older_than=waiting_at_least(older_than),
     )
 
     async def bulk(controls: Controls, who: Identity) -> BulkSummary:
@@ -224,18 +223,6 @@ def approvals_decide(
     )
     for why, count in sorted(summary.refusals.items()):
         print_line(f"  {count} × {why}")
-
-
-def _duration(field: str, text: str | None) -> timedelta | None:
-    from cohortflow.errors import Invalid
-    from cohortflow.spec import parse_duration
-
-    if text is None:
-        return None
-    try:
-        return parse_duration(text)
-    except ValueError as exc:
-        raise Invalid(f"{field}: {exc}", field=field) from exc
 
 
 def _consent(

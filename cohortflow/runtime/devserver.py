@@ -8,7 +8,7 @@ from pathlib import Path
 
 from cohortflow.runtime import process
 from cohortflow.runtime.binaries import temporal_cli
-from cohortflow.runtime.ports import ensure_free
+from cohortflow.runtime.ports import ensure_free, free_port
 from cohortflow.settings import Settings
 from cohortflow.temporal_client import search_attribute_types, wait_for_server
 
@@ -29,6 +29,9 @@ class DevServer:
         self.settings = settings
         self.startup_timeout = startup_timeout
         self.proc: subprocess.Popen[bytes] | None = None
+        # Chosen here: left to itself the server takes its gRPC port + 1000 for its HTTP API,
+        # which another process handed a free port may already hold.
+        self.http_port = free_port()
 
     @property
     def address(self) -> str:
@@ -60,6 +63,8 @@ class DevServer:
             str(s.temporal_port),
             "--ui-port",
             str(s.temporal_ui_port),
+            "--http-port",
+            str(self.http_port),
             "--namespace",
             s.temporal_namespace,
             "--log-level",

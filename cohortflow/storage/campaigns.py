@@ -78,12 +78,8 @@ async def save_spec_version(
 
 async def get_spec(session: AsyncSession, campaign_id: str, version: int) -> dict[str, Any] | None:
     """The spec document of one version, or None."""
-    return await session.scalar(
-        select(CampaignSpecVersion.spec).where(
-            CampaignSpecVersion.campaign_id == campaign_id,
-            CampaignSpecVersion.version == version,
-        )
-    )
+    stored = await get_spec_version(session, campaign_id, version)
+    return None if stored is None else stored[0]
 
 
 async def get_spec_version(
