@@ -4,12 +4,18 @@ send, no window ever holds more requests than the CRM allows, and a key is confi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
+from fastapi import FastAPI
+
 from activities.campaign.ceiling import SAFETY_MARGIN, CeilingConfig, RequestCeiling
+from cohortflow.crm._http import WireStamp, pooled_client
 from cohortflow.storage import crm_ledger
 from cohortflow.storage.db import Database
+from tests.harness import serve_app
 
 T0 = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 WINDOW = timedelta(seconds=10)
@@ -69,11 +75,9 @@ async def test_concurrent_senders_never_put_more_than_the_limit_in_any_window(
     assert elapsed >= 3 * window.total_seconds()
 
 
-async def test_a_slow_request_counts_from_its_answer_not_from_when_it_was_sent(
-    db: Database,
-) -> None:
-    # The CRM counts a request when it arrives, which may be long after it was sent: the
-    # next request may go only a window after the slow one's answer.
+async def test_without_a_wire_stamp_a_request_counts_from_its_answer(db: Database) -> None:
+    # A transport that cannot say when the request reached the wire: the CRM counted it at
+    # some moment before the answer, so the next request may go only a window after it.
     ceiling = RequestCeiling(db, CeilingConfig("hubspot:slow", 1, timedelta(seconds=1)))
     async with ceiling.slot():
         await asyncio.sleep(0.6)  # a request stuck in a busy event loop or on the wire
@@ -81,6 +85,50 @@ async def test_a_slow_request_counts_from_its_answer_not_from_when_it_was_sent(
     async with ceiling.slot():
         next_sent = time.monotonic()
     assert next_sent - answered >= 1.0
+
+
+def slow_crm(delay: float) -> FastAPI:
+    """A CRM that notes when each request arrived and answers ``delay`` seconds later."""
+    app = FastAPI(title="slow CRM")
+    app.state.arrivals = []
+
+    @app.post("/write")
+    async def write() -> dict[str, bool]:
+        app.state.arrivals.append(time.monotonic())
+        await asyncio.sleep(delay)
+        return {"ok": True}
+
+    return app
+
+
+async def test_a_request_counts_from_when_it_reached_the_wire(db: Database) -> None:
+    # One request a second. The first is held 0.4 s after taking its slot (a busy event loop,
+    # a pooled connection in use) and answered 0.5 s after arriving: the next may go a window
+    # after the first arrived, neither earlier (the CRM would refuse it) nor a window after
+    # the answer (the slot would hold the request's latency too).
+    window = timedelta(seconds=1)
+    ceiling = RequestCeiling(db, CeilingConfig("sandbox:wire", 1, window))
+    app = slow_crm(0.5)
+
+    @contextlib.asynccontextmanager
+    async def held_gate() -> AsyncIterator[WireStamp]:
+        async with ceiling.slot() as stamp:
+            await asyncio.sleep(0.4)
+            yield stamp
+
+    with serve_app(app) as url:
+        async with (
+            pooled_client(url, None, 10.0, held_gate) as first,
+            pooled_client(url, None, 10.0, ceiling.slot) as second,
+        ):
+            (await first.post("/write")).raise_for_status()
+            answered = time.monotonic()
+            (await second.post("/write")).raise_for_status()
+
+    arrived, next_arrived = app.state.arrivals
+    span = (window + SAFETY_MARGIN).total_seconds()
+    assert next_arrived - arrived >= span - 0.02  # never inside the CRM's window
+    assert next_arrived - answered < span - 0.3  # the answer's latency did not hold it
 
 
 async def test_a_confirmed_effect_is_recorded_once_and_listed_by_workflow(db: Database) -> None:

@@ -2,12 +2,13 @@
 
 Each request holds a slot in the database (``storage.crm_ledger``): a sliding log of the
 requests of the last window, counted under one lock per ceiling. A slot is taken before the
-request is sent and stamped again when its answer comes: the CRM counted the request at some
-moment in between, so a request that waited long in a busy event loop, a connection pool or
-the network still never lands in a window the CRM sees as full. The database is already
-shared by every process (SQLite file or PostgreSQL), so the ceiling needs nothing more to run;
-a request costs two short transactions, negligible beside the CRM call at the tens of requests
-a second CRMs allow.
+request is sent and, once answered, stamped again with the moment the request reached the
+wire (the transport reports it): the CRM counts a request on arrival, so one that waited in a
+busy event loop or for a pooled connection after taking its slot still never lands in a
+window the CRM sees as full, and the request's own latency does not hold the slot. The
+database is already shared by every process (SQLite file or PostgreSQL), so the ceiling needs
+nothing more to run; a request costs two short transactions, negligible beside the CRM call
+at the tens of requests a second CRMs allow.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
 
+from cohortflow.crm._http import WireStamp
 from cohortflow.storage import crm_ledger
 from cohortflow.storage.db import Database
 
@@ -36,22 +38,24 @@ class CeilingConfig:
 
 
 class RequestCeiling:
-    """Holds one request's slot in the CRM's window, from before it is sent until it is
-    answered."""
+    """Holds one request's slot in the CRM's window, from before it is sent until a window
+    after it reached the wire."""
 
     def __init__(self, db: Database, config: CeilingConfig) -> None:
         self._db = db
         self.config = config
 
     @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        """Enter once the request may be sent; on leaving it counts from its answer."""
+    async def slot(self) -> AsyncIterator[WireStamp]:
+        """Enter once the request may be sent; on leaving it counts from when the request
+        reached the wire, or from now when the transport could not tell."""
         slot_id = await self._take()
+        stamp = WireStamp()
         try:
-            yield
+            yield stamp
         finally:
             async with self._db.transaction() as session:
-                await crm_ledger.request_answered(session, self.config.name, slot_id)
+                await crm_ledger.request_sent(session, self.config.name, slot_id, at=stamp.sent_at)
 
     async def _take(self) -> int:
         window = self.config.window + SAFETY_MARGIN

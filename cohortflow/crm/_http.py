@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from types import TracebackType
@@ -33,21 +34,38 @@ _NOT_SENT: tuple[type[httpx.HTTPError], ...] = (
 )
 
 
+# httpcore's trace events for the moment a request's head starts onto the wire.
+_HEADERS_SENT = ("http11.send_request_headers.started", "http2.send_request_headers.started")
+
+
+@dataclass
+class WireStamp:
+    """When a request last started onto the wire (``None``: it never did, as far as the
+    transport could tell)."""
+
+    sent_at: datetime | None = None
+
+
 # Entered around every request a connector sends, from before it goes until its answer
 # comes: where a rate ceiling shared by every process counts requests as the CRM does, one
-# per HTTP request, lookups and read-backs included.
-RequestGate = Callable[[], AbstractAsyncContextManager[object]]
+# per HTTP request, lookups and read-backs included. The transport fills the stamp it yields.
+RequestGate = Callable[[], AbstractAsyncContextManager[WireStamp]]
+
+TraceCallback = Callable[[str, dict[str, Any]], Awaitable[None]]
 
 
 class _GatedTransport(httpx.AsyncBaseTransport):
-    """A transport that sends each request inside ``gate``."""
+    """A transport that sends each request inside ``gate`` and stamps when it reached the
+    wire, through httpcore's ``trace`` extension: a request may wait in a busy event loop or
+    for a pooled connection after its gate opened, and the CRM counts it only on arrival."""
 
     def __init__(self, inner: httpx.AsyncBaseTransport, gate: RequestGate) -> None:
         self._inner = inner
         self._gate = gate
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        async with self._gate():
+        async with self._gate() as stamp:
+            request.extensions["trace"] = _stamping(stamp, request.extensions.get("trace"))
             return await self._inner.handle_async_request(request)
 
     async def aclose(self) -> None:
@@ -71,6 +89,19 @@ def pooled_client(
     return httpx.AsyncClient(
         base_url=base_url, headers=headers, timeout=timeout, transport=transport
     )
+
+
+def _stamping(stamp: WireStamp, previous: TraceCallback | None) -> TraceCallback:
+    """A trace callback that sets ``stamp`` each time the request's head is sent (a retry on
+    a fresh connection sends it again: the last time counts), then calls ``previous``."""
+
+    async def trace(event: str, info: dict[str, Any]) -> None:
+        if event in _HEADERS_SENT:
+            stamp.sent_at = datetime.now(UTC)
+        if previous is not None:
+            await previous(event, info)
+
+    return trace
 
 
 class AsyncClosing(ABC):

@@ -157,17 +157,18 @@ async def take_request_slot(
     return RequestSlot(max(leaves - at, timedelta(milliseconds=1)))
 
 
-async def request_answered(
-    session: AsyncSession, ceiling: str, slot_id: int, *, now: datetime | None = None
+async def request_sent(
+    session: AsyncSession, ceiling: str, slot_id: int, *, at: datetime | None = None
 ) -> None:
-    """Count the request in slot ``slot_id`` from ``now``, when its answer came: the CRM
-    counted it at some moment between sending and answering, so from the answer on our
-    window never ends before the CRM's does, however long the request took to arrive.
+    """Count the request in slot ``slot_id`` from ``at``, when it reached the wire (``None``:
+    from now, after its answer, which is never earlier than the CRM counted it). The CRM
+    counts a request on arrival, so our window never ends before the CRM's does, however long
+    the request waited after taking its slot.
 
     A slot that has already left the window is counted again: the CRM may have counted the
     request later than the window says."""
     await session.execute(delete(CrmRequest).where(CrmRequest.id == slot_id))
-    session.add(CrmRequest(ceiling=ceiling, sent_at=utc(now)))
+    session.add(CrmRequest(ceiling=ceiling, sent_at=utc(at)))
 
 
 async def requests_in_window(
