@@ -73,6 +73,21 @@ class Settings(BaseSettings):
         default_factory=lambda: list(get_args(RoleName)),
         description="The local identity's roles (JSON list).",
     )
+    public_url: str | None = Field(
+        None,
+        description="The API's address as operators reach it (https://cohortflow.example);"
+        " escalation notices link to the request in the inbox under it.",
+    )
+    escalation_webhook_url: str | None = Field(
+        None,
+        description="Where approval escalation notices are POSTed as JSON; unset means they"
+        " are only audited and shown in the inbox.",
+    )
+    escalation_webhook_secret: SecretStr | None = Field(
+        None,
+        description="Signs each escalation notice: X-Cohortflow-Signature is sha256= the"
+        " HMAC-SHA256 of '<X-Cohortflow-Timestamp>.<body>' under this secret.",
+    )
 
     crm_kind: Literal["sandbox", "hubspot"] = Field(
         "sandbox",

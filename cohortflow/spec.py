@@ -200,10 +200,14 @@ class ApprovalSpec(_Model):
     ``required`` distinct approvers must approve (the campaign waits for the last; one
     rejection ends it). ``approve_roles`` and ``reject_roles`` say which token roles may
     give each answer; ``approvers``, when set, names the only identities who may decide.
+    ``escalate_before`` (an ISO-8601 duration shorter than ``timeout``): that long before a
+    request expires unanswered, the campaign escalates it once (audited, shown beside the
+    request, posted to the escalation webhook).
     """
 
     timeout: str = "P3D"
     on_timeout: Literal["reject", "fallback"] = "reject"
+    escalate_before: str | None = None
     approvers: list[str] = Field(default_factory=list)
     required: int = Field(1, ge=1, le=10)
     approve_roles: list[ApproverRole] = Field(default_factory=_approvers_only, min_length=1)
@@ -213,6 +217,22 @@ class ApprovalSpec(_Model):
     @classmethod
     def _timeout(cls, value: str) -> str:
         return _positive_duration(value)
+
+    @field_validator("escalate_before")
+    @classmethod
+    def _escalate_before(cls, value: str | None) -> str | None:
+        return None if value is None else _positive_duration(value)
+
+    @model_validator(mode="after")
+    def _escalation_inside_timeout(self) -> ApprovalSpec:
+        if self.escalate_before is not None and parse_duration(
+            self.escalate_before
+        ) >= parse_duration(self.timeout):
+            raise ValueError(
+                f"escalate_before {self.escalate_before!r} must be shorter than timeout"
+                f" {self.timeout!r}"
+            )
+        return self
 
 
 class ReentrySpec(_Model):
@@ -382,6 +402,9 @@ class CampaignSpec(_Model):
             approval=ApprovalPolicy(
                 timeout_seconds=parse_duration(self.approval.timeout).total_seconds(),
                 on_timeout=self.approval.on_timeout,
+                escalate_before_seconds=parse_duration(
+                    self.approval.escalate_before or "PT0S"
+                ).total_seconds(),
                 approvers=list(self.approval.approvers),
                 required=self.approval.required,
                 approve_roles=list(self.approval.approve_roles),

@@ -21,6 +21,7 @@ import uvicorn
 from fastapi import FastAPI
 from pydantic import SecretStr
 from temporalio.api.common.v1 import SearchAttributes, WorkflowExecution
+from temporalio.api.sdk.v1 import WorkflowMetadata
 from temporalio.api.workflowservice.v1 import DescribeWorkflowExecutionRequest
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 from temporalio.common import TypedSearchAttributes
@@ -46,7 +47,7 @@ from scoring.train import TrainConfig, train_churn
 from workers.campaign_worker import build_workers, campaign_activities, crm_batcher
 from workflows.campaign.calls import CRM
 from workflows.campaign.contract import PATCHES, CampaignState, campaign_workflow_id
-from workflows.campaign.messages import CampaignResult, CampaignStatus
+from workflows.campaign.messages import CampaignResult, CampaignStatus, CustomerEvent
 from workflows.campaign.state import CampaignInput
 from workflows.campaign.workflow import CampaignWorkflow
 
@@ -413,6 +414,31 @@ async def save_history_if_asked(handle: WorkflowHandle[Any, Any], name: str) -> 
     if os.environ.get("COHORTFLOW_SAVE_HISTORIES") == "1" and not path.exists():
         history = await handle.fetch_history()
         path.write_text(history.to_json())
+
+
+async def current_details(handle: WorkflowHandle[Any, Any]) -> str:
+    """What the Temporal UI shows as the workflow's current details."""
+    metadata = await handle.query("__temporal_workflow_metadata", result_type=WorkflowMetadata)
+    return str(metadata.current_details)
+
+
+async def status_of(handle: WorkflowHandle[Any, CampaignResult]) -> CampaignStatus:
+    """The campaign's ``status`` query, on its latest run."""
+    return await handle.query(CampaignWorkflow.status)
+
+
+async def push_until_continued(handle: WorkflowHandle[Any, CampaignResult], runs: int) -> None:
+    """Send unrelated customer events, each growing the history, until run ``runs`` starts
+    (the campaign started with a small ``history_limit``)."""
+    for _ in range(40):
+        status = await status_of(handle)
+        if status.runs >= runs:
+            return
+        await handle.signal(
+            CampaignWorkflow.customer_event, CustomerEvent("page_view", "2026-01-01T00:00:00Z")
+        )
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the campaign never reached run {runs}")
 
 
 async def wait_for_state(

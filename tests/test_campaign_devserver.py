@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 from temporalio.api.enums.v1 import EventType
-from temporalio.api.sdk.v1 import WorkflowMetadata
 from temporalio.client import WorkflowHandle
 from temporalio.converter import DataConverter
 
@@ -17,16 +16,10 @@ from cohortflow.campaigns.controls import Controls
 from cohortflow.crm.client import CrmClient
 from cohortflow.errors import Conflict, Forbidden, NotFound
 from cohortflow.pseudonymisation import Pseudonymiser
-from tests.harness import Harness, spec_document, wait_for_state, who
+from tests.harness import Harness, current_details, spec_document, wait_for_state, who
 from workflows.campaign.contract import SA, CampaignState
 
 pytestmark = pytest.mark.devserver
-
-
-async def current_details(handle: WorkflowHandle[Any, Any]) -> str:
-    """What the Temporal UI shows as the workflow's current details."""
-    metadata = await handle.query("__temporal_workflow_metadata", result_type=WorkflowMetadata)
-    return str(metadata.current_details)
 
 
 def deadline_before(moment: datetime, days: int) -> str:

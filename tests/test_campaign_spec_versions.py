@@ -16,11 +16,11 @@ from temporalio.client import WorkflowHandle, WorkflowHistory
 
 from cohortflow.crm.client import CrmClient
 from cohortflow.storage import approvals, campaigns
-from tests.harness import Harness, wait_for_state
+from tests.harness import Harness, push_until_continued, status_of, wait_for_state
 from workflows.campaign.contract import (
     CampaignState,
 )
-from workflows.campaign.messages import CampaignResult, CampaignStatus, CustomerEvent, DecideRequest
+from workflows.campaign.messages import CampaignResult, CustomerEvent, DecideRequest
 from workflows.campaign.workflow import CampaignWorkflow
 
 # ---------------------------------------------------------------- runs continued before the split
@@ -97,23 +97,6 @@ async def test_running_campaigns_finish_on_their_version_and_new_entries_take_th
     assert all(r.state == CampaignState.COMPLETED for r in results)
     async with harness.db.transaction() as session:
         assert await campaigns.count_entries(session, campaign_id) == 55
-
-
-async def status_of(handle: WorkflowHandle[Any, CampaignResult]) -> CampaignStatus:
-    return await handle.query(CampaignWorkflow.status)
-
-
-async def push_until_continued(handle: WorkflowHandle[Any, CampaignResult], runs: int) -> None:
-    """Send unrelated customer events, each growing the history, until run ``runs`` starts."""
-    for _ in range(40):
-        status = await status_of(handle)
-        if status.runs >= runs:
-            return
-        await handle.signal(
-            CampaignWorkflow.customer_event, CustomerEvent("page_view", "2026-01-01T00:00:00Z")
-        )
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"the campaign never reached run {runs}")
 
 
 async def test_a_long_campaign_continues_as_new_without_losing_anything(harness: Harness) -> None:

@@ -21,6 +21,7 @@ from activities.campaign import CampaignActivities
 from activities.campaign.batcher import CrmBatcher
 from activities.campaign.ceiling import CeilingConfig, RequestCeiling
 from activities.campaign.crm import CrmActivities
+from activities.campaign.escalation import EscalationWebhook
 from activities.launch import LaunchActivities
 from cohortflow.crm.factory import make_connector
 from cohortflow.settings import Settings
@@ -57,6 +58,7 @@ def build_workers(
             activities.scoring.score_customer,
             activities.audit.record_audit,
             activities.local_time.plan_local_time,
+            activities.escalation.escalate_approval,
             *launch_activities,
         ],
         max_concurrent_activities=50,
@@ -118,6 +120,19 @@ def campaign_activities(
         crm_type=crm_type,
         owned_properties=settings.crm_owned_properties,
         sender_email=settings.crm_sender_email,
+        webhook=escalation_webhook(settings),
+    )
+
+
+def escalation_webhook(settings: Settings) -> EscalationWebhook | None:
+    """The webhook escalation notices go to, if one is set."""
+    if not settings.escalation_webhook_url:
+        return None
+    secret = settings.escalation_webhook_secret
+    return EscalationWebhook(
+        url=settings.escalation_webhook_url,
+        secret=secret.get_secret_value() if secret else None,
+        public_url=settings.public_url,
     )
 
 

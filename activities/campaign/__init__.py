@@ -1,6 +1,7 @@
 """The campaign's activities, by concern: the spec, scoring, the CRM gate and write, audit,
-the safe default segment, local time. Each is idempotent, takes one dataclass and returns
-one, and knows nothing of who hosts it (``workers/`` puts them on task queues).
+escalation notices, the safe default segment, local time. Each is idempotent, takes one
+dataclass and returns one, and knows nothing of who hosts it (``workers/`` puts them on task
+queues).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from activities.campaign.audit import AuditActivities
 from activities.campaign.batcher import CrmBatcher
 from activities.campaign.crm import CrmActivities
+from activities.campaign.escalation import EscalationActivities, EscalationWebhook
 from activities.campaign.fallback import FallbackActivities
 from activities.campaign.local_time import LocalTimeActivities
 from activities.campaign.scoring import ScoringActivities
@@ -29,6 +31,7 @@ class CampaignActivities:
     local_time: LocalTimeActivities
     crm: CrmActivities
     fallback: FallbackActivities
+    escalation: EscalationActivities
 
     @classmethod
     def build(
@@ -40,6 +43,7 @@ class CampaignActivities:
         crm_type: type[CrmActivities] = CrmActivities,
         owned_properties: Collection[str] = ("*",),
         sender_email: str = "",
+        webhook: EscalationWebhook | None = None,
     ) -> CampaignActivities:
         """Bind every activity to the database, the scorer and the process's CRM batcher."""
         return cls(
@@ -49,4 +53,5 @@ class CampaignActivities:
             local_time=LocalTimeActivities(db),
             crm=crm_type(db, batcher, owned_properties=owned_properties, sender_email=sender_email),
             fallback=FallbackActivities(db, batcher),
+            escalation=EscalationActivities(db, webhook),
         )

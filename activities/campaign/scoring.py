@@ -39,8 +39,10 @@ class ScoringActivities:
         """
         customer_key = inp.customer_keys[0] if inp.customer_keys else ""
         bind(inp.workflow_id, customer_key)
+        # Features true on the day the step asked, the same on every retry of it.
+        at = activity.info().scheduled_time
         async with self._db.transaction() as session:
-            features = await customers.get_features(session, inp.customer_keys)
+            features = await customers.get_features(session, inp.customer_keys, at)
         missing = [k for k in inp.customer_keys if k not in features]
         if missing:
             raise ApplicationError(
@@ -51,6 +53,7 @@ class ScoringActivities:
         rows = [features[k] for k in inp.customer_keys]
         result = await self._score(inp, rows)
         shadow = await asyncio.to_thread(self._shadow_scores, inp.models, rows)
+        day = at.date().isoformat()
         async with self._db.transaction() as session:
             # A campaign scores its one customer; a batch from elsewhere carries no decisions.
             await append_decisions(
@@ -64,7 +67,7 @@ class ScoringActivities:
                     AuditKind.SCORED,
                     inp.campaign_id,
                     customer.customer_key,
-                    _scored_payload(result, customer, shadow, i),
+                    _scored_payload(result, customer, shadow, i) | {"features_as_of": day},
                 )
         log.info("scored", models=result.model_versions)
         result.decisions_recorded = len(inp.decisions)

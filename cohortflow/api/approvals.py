@@ -38,6 +38,9 @@ class ApprovalOut(BaseModel):
     approved_by: list[str]
     decided_by: str | None
     decision_reason: str | None
+    escalated_at: datetime | None = Field(
+        None, description="When the request was escalated, unanswered, ahead of its expiry."
+    )
 
 
 class ContextOut(BaseModel):

@@ -55,7 +55,8 @@ def approvals_list(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
     wide: Annotated[bool, typer.Option("--wide", help="Every column, however wide.")] = False,
 ) -> None:
-    """List approvals, newest first: id, campaign, customer key, scores, expiry."""
+    """List approvals, newest first: id, campaign, customer key, scores, expiry (marked !
+    once the request was escalated, unanswered, ahead of it)."""
     wanted = None if status == "all" else status
     rows = control(data_dir, lambda c, who: c.list_approvals(who, wanted, campaign))
     if as_json:
@@ -79,6 +80,8 @@ def approvals_show(
     hours = found.waited_seconds / 3600
     left = found.expires_in_seconds / 3600
     print_line(f"waiting {hours:.1f} h; expires {r.expires_at:%Y-%m-%d %H:%M}Z (in {left:.1f} h)")
+    if r.escalated_at:
+        print_line(f"escalated {r.escalated_at:%Y-%m-%d %H:%M}Z, unanswered as its expiry neared")
     for model, value in sorted(r.scores.items()):
         version = found.model_versions.get(model, "?")
         print_line(f"  {model} {float(value):.3f} (model {version}), mostly from:")
@@ -106,6 +109,7 @@ def _approval_json(r: Approval) -> dict[str, Any]:
         "decided_by": r.decided_by,
         "requested_at": r.requested_at.isoformat(),
         "expires_at": r.expires_at.isoformat(),
+        "escalated_at": r.escalated_at.isoformat() if r.escalated_at else None,
     }
 
 
@@ -120,7 +124,8 @@ def _approvals_table(rows: list[Approval], status: str, *, wide: bool) -> Table:
     for r in rows:
         scores = " ".join(f"{k[:5]} {float(v):.2f}" for k, v in sorted(r.scores.items()))
         key = r.customer_key if wide else f"{r.customer_key[:10]}…"
-        cells = [r.approval_id, r.campaign_id, key, scores, f"{r.expires_at:%m-%d %H:%M}"]
+        expires = f"{r.expires_at:%m-%d %H:%M}" + (" !" if r.escalated_at else "")
+        cells = [r.approval_id, r.campaign_id, key, scores, expires]
         if wide:
             cells += [
                 r.reason,

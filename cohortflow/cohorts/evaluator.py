@@ -2,8 +2,11 @@
 
 Only the features the rule names are read, each extracted by the database from the JSON
 feature vector (``JSON_EXTRACT`` / ``->>``), so Python never parses a million documents; the
-rule then runs as numpy comparisons over whole columns. Day counters are aged from the
-features' ``as_of`` to the evaluation time, and event windows are counted in SQL.
+rule then runs as numpy comparisons over whole columns. Features are read true on the
+evaluation day, as ``events.features.features_as_of`` says: day counters are aged from each
+row's ``as_of`` over the whole column; a windowed count whose window has passed entirely is
+zero, and one whose window has only partly moved is re-counted by ``windowed`` from that
+customer's recent days (only those rows parse JSON). Event rules are counted in SQL.
 """
 
 from __future__ import annotations
@@ -31,13 +34,18 @@ from cohortflow.cohorts.rules import (
     ScoreRule,
     leaves,
 )
-from cohortflow.events.features import DAY_COUNTERS, DAYS_SINCE_PREFIX
+from cohortflow.events.features import (
+    ACTIVITY_WINDOW_DAYS,
+    RecentDays,
+    aged,
+    windowed,
+)
 from cohortflow.spec import parse_duration
-from cohortflow.storage._sql import utc
+from cohortflow.storage._sql import chunked, rows_per_statement, utc
 from cohortflow.storage.cohorts import Diff, apply_membership
 from cohortflow.storage.db import Database
 from cohortflow.storage.tables import CustomerFeatures, Event
-from scoring.features import FEATURE_NAMES
+from scoring.features import FEATURE_NAMES, RECENT_WINDOW_DAYS
 from scoring.scorer import Scorer
 
 Mask = npt.NDArray[np.bool_]
@@ -76,8 +84,12 @@ def _epoch_day(session: AsyncSession, column: Any) -> ColumnElement[Any]:
     return extract("epoch", column) / _SECONDS_PER_DAY
 
 
-def _aged(name: str) -> bool:
-    return name in DAY_COUNTERS or name.startswith(DAYS_SINCE_PREFIX)
+# The windowed features and their windows, in days.
+WINDOWS: dict[str, int] = {
+    "events_30d": ACTIVITY_WINDOW_DAYS,
+    "purchases_90d": RECENT_WINDOW_DAYS,
+    "monetary_90d": RECENT_WINDOW_DAYS,
+}
 
 
 async def load_population(
@@ -92,9 +104,11 @@ async def load_population(
     models = sorted({c.score for c in comparisons if isinstance(c, ScoreRule)})
     if models:
         names = sorted(set(names) | set(FEATURE_NAMES))
+    if WINDOWS.keys() & set(names):
+        names = sorted(set(names) | WINDOWS.keys())  # ``windowed`` reads them together
     columns: list[ColumnElement[Any]] = [CustomerFeatures.features[n].as_float() for n in names]
-    aged = any(_aged(n) for n in names)
-    if aged:
+    dated = any(aged(n) or n in WINDOWS for n in names)
+    if dated:
         columns.append(_epoch_day(session, CustomerFeatures.as_of))
     result = await session.execute(
         select(CustomerFeatures.customer_key, *columns).order_by(CustomerFeatures.customer_key)
@@ -106,13 +120,15 @@ async def load_population(
     features: dict[str, Column] = {}
     for index, name in enumerate(names, start=1):
         features[name] = np.array(transposed[index], dtype=np.float64)
-    if aged:
+    if dated:
         # Whole days from each row's as_of (a UTC midnight) to the evaluation day.
         today = float((utc(now).date() - _EPOCH_DATE).days)
-        age = today - np.floor(np.array(transposed[-1], dtype=np.float64) + 1e-9)
+        elapsed = today - np.floor(np.array(transposed[-1], dtype=np.float64) + 1e-9)
         for name in names:
-            if _aged(name):
-                features[name] = features[name] + age
+            if aged(name):
+                features[name] = features[name] + elapsed
+        if WINDOWS.keys() & set(names):
+            await _rewindow(session, keys, features, elapsed, utc(now).date())
     events: dict[tuple[str, str], Column] = {}
     position = {key: i for i, key in enumerate(keys)} if keys.size else {}
     for rule in comparisons:
@@ -136,6 +152,35 @@ async def load_population(
             raise ValueError(f"the rule uses score {model!r} but no scorer is configured")
         scores[model] = score(model, features) if len(keys) else np.zeros(0)
     return Population(keys, features, events, scores)
+
+
+async def _rewindow(
+    session: AsyncSession,
+    keys: npt.NDArray[np.object_],
+    features: dict[str, Column],
+    elapsed: Column,
+    day: date,
+) -> None:
+    """Move the windowed columns to the windows ending ``day`` (see the module's doc)."""
+    for name, window in WINDOWS.items():
+        passed = (elapsed >= window) & ~np.isnan(features[name])
+        features[name] = np.where(passed, 0.0, features[name])
+    moving = np.flatnonzero((elapsed > 0) & (elapsed < max(WINDOWS.values())))
+    if not moving.size:
+        return
+    position = {keys[i]: int(i) for i in moving}
+    for chunk in chunked(list(position), rows_per_statement(session, 1)):
+        found = await session.execute(
+            select(CustomerFeatures.customer_key, CustomerFeatures.recent).where(
+                CustomerFeatures.customer_key.in_(chunk)
+            )
+        )
+        for key, recent in found:
+            i = position[key]
+            stored = {n: None if np.isnan(v := features[n][i]) else float(v) for n in WINDOWS}
+            days = RecentDays.from_json(recent) if recent is not None else None
+            for name, value in windowed(stored, days, day, int(elapsed[i])).items():
+                features[name][i] = np.nan if value is None else value
 
 
 def apply_rule(rule: Rule, population: Population) -> Mask:
@@ -185,13 +230,8 @@ def model_scores(scorer: Scorer) -> ScoreFn:
     """A :data:`ScoreFn` scoring with the registry's champion of each model."""
 
     def score(model: str, features: Mapping[str, Column]) -> Column:
-        names = scorer.model(model).feature_names
-        size = len(next(iter(features.values())))
-        rows = [
-            {n: None if np.isnan(v := features[n][i]) else float(v) for n in names}
-            for i in range(size)
-        ]
-        return np.array(scorer.score(model, rows, top_k=0).scores, dtype=np.float64)
+        # Columns in: the scorer derives what a hybrid model adds to the stored features.
+        return np.array(scorer.score(model, features, top_k=0).scores, dtype=np.float64)
 
     return score
 

@@ -96,7 +96,10 @@ async def prepare_winback(
 
     pseudonymiser = Pseudonymiser.from_settings(settings)
     keys = [pseudonymiser.customer_key(c) for c in sample]
-    as_of = datetime.combine(DEMO_AS_OF, datetime.min.time(), tzinfo=UTC)
+    # The log's end is the win-back's "now": its features are stored as true today (the log
+    # shifted to end today), so the campaign, which reads them as of its own day, sees them
+    # as the model was trained to.
+    as_of = datetime.combine(datetime.now(UTC).date(), datetime.min.time(), tzinfo=UTC)
     progress(f"storing {len(sample)} CDNOW customers, their features and consent")
     async with db.transaction() as session:
         known = {k for k in keys if await customers.get_customer(session, k) is not None}

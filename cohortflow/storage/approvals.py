@@ -120,6 +120,16 @@ async def mark_decided(
     raise ApprovalAlreadyDecided(approval_id, current)
 
 
+async def mark_escalated(session: AsyncSession, approval_id: str, at: datetime) -> None:
+    """Note when a request's escalation notice went out (the first time counts: a retried
+    activity changes nothing)."""
+    await session.execute(
+        update(Approval)
+        .where(Approval.approval_id == approval_id, Approval.escalated_at.is_(None))
+        .values(escalated_at=utc(at))
+    )
+
+
 async def add_approver(session: AsyncSession, approval_id: str, name: str) -> None:
     """Note one more approver of a pending approval that needs several (for display: the
     workflow's own record of who approved is what counts)."""

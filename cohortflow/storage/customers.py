@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from cohortflow.events.features import RecentDays, features_as_of
 from cohortflow.storage._sql import chunked, in_list, rows_per_statement, upsert, utc
 from cohortflow.storage.tables import Customer, CustomerFeatures
 
@@ -90,9 +91,15 @@ def _clean_features(features: Mapping[str, float | None]) -> dict[str, float | N
 
 
 async def upsert_features(
-    session: AsyncSession, rows: Sequence[FeatureRow], *, now: datetime | None = None
+    session: AsyncSession,
+    rows: Sequence[FeatureRow],
+    *,
+    now: datetime | None = None,
+    recent: Mapping[str, RecentDays] | None = None,
 ) -> int:
-    """Store each customer's feature vector as of a time; returns how many were written.
+    """Store each customer's feature vector as of a time, with the recent days that
+    re-window it (``recent``, by key, when computed from events); returns how many were
+    written.
 
     A vector older than the one stored (an earlier ``as_of``) is skipped, so late or
     replayed batches never roll features back. Non-finite values are stored as None.
@@ -104,12 +111,19 @@ async def upsert_features(
         current = newest.get(key)
         if current is None or as_of_utc >= current[1]:
             newest[key] = (_clean_features(features), as_of_utc)
+    days = recent or {}
     values = [
-        {"customer_key": key, "features": features, "as_of": as_of, "updated_at": updated_at}
+        {
+            "customer_key": key,
+            "features": features,
+            "as_of": as_of,
+            "updated_at": updated_at,
+            "recent": days[key].to_json() if key in days else None,
+        }
         for key, (features, as_of) in newest.items()
     ]
     written = 0
-    for chunk in chunked(values, rows_per_statement(session, 4)):
+    for chunk in chunked(values, rows_per_statement(session, 5)):
         stmt = upsert(session, CustomerFeatures).values(list(chunk))
         result = await session.execute(
             stmt.on_conflict_do_update(
@@ -118,6 +132,7 @@ async def upsert_features(
                     "features": stmt.excluded.features,
                     "as_of": stmt.excluded.as_of,
                     "updated_at": stmt.excluded.updated_at,
+                    "recent": stmt.excluded.recent,
                 },
                 where=CustomerFeatures.as_of <= stmt.excluded.as_of,
             ).returning(CustomerFeatures.customer_key)
@@ -127,18 +142,26 @@ async def upsert_features(
 
 
 async def get_features(
-    session: AsyncSession, keys: Sequence[str]
+    session: AsyncSession, keys: Sequence[str], at: datetime | None = None
 ) -> dict[str, dict[str, float | None]]:
-    """Feature vectors by customer key; keys without features are absent."""
+    """Feature vectors by customer key, true as of the day of ``at`` (default now; never
+    before the day they were computed for: see ``events.features.features_as_of``); keys
+    without features are absent."""
+    day = utc(at).date()
     found: dict[str, dict[str, float | None]] = {}
     for chunk in chunked(list(dict.fromkeys(keys)), rows_per_statement(session, 1)):
         result = await session.execute(
-            select(CustomerFeatures.customer_key, CustomerFeatures.features).where(
-                CustomerFeatures.customer_key.in_(chunk)
-            )
+            select(
+                CustomerFeatures.customer_key,
+                CustomerFeatures.features,
+                CustomerFeatures.as_of,
+                CustomerFeatures.recent,
+            ).where(CustomerFeatures.customer_key.in_(chunk))
         )
-        for key, features in result:
-            found[key] = dict(features)
+        for key, features, as_of, recent in result:
+            days = RecentDays.from_json(recent) if recent is not None else None
+            computed = utc(as_of).date()
+            found[key] = features_as_of(features, computed, days, max(day, computed))
     return found
 
 

@@ -7,7 +7,12 @@ from datetime import datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from cohortflow.events.features import FeatureEvent, as_of_instant, compute_features
+from cohortflow.events.features import (
+    FeatureEvent,
+    RecentDays,
+    as_of_instant,
+    compute_features,
+)
 from cohortflow.storage.customers import FeatureRow, upsert_features
 from cohortflow.storage.db import Database
 from cohortflow.storage.events import customer_keys_with_events, events_of
@@ -26,6 +31,7 @@ async def update_features(
     """
     history = await events_of(session, customer_keys)
     rows: list[FeatureRow] = []
+    recent: dict[str, RecentDays] = {}
     for key, events in history.items():
         tracked = [
             FeatureEvent(e.type, e.event, e.occurred_at, e.properties)
@@ -33,9 +39,10 @@ async def update_features(
             if e.type == "track"
         ]
         if tracked:
-            features, as_of = compute_features(tracked)
-            rows.append((key, features, as_of_instant(as_of)))
-    return await upsert_features(session, rows, now=now)
+            computed = compute_features(tracked)
+            rows.append((key, computed.features, as_of_instant(computed.as_of)))
+            recent[key] = computed.recent
+    return await upsert_features(session, rows, now=now, recent=recent)
 
 
 async def recompute_all(db: Database, *, page: int = RECOMPUTE_PAGE) -> int:

@@ -102,6 +102,9 @@ class CustomerFeatures(Base):
     features: Mapped[dict[str, Any]]
     as_of: Mapped[datetime]
     updated_at: Mapped[datetime]
+    # Activity per day in the feature windows before as_of (``RecentDays``), which re-windows
+    # the windowed features at a later day; None for rows not computed from events.
+    recent: Mapped[dict[str, Any] | None]
 
 
 class Consent(Base):
@@ -176,6 +179,8 @@ class Approval(Base):
     decision_reason: Mapped[str | None] = mapped_column(Text)
     # Approvals given so far when the spec asks for several approvers; empty otherwise.
     approved_by: Mapped[list[str]] = mapped_column(JSON, default=list, server_default=text("'[]'"))
+    # When the request was escalated, unanswered, ahead of its expiry (approval.escalate_before).
+    escalated_at: Mapped[datetime | None]
 
 
 class SegmentAssignment(Base):

@@ -149,6 +149,27 @@ class AuditInput:
 
 
 @dataclass
+class EscalationInput:
+    """An approval request unanswered ``escalate_before`` its expiry: its notice carries ids,
+    the step, the reason and the times, no personal data; decisions ride along."""
+
+    workflow_id: str
+    campaign_id: str
+    customer_key: str
+    approval: PendingApproval
+    decisions: list[Decision] = field(default_factory=list)
+
+
+@dataclass
+class EscalationResult:
+    """What became of the notice: ``delivered``, ``not configured``, ``refused: ...`` (the
+    webhook answered 4xx) or ``failed: ...`` (it never answered well, after retries)."""
+
+    webhook: str
+    decisions_recorded: int = 0
+
+
+@dataclass
 class AuditResult:
     """The audit row's sequence number; ``created`` is False when it already existed."""
 

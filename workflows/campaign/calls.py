@@ -27,6 +27,8 @@ with workflow.unsafe.imports_passed_through():
         CompensateInput,
         CompensateResult,
         Decision,
+        EscalationInput,
+        EscalationResult,
         FallbackInput,
         FallbackResult,
         LoadSpecInput,
@@ -83,6 +85,9 @@ CRM = ActivityOptions(
 )
 # Putting a customer in the safe segment or undoing effects has nothing further to fall to.
 FALLBACK = replace(CRM, retry=_retry(), fails_to=None)
+# An escalation gives up on its webhook by itself after a few attempts; only the database
+# is retried for as long as it takes.
+ESCALATION = ActivityOptions(timedelta(seconds=30), _retry())
 
 
 def crm_options(spec: CampaignSpecDef) -> ActivityOptions:
@@ -222,6 +227,23 @@ class ActivityCalls:
             CompensateResult,
             FALLBACK,
             f"undo after consent revoked: {', '.join(undo)}",
+        )
+
+    async def escalate(self, pending: PendingApproval) -> None:
+        """Send ``pending``'s escalation notice and put it on record."""
+        inp = self._input
+        await self.carry(
+            ActivityName.ESCALATE_APPROVAL,
+            lambda carried: EscalationInput(
+                workflow_id=workflow.info().workflow_id,
+                campaign_id=inp.campaign_id,
+                customer_key=inp.customer_key,
+                approval=pending,
+                decisions=carried,
+            ),
+            EscalationResult,
+            ESCALATION,
+            f"{pending.step_id}: escalate {pending.approval_id}",
         )
 
     async def audit(

@@ -27,6 +27,7 @@ class ActivityName(enum.StrEnum):
     RESOLVE_FALLBACK = "resolve_fallback"
     PLAN_LOCAL_TIME = "plan_local_time"
     CRM_COMPENSATE = "crm_compensate"
+    ESCALATE_APPROVAL = "escalate_approval"
 
 
 class HandlerName(enum.StrEnum):
@@ -139,6 +140,7 @@ class AuditKind(enum.StrEnum):
     APPROVAL_DECIDED = "approval_decided"
     APPROVAL_EXPIRED = "approval_expired"
     APPROVAL_WITHDRAWN = "approval_withdrawn"
+    APPROVAL_ESCALATED = "approval_escalated"
     CONSENT_ALLOWED = "consent_allowed"
     CONSENT_BLOCKED = "consent_blocked"
     CRM_WRITTEN = "crm_written"  # an outbound action the CRM took: what frequency caps count
@@ -220,6 +222,11 @@ INTERRUPTIBLE_ACTIVITIES = Patch(
     "v5",
     "an exit or revocation stops a scoring or CRM call that is still being retried",
 )
+APPROVAL_ESCALATION = Patch(
+    "approval-escalation",
+    "v6",
+    "a request unanswered until approval.escalate_before its expiry is escalated once",
+)
 PATCHES = (
     VARIANT_AUDIT,
     CONTROL_SKIPS_APPROVAL,
@@ -229,6 +236,7 @@ PATCHES = (
     EARLY_SIGNALS,
     WITHDRAW_ON_END,
     INTERRUPTIBLE_ACTIVITIES,
+    APPROVAL_ESCALATION,
 )
 
 

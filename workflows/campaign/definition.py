@@ -71,6 +71,7 @@ class ApprovalPolicy:
 
     timeout_seconds: float = 3 * 24 * 3600.0
     on_timeout: str = "reject"  # reject | fallback
+    escalate_before_seconds: float = 0.0  # 0: no escalation notice
     approvers: list[str] = field(default_factory=list)  # empty: any operator
     required: int = 1  # distinct approvals the campaign waits for; one rejection ends it
     approve_roles: list[str] = field(default_factory=lambda: ["approver"])

@@ -64,8 +64,10 @@ def current_details(state: RunState, detail: str, *, safe_segment: str = "") -> 
         lines.append(
             f"Waiting for approval `{pending.approval_id}` until {when(pending.expires_at, state)}"
             f" ({pending.reason}). Approve: `cohortflow approve {pending.approval_id} "
-            "--operator NAME --reason TEXT`"
+            "--reason TEXT`"
         )
+        if pending.escalated_at:
+            lines.append(f"Escalated {when(pending.escalated_at, state)}: still unanswered.")
     if state.waiting_for:
         lines.append(
             f"Waiting for event `{state.waiting_for}` until {when(state.waiting_until, state)}."

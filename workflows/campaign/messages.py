@@ -22,6 +22,7 @@ class PendingApproval:
     reason: str
     requested_at: str  # ISO-8601, workflow time
     expires_at: str
+    escalated_at: str = ""  # when its escalation notice went out; carried into continuations
 
 
 @dataclass

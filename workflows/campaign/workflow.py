@@ -33,6 +33,7 @@ with workflow.unsafe.imports_passed_through():
         ScoreInput,
         ScoreResult,
     )
+    from workflows.campaign.approval import ApprovalStep
     from workflows.campaign.calls import SCORING, ActivityCalls, Finished, crm_options
     from workflows.campaign.contract import (
         CAMPAIGN_WORKFLOW,
@@ -47,7 +48,6 @@ with workflow.unsafe.imports_passed_through():
         ActivityName,
         AuditKind,
         CampaignState,
-        FallbackReason,
         HandlerName,
     )
     from workflows.campaign.definition import CampaignSpecDef, StepDef
@@ -61,7 +61,6 @@ with workflow.unsafe.imports_passed_through():
         DecideRequest,
         DecideResult,
         PauseChanged,
-        PendingApproval,
     )
     from workflows.campaign.state import RECENT, CampaignInput, RunState
 
@@ -85,6 +84,7 @@ class CampaignWorkflow:
         self.input = inp
         self.state = inp.carried or RunState(entered_at=workflow.now().isoformat())
         self.calls = ActivityCalls(inp, self.state)
+        self.approvals = ApprovalStep(self.calls, self.state)
         self._spec: CampaignSpecDef | None = None
         self._early: list[CohortExited | ConsentChanged | PauseChanged] = []
         self._asking = False  # waiting for an operator's answer right now
@@ -235,19 +235,18 @@ class CampaignWorkflow:
         if resumed is not None and state.pending_approval is not None:
             timeout = resumed - workflow.now()  # asked and audited by an earlier run
         else:
-            timeout = await self._request_approval(step)
+            timeout = await self.approvals.ask(step, self.spec.approval)
         self._transition(CampaignState.AWAITING_APPROVAL, "waiting for an operator")
         try:
-            if timeout <= timedelta(0):
-                raise TimeoutError
             self._asking = True
-            await workflow.wait_condition(
+            await self.approvals.wait(
+                step,
+                self.spec.approval,
+                timeout,
                 lambda: state.decision is not None or self._interrupted() or self._continue_due(),
-                timeout=timeout,
-                timeout_summary=f"{step.id}: approval expires",
             )
         except TimeoutError:
-            return await self._approval_expired(step)
+            return await self.approvals.expired(step, self.spec.approval)
         finally:
             self._asking = False
         pending = state.pending_approval
@@ -260,48 +259,7 @@ class CampaignWorkflow:
             why = {"why": "campaign interrupted"}
             await self.calls.audit(step.id, AuditKind.APPROVAL_WITHDRAWN, why, pending)
             raise Finished(self._stop())
-        return await self._approval_decided(step, state.decision, pending)
-
-    async def _request_approval(self, step: StepDef) -> timedelta:
-        now = workflow.now()
-        timeout = timedelta(seconds=self.spec.approval.timeout_seconds)
-        pending = PendingApproval(
-            approval_id=interpreter.approval_id_for(workflow.info().workflow_id, step.id),
-            step_id=step.id,
-            reason=step.reason or "sensitive campaign",
-            requested_at=now.isoformat(),
-            expires_at=(now + timeout).isoformat(),
-        )
-        self.state.pending_approval, self.state.decision = pending, None
-        self.state.approvals = []
-        payload = {"scores": self.state.scores, "expires_at": pending.expires_at}
-        await self.calls.audit(step.id, AuditKind.APPROVAL_REQUESTED, payload, approval=pending)
-        return timeout
-
-    async def _approval_expired(self, step: StepDef) -> Ending:
-        pending, self.state.pending_approval = self.state.pending_approval, None
-        on_timeout = self.spec.approval.on_timeout
-        details.remember(self.state, workflow.now(), f"{step.id}: expired unanswered")
-        payload: dict[str, Any] = {"on_timeout": on_timeout}
-        if self.state.approvals:  # some approved, too few
-            payload["approved_by"] = interpreter.approvers_of(self.state)
-        await self.calls.audit(step.id, AuditKind.APPROVAL_EXPIRED, payload, pending)
-        if on_timeout == "fallback":
-            return Ending(CampaignState.FALLBACK, FallbackReason.APPROVAL_EXPIRED.value)
-        return Ending(CampaignState.REJECTED, "approval expired unanswered")
-
-    async def _approval_decided(
-        self, step: StepDef, decision: DecideRequest, pending: PendingApproval
-    ) -> Next:
-        details.remember(self.state, workflow.now(), details.decision_line(step.id, decision))
-        payload: dict[str, Any] = {"approve": decision.approve, "operator": decision.operator}
-        payload["reason"] = decision.reason
-        if self.spec.approval.required > 1:
-            payload["approved_by"] = interpreter.approvers_of(self.state, decision)
-        await self.calls.audit(step.id, AuditKind.APPROVAL_DECIDED, payload, pending)
-        if not decision.approve:
-            return Ending(CampaignState.REJECTED, f"rejected by {decision.operator}")
-        return None
+        return await self.approvals.decided(step, self.spec.approval, state.decision, pending)
 
     async def crm(self, step: StepDef) -> Next:
         """Wait out quiet hours and a pause, then write through the consent and cap gate."""
