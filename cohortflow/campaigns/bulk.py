@@ -15,9 +15,12 @@ from datetime import UTC, datetime, timedelta
 
 from cohortflow.auth.identity import Identity
 from cohortflow.campaigns.controls import Controls
-from cohortflow.errors import Conflict, Forbidden, Invalid, NotFound
+from cohortflow.errors import Conflict, Forbidden, Invalid, NotFound, Unavailable
 from cohortflow.spec import parse_duration
 from cohortflow.storage.tables import Approval
+
+# Seconds before each new try of a request Temporal answered as too busy or unavailable.
+UNAVAILABLE_BACKOFF = (1.0, 2.0, 4.0, 8.0)
 
 Progress = Callable[[int, int], None]
 
@@ -107,8 +110,9 @@ async def decide_all(
     progress: Progress | None = None,
 ) -> BulkSummary:
     """Decide each of ``rows`` through its campaign's ``decide`` update, ``concurrency`` at
-    a time. Temporal or the worker being unreachable stops the run (raised); everything
-    else is counted per request."""
+    a time. A request Temporal answers as too busy or unavailable is sent again after 1, 2,
+    4 and 8 s (one that had landed is then refused as decided: nothing is decided twice);
+    still unavailable, it stops the run (raised). Everything else is counted per request."""
     summary = BulkSummary(matched=len(rows))
     gate = asyncio.Semaphore(concurrency)
     done = 0
@@ -117,9 +121,7 @@ async def decide_all(
         nonlocal done
         async with gate:
             try:
-                await controls.decide(
-                    row.approval_id, approve=approve, identity=identity, reason=reason
-                )
+                await _decide_one(controls, row, identity, approve, reason)
                 summary.count("decided")
             except (Conflict, NotFound):
                 summary.count("already_decided")
@@ -131,3 +133,18 @@ async def decide_all(
 
     await asyncio.gather(*(one(r) for r in rows))
     return summary
+
+
+async def _decide_one(
+    controls: Controls, row: Approval, identity: Identity, approve: bool, reason: str
+) -> None:
+    for delay in (*UNAVAILABLE_BACKOFF, None):
+        try:
+            await controls.decide(
+                row.approval_id, approve=approve, identity=identity, reason=reason
+            )
+            return
+        except Unavailable:
+            if delay is None:
+                raise
+            await asyncio.sleep(delay)

@@ -6,6 +6,8 @@ the database through storage. Every request is validated before anything is writ
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
@@ -16,7 +18,7 @@ from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client, WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError, FailureError
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 
 from cohortflow.auth import policy
 from cohortflow.auth.identity import Identity
@@ -31,6 +33,17 @@ from cohortflow.storage.tables import Approval
 from workflows.campaign.contract import SA, AuditKind, DecideRefusal
 from workflows.campaign.messages import ConsentChanged, DecideRequest, DecideResult, PauseChanged
 from workflows.campaign.workflow import CampaignWorkflow
+
+# Answers of a Temporal server too busy or restarting: the request may be sent again.
+_TRANSIENT = frozenset(
+    {
+        RPCStatusCode.CANCELLED,
+        RPCStatusCode.DEADLINE_EXCEEDED,
+        RPCStatusCode.RESOURCE_EXHAUSTED,
+        RPCStatusCode.UNAVAILABLE,
+    }
+)
+POLLER_CHECK_SECONDS = 5.0
 
 log = structlog.get_logger(__name__)
 
@@ -76,6 +89,7 @@ class Controls:
         self._settings = settings
         self._pseudonymiser = pseudonymiser
         self._client = client
+        self._poller_seen = -math.inf  # monotonic time a worker was last seen polling
 
     # ------------------------------------------------------------------ approvals
 
@@ -134,6 +148,8 @@ class Controls:
         except WorkflowUpdateFailedError as exc:
             raise _refused(exc) from exc
         except RPCError as exc:
+            if exc.status in _TRANSIENT:
+                raise Unavailable(f"approval {approval_id}: Temporal: {exc.message}") from exc
             raise Conflict(f"approval {approval_id}: {exc.message}") from exc
         if result.remaining:
             async with self._db.transaction() as session:
@@ -243,23 +259,30 @@ class Controls:
     # ------------------------------------------------------------------ Temporal helpers
 
     async def _require_worker(self) -> Client:
-        """The client, after checking some worker polls the campaign queue."""
+        """The client, after checking some worker polls the campaign queue (a check that
+        passed stands for a few seconds: a bulk decision asks thousands of times)."""
         if self._client is None:
             raise Unavailable(
                 f"Temporal is not reachable at {self._settings.resolved_temporal_address}"
             )
-        response = await self._client.workflow_service.describe_task_queue(
-            DescribeTaskQueueRequest(
-                namespace=self._client.namespace,
-                task_queue=TaskQueue(name=self._settings.task_queue),
-                task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
+        if time.monotonic() - self._poller_seen < POLLER_CHECK_SECONDS:
+            return self._client
+        try:
+            response = await self._client.workflow_service.describe_task_queue(
+                DescribeTaskQueueRequest(
+                    namespace=self._client.namespace,
+                    task_queue=TaskQueue(name=self._settings.task_queue),
+                    task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
+                )
             )
-        )
+        except RPCError as exc:
+            raise Unavailable(f"Temporal: {exc.message}") from exc
         if not response.pollers:
             raise Unavailable(
                 f"no worker is polling task queue {self._settings.task_queue!r}: "
                 "start one with `cohortflow worker` or `cohortflow up`"
             )
+        self._poller_seen = time.monotonic()
         return self._client
 
 
