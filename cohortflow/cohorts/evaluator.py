@@ -35,7 +35,7 @@ from cohortflow.cohorts.rules import (
     leaves,
 )
 from cohortflow.events.features import (
-    ACTIVITY_WINDOW_DAYS,
+    WINDOWS,
     RecentDays,
     aged,
     windowed,
@@ -45,7 +45,7 @@ from cohortflow.storage._sql import chunked, rows_per_statement, utc
 from cohortflow.storage.cohorts import Diff, apply_membership
 from cohortflow.storage.db import Database
 from cohortflow.storage.tables import CustomerFeatures, Event
-from scoring.features import FEATURE_NAMES, RECENT_WINDOW_DAYS
+from scoring.features import FEATURE_NAMES
 from scoring.scorer import Scorer
 
 Mask = npt.NDArray[np.bool_]
@@ -82,14 +82,6 @@ def _epoch_day(session: AsyncSession, column: Any) -> ColumnElement[Any]:
     if session.get_bind().dialect.name == "sqlite":
         return func.julianday(column) - _JULIAN_DAY_OF_EPOCH
     return extract("epoch", column) / _SECONDS_PER_DAY
-
-
-# The windowed features and their windows, in days.
-WINDOWS: dict[str, int] = {
-    "events_30d": ACTIVITY_WINDOW_DAYS,
-    "purchases_90d": RECENT_WINDOW_DAYS,
-    "monetary_90d": RECENT_WINDOW_DAYS,
-}
 
 
 async def load_population(

@@ -32,6 +32,12 @@ ACTIVITY_WINDOW_DAYS = 30
 # Feature keys whose value grows by one a day while nothing happens (aged by evaluators).
 DAY_COUNTERS: tuple[str, ...] = ("recency_days", "age_days")
 DAYS_SINCE_PREFIX = "days_since:"
+# The windowed features and their windows in days: what ``windowed`` re-counts.
+WINDOWS: dict[str, int] = {
+    "events_30d": ACTIVITY_WINDOW_DAYS,
+    "purchases_90d": RECENT_WINDOW_DAYS,
+    "monetary_90d": RECENT_WINDOW_DAYS,
+}
 COUNT_PREFIX = "count:"
 
 
