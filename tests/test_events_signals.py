@@ -1,20 +1,35 @@
-"""Contract (a): a stored event is signalled to every running campaign of its customer."""
+"""Contract (a): a stored event is signalled to every running campaign of its customer,
+through the outbox: owed in the events' transaction, delivered by the relay, kept while
+Temporal is away and delivered once it is back."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowHandle
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
 
-from cohortflow.events.ingest import Ingestor, TemporalSignaller
+from cohortflow.api.app import create_app
+from cohortflow.campaigns import visibility
+from cohortflow.campaigns.visibility import CampaignHandle
+from cohortflow.events.ingest import Ingestor
+from cohortflow.events.relay import SignalRelay
+from cohortflow.events.signals import TemporalSignaller
+from cohortflow.runtime.devserver import DevServer
+from cohortflow.runtime.ports import free_port
 from cohortflow.settings import Settings
 from cohortflow.storage.db import Database, migrate
+from cohortflow.temporal_client import connect
+from tests.harness import bearer, issue_token, migrated, serve_app
 from tests.test_events import PSEUDONYMISER, T0, track
 from workflows.campaign.contract import SA
+from workflows.campaign.messages import CustomerEvent
 
 pytestmark = pytest.mark.devserver
 
@@ -46,9 +61,8 @@ async def test_new_events_are_signalled_to_running_campaigns_once(
             break
         await asyncio.sleep(0.1)
     try:
-        ingestor = Ingestor(
-            db, PSEUDONYMISER, TemporalSignaller(lambda: asyncio.sleep(0, dev_client))
-        )
+        relay = SignalRelay(db, TemporalSignaller(lambda: asyncio.sleep(0, dev_client)))
+        ingestor = Ingestor(db, PSEUDONYMISER, relay)
         batch = [track("p1", "alice", amount=12.0, sku="x"), track("v1", "carol", "page_view")]
         outcome = await ingestor.ingest(batch)
         assert (outcome.temporal, outcome.signalled) == ("ok", 2)
@@ -69,11 +83,132 @@ async def test_new_events_are_signalled_to_running_campaigns_once(
                 assert '"message_id":"p1"' in payload.replace(" ", "")
                 assert T0.isoformat() in payload
 
-        # Temporal down: the event is still stored and the outcome says so.
-        down = Ingestor(db, PSEUDONYMISER, TemporalSignaller(_connect_refused))
-        outcome = await down.ingest([track("p2", "alice", amount=1.0)])
+        # Temporal down: the event is still stored, its signal owed, and the outcome says so.
+        down = SignalRelay(db, TemporalSignaller(_connect_refused))
+        outcome = await Ingestor(db, PSEUDONYMISER, down).ingest([track("p2", "alice", amount=1.0)])
         assert (outcome.count("accepted"), outcome.temporal) == (1, "unreachable")
+        assert (await relay.backlog()).owed == 1
+        # Due again after its back-off, it reaches both of alice's campaigns.
+        await asyncio.sleep(1.1)
+        assert (await relay.deliver()).signalled == 2
+        assert (await relay.backlog()).owed == 0
     finally:
         for handle in handles:
             await handle.terminate("test over")
         await db.dispose()
+
+
+async def idle_campaigns(client: Client, *keys: str) -> list[WorkflowHandle[Any, Any]]:
+    """Running CampaignWorkflow executions nobody works on, one per key, listed in
+    visibility: what the signaller finds for those customers."""
+    queue = f"idle-{uuid.uuid4().hex[:8]}"
+    handles = [
+        await client.start_workflow(
+            "CampaignWorkflow",
+            id=f"campaign:t{uuid.uuid4().hex[:6]}:{key}:1",
+            task_queue=queue,
+            search_attributes=TypedSearchAttributes([SearchAttributePair(SA.CUSTOMER_KEY, key)]),
+        )
+        for key in keys
+    ]
+    query = visibility.running(visibility.one_of(SA.CUSTOMER_KEY, sorted(set(keys))))
+    for _ in range(100):
+        if (await client.count_workflows(query)).count == len(handles):
+            break
+        await asyncio.sleep(0.1)
+    return handles
+
+
+async def signalled_ids(handle: WorkflowHandle[Any, Any]) -> list[str]:
+    """The message ids of the customer events ``handle`` was signalled, in order."""
+    ids = []
+    async for e in handle.fetch_history_events():
+        if e.HasField("workflow_execution_signaled_event_attributes"):
+            payload = e.workflow_execution_signaled_event_attributes.input.payloads[0].data
+            ids.append(json.loads(payload)["message_id"])
+    return ids
+
+
+class ClosesOneFirst(TemporalSignaller):
+    """A signaller that watches a campaign close between listing it and signalling it."""
+
+    def __init__(self, client: Client, closes: str) -> None:
+        super().__init__(lambda: asyncio.sleep(0, client))
+        self.closes = closes
+
+    async def _signal(self, handle: CampaignHandle, event: CustomerEvent) -> None:
+        if handle.id == self.closes:
+            await handle.terminate("closed between list and signal")
+        await super()._signal(handle, event)
+
+
+async def test_a_campaign_closed_between_list_and_signal_counts_as_delivered(
+    dev_client: Client, tmp_path: Path
+) -> None:
+    db = await migrated(f"sqlite+aiosqlite:///{tmp_path / 'app.db'}")
+    alice = PSEUDONYMISER.customer_key("alice")
+    closing, staying = await idle_campaigns(dev_client, alice, alice)
+    try:
+        relay = SignalRelay(db, ClosesOneFirst(dev_client, closing.id))
+        outcome = await Ingestor(db, PSEUDONYMISER, relay).ingest([track("c1", "alice")])
+        assert (outcome.temporal, outcome.signalled) == ("ok", 1)
+        assert await signalled_ids(staying) == ["c1"]
+        assert await signalled_ids(closing) == []
+        assert (await relay.backlog()).owed == 0  # done, not retried for ever
+    finally:
+        await staying.terminate("test over")
+        await db.dispose()
+
+
+async def test_events_posted_while_temporal_is_down_reach_every_campaign_once_it_is_back(
+    tmp_path: Path,
+) -> None:
+    settings = Settings(
+        data_dir=tmp_path / "stack",
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'app.db'}",
+        pseudonymisation_key="k" * 32,
+        temporal_port=free_port(),
+        temporal_ui_port=free_port(),
+    )
+    db = await migrated(settings.database_url or "")
+    token = await issue_token(db, "source", "ingest")
+    server = DevServer(settings)
+    await server.start()
+    client = await connect(settings, tracing=False)
+    keys = {name: PSEUDONYMISER.customer_key(name) for name in ("ann", "ben", "cy")}
+    handles = await idle_campaigns(client, *keys.values(), keys["ann"])
+    expected = {h.id: ["up-ann"] if keys["ann"] in h.id else [] for h in handles}
+    try:
+        with serve_app(create_app(settings)) as url:
+            async with httpx.AsyncClient(base_url=url, headers=bearer(token)) as http:
+
+                async def send(*events: dict[str, Any]) -> dict[str, Any]:
+                    response = await http.post("/v1/events", json={"batch": list(events)})
+                    assert response.status_code == 200, response.text
+                    return dict(response.json())
+
+                assert (await send(track("up-ann", "ann")))["temporal"] == "ok"
+                server.stop()  # Temporal goes away while events keep arriving
+                for i in range(6):
+                    name = ("ann", "ben", "cy")[i % 3]
+                    body = await send(track(f"down-{name}-{i}", name))
+                    assert body["temporal"] == "unreachable"
+                    for handle in handles:
+                        if keys[name] in handle.id:
+                            expected[handle.id].append(f"down-{name}-{i}")
+                assert (await SignalRelay(db, _never()).backlog()).owed == 6
+                await server.start()  # the same file and port: the campaigns are still there
+                for _ in range(900):
+                    if (await SignalRelay(db, _never()).backlog()).owed == 0:
+                        break
+                    await asyncio.sleep(0.1)
+        for handle in handles:
+            assert await signalled_ids(handle) == expected[handle.id], handle.id
+    finally:
+        server.stop()
+        await db.dispose()
+
+
+def _never() -> TemporalSignaller:
+    """A signaller for reading the backlog only."""
+    return TemporalSignaller(_connect_refused)

@@ -18,7 +18,7 @@ from cohortflow.storage.tables import Base
 
 REPO = Path(__file__).resolve().parent.parent
 TABLES = set(Base.metadata.tables)
-HEAD = "0008"
+HEAD = "0010"
 
 
 def _table_names(connection: Connection) -> set[str]:
@@ -69,6 +69,8 @@ async def test_upgrade_downgrade_upgrade(database_url: str) -> None:
         "crm_effects",
         "crm_requests",
         "api_tokens",
+        "profile_aliases",
+        "signal_outbox",
     } == TABLES
     await migrate(database_url)
     assert _tables_without_alembic(await _tables(database_url)) == TABLES

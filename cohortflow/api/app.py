@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -51,8 +52,14 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        yield
-        await state.db.dispose()
+        stop = asyncio.Event()
+        relaying = asyncio.create_task(state.relay.run(stop))
+        try:
+            yield
+        finally:
+            stop.set()
+            await relaying
+            await state.db.dispose()
 
     # Swagger UI and ReDoc from files shipped in fastapi-offline: /docs works with no internet.
     app = FastAPIOffline(
@@ -89,7 +96,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(campaigns_router())
     app.include_router(tokens_router())
     app.include_router(inbox_router())
-    app.include_router(events_router(state.db, state.pseudonymiser, settings))
+    app.include_router(events_router(state.db, state.pseudonymiser, state.relay))
     app.include_router(cohorts_router(state.db, settings))
     app.include_router(models_router(settings))
     return app

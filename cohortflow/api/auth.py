@@ -6,10 +6,16 @@ OpenAPI document (``x-roles``), which the tests walk so that a route without a c
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import (
+    HTTPAuthorizationCredentials,
+    HTTPBasic,
+    HTTPBasicCredentials,
+    HTTPBearer,
+)
 
 from cohortflow.auth import policy
 from cohortflow.auth.identity import Identity, Role
@@ -21,6 +27,12 @@ _bearer = HTTPBearer(
     auto_error=False,
     scheme_name="token",
     description="A cohortflow API token (`cohortflow token create`): `cft_<id>_<secret>`.",
+)
+_write_key = HTTPBasic(
+    auto_error=False,
+    scheme_name="writeKey",
+    description="Segment's write key, as Segment and RudderStack SDKs send it: an `ingest` "
+    "token as the user name, no password.",
 )
 
 # The answers every guarded route may give besides its own, for the OpenAPI document.
@@ -57,21 +69,44 @@ async def authenticate(
     return await auth.identity(credentials.credentials if credentials else None)
 
 
+async def authenticate_write_key(
+    request: Request,
+    basic: Annotated[HTTPBasicCredentials | None, Depends(_write_key)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Identity:
+    """The caller's identity from a Segment write key (basic auth) or a bearer token."""
+    auth: Authenticator = request.app.state.cohortflow.auth
+    presented = basic.username if basic else credentials.credentials if credentials else None
+    return await auth.identity(presented)
+
+
 Who = Annotated[Identity, Depends(authenticate)]
+WriteKeyWho = Annotated[Identity, Depends(authenticate_write_key)]
 
 
 def guard(
-    roles: frozenset[Role], what: str, responses: dict[int, str] | None = None
+    roles: frozenset[Role],
+    what: str,
+    responses: dict[int, str] | None = None,
+    *,
+    write_key: bool = False,
 ) -> dict[str, Any]:
     """Route options admitting only ``roles``: ``@router.get(path, **guard(READ, "…"))``;
-    ``responses`` documents the route's own error answers (status: description)."""
+    ``responses`` documents the route's own error answers (status: description);
+    ``write_key`` also admits a token sent as a Segment write key."""
 
     async def check(identity: Who) -> Identity:
         policy.require(identity, roles, what)
         return identity
 
+    async def check_write_key(identity: WriteKeyWho) -> Identity:
+        policy.require(identity, roles, what)
+        return identity
+
+    checker: Callable[..., Awaitable[Identity]] = check_write_key if write_key else check
+
     return {
-        "dependencies": [Depends(check)],
+        "dependencies": [Depends(checker)],
         "openapi_extra": {"x-roles": sorted(roles)},
         "responses": {
             **AUTH_RESPONSES,

@@ -14,6 +14,8 @@ from cohortflow.api.inbox_session import InboxSessions
 from cohortflow.auth.rate_limit import RateLimiter
 from cohortflow.auth.tokens import TokenService
 from cohortflow.campaigns.controls import Controls
+from cohortflow.events.relay import SignalRelay
+from cohortflow.events.signals import TemporalSignaller
 from cohortflow.pseudonymisation import Pseudonymiser
 from cohortflow.settings import Settings
 from cohortflow.storage.db import Database
@@ -43,6 +45,11 @@ class AppState:
         # Cookies are Secure outside development, where the API sits behind TLS.
         secure = settings.environment != "development"
         self.inbox = InboxSessions(self.db, self.tokens, secure=secure)
+        # Delivers the signals new events owe running campaigns (see ``events.relay``).
+        self.relay = SignalRelay(
+            self.db,
+            TemporalSignaller(lambda: connect(settings, tracing=False), retry_seconds=5.0),
+        )
 
     async def controls(self) -> Controls:
         """Operator controls over the database and (when reachable) Temporal."""

@@ -44,7 +44,9 @@ def import_file(
     stderr with their line and field; the exit code is then 2, the others are kept.
     """
     from cohortflow.events.importer import ImportSummary, import_events
-    from cohortflow.events.ingest import Ingestor, TemporalSignaller
+    from cohortflow.events.ingest import Ingestor
+    from cohortflow.events.relay import SignalRelay
+    from cohortflow.events.signals import TemporalSignaller
     from cohortflow.events.sources import read_events
     from cohortflow.storage.db import Database
     from cohortflow.temporal_client import connect
@@ -59,7 +61,9 @@ def import_file(
     async def main() -> ImportSummary:
         pseudonymiser = await ready(settings)
         db = Database(settings.resolved_database_url)
-        signaller = TemporalSignaller(lambda: connect(settings, tracing=False)) if signal else None
+        # Signals Temporal cannot take now stay owed; the API's relay delivers them later.
+        signaller = TemporalSignaller(lambda: connect(settings, tracing=False))
+        relay = SignalRelay(db, signaller) if signal else None
         try:
             with Progress(
                 TextColumn("importing"),
@@ -71,7 +75,7 @@ def import_file(
             ) as progress:
                 task = progress.add_task("import", total=total)
                 return await import_events(
-                    Ingestor(db, pseudonymiser, signaller),
+                    Ingestor(db, pseudonymiser, relay),
                     events,
                     batch_size=batch_size,
                     progress=lambda n: progress.advance(task, n),

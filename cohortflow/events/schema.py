@@ -1,38 +1,73 @@
-"""What an incoming event must look like (Segment-style ``track`` and ``identify``).
+"""What an incoming event must look like: Segment's HTTP Tracking API messages.
 
-Each event is validated alone, so one bad event is rejected with its field paths while the
-rest of its batch is kept.
+``track``, ``identify``, ``page``, ``screen``, ``group`` and ``alias``, as the Segment and
+RudderStack SDKs send them. Each event is validated alone, so one bad event is rejected with
+its field paths while the rest of its batch is kept. Fields we do not read are kept in the
+stored event's ``raw`` (except ``integrations``, which is only routing for Segment's own
+destinations, and the write key); what is refused names the field.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from pydantic import (
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     TypeAdapter,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 MAX_BATCH_EVENTS = 1_000
-MAX_BATCH_BYTES = 4 * 1024 * 1024
-MAX_PROPERTIES_BYTES = 32 * 1024  # Segment's own per-event limit
+MAX_BATCH_BYTES = 4 * 1024 * 1024  # our own /v1/events
+SEGMENT_BATCH_BYTES = 500 * 1024  # Segment's documented limits: a batch request, one event
+MAX_EVENT_BYTES = 32 * 1024
+MAX_PROPERTIES_BYTES = MAX_EVENT_BYTES
 # Clocks drift: a timestamp slightly ahead of ours is plausible, a day ahead is not.
 MAX_CLOCK_SKEW = timedelta(hours=1)
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 CONTACT_TRAITS = frozenset({"email", "timezone"})
+EVENT_TYPES = ("track", "identify", "page", "screen", "group", "alias")
+# Top-level fields the models read; everything else an event carries goes to ``raw``.
+_READ = frozenset(
+    {"type", "messageId", "userId", "anonymousId", "timestamp", "sentAt", "event"}
+    | {"properties", "traits", "name", "category", "groupId", "previousId"}
+)
+# Never stored: routing for Segment's destinations, and a write key sent in the body.
+_DROPPED = frozenset({"integrations", "writeKey"})
+# Personal data a context may carry; contact traits belong to ``customers`` only.
+_CONTEXT_DROPPED = frozenset({"traits", "ip"})
+
+
+def _text_id(value: Any) -> Any:
+    # The SDKs accept numeric user ids and send them as JSON numbers.
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return value
+
 
 EventName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\- ]+$")]
 MessageId = Annotated[str, Field(min_length=1, max_length=128)]
-UserId = Annotated[str, Field(min_length=1, max_length=200)]
+UserId = Annotated[str, BeforeValidator(_text_id), Field(min_length=1, max_length=200)]
+
+
+@dataclass(frozen=True)
+class Received:
+    """When a request arrived and the batch's own ``sentAt``: the clock-skew correction's
+    inputs, passed to validation as its context."""
+
+    at: datetime
+    sent_at: datetime | None = None
 
 
 def _finite(value: Any, path: str) -> None:
@@ -47,21 +82,72 @@ def _finite(value: Any, path: str) -> None:
             _finite(item, f"{path}[{index}]")
 
 
+def _bounded(value: dict[str, Any], path: str) -> dict[str, Any]:
+    _finite(value, path)
+    if len(json.dumps(value)) > MAX_PROPERTIES_BYTES:
+        raise ValueError(f"{path}: larger than {MAX_PROPERTIES_BYTES} bytes")
+    return value
+
+
 class _Event(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    # Unknown fields are allowed (kept in ``raw``), never refused: SDKs add new ones.
+    model_config = ConfigDict(extra="allow", str_strip_whitespace=True)
 
+    type: str  # each kind narrows it to its Literal, the batch's discriminator
     messageId: MessageId  # Segment's field names
-    userId: UserId
-    timestamp: AwareDatetime
+    userId: UserId | None = None
+    anonymousId: UserId | None = None
+    timestamp: AwareDatetime | None = None
+    sentAt: AwareDatetime | None = None
+    context: dict[str, Any] = Field(default_factory=dict)
 
-    @field_validator("timestamp")
+    @field_validator("context")
     @classmethod
-    def _plausible(cls, value: datetime) -> datetime:
-        if value < EPOCH:
-            raise ValueError("before 1970-01-01")
-        if value > datetime.now(UTC) + MAX_CLOCK_SKEW:
-            raise ValueError(f"more than {MAX_CLOCK_SKEW} in the future")
-        return value.astimezone(UTC)
+    def _context(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return _bounded(value, "context")
+
+    @model_validator(mode="after")
+    def _corrected(self, info: ValidationInfo) -> _Event:
+        if self.userId is None and self.anonymousId is None and self.type != "alias":
+            raise ValueError("userId: required when there is no anonymousId")
+        received = info.context if isinstance(info.context, Received) else None
+        self.timestamp = corrected_timestamp(self.timestamp, self.sentAt, received)
+        if self.timestamp < EPOCH:
+            raise ValueError("timestamp: before 1970-01-01")
+        if self.timestamp > datetime.now(UTC) + MAX_CLOCK_SKEW:
+            raise ValueError(f"timestamp: more than {MAX_CLOCK_SKEW} in the future")
+        return self
+
+    @property
+    def occurred_at(self) -> datetime:
+        """The event's time after clock-skew correction (always set after validation)."""
+        assert self.timestamp is not None
+        return self.timestamp
+
+    def raw(self) -> dict[str, Any]:
+        """What the event carried beyond the fields we read, to store beside it."""
+        kept = {k: v for k, v in (self.model_extra or {}).items() if k not in _DROPPED}
+        context = {k: v for k, v in self.context.items() if k not in _CONTEXT_DROPPED}
+        if context:
+            kept["context"] = context
+        if self.sentAt is not None:
+            kept["sentAt"] = self.sentAt.isoformat()
+        return kept
+
+
+def corrected_timestamp(
+    timestamp: datetime | None, sent_at: datetime | None, received: Received | None
+) -> datetime:
+    """The event's time in our clock, as Segment computes it: ``receivedAt - (sentAt -
+    timestamp)`` when the sender's ``sentAt`` is known (its own, or its batch's), so a device
+    whose clock is off by hours still records when the event happened; without a timestamp,
+    the receive time."""
+    sent = sent_at or (received.sent_at if received else None)
+    if timestamp is None:
+        return received.at if received else datetime.now(UTC)
+    if received is None or sent is None:
+        return timestamp.astimezone(UTC)
+    return (received.at - (sent - timestamp)).astimezone(UTC)
 
 
 class TrackEvent(_Event):
@@ -74,10 +160,7 @@ class TrackEvent(_Event):
     @field_validator("properties")
     @classmethod
     def _properties(cls, value: dict[str, Any]) -> dict[str, Any]:
-        _finite(value, "properties")
-        if len(json.dumps(value)) > MAX_PROPERTIES_BYTES:
-            raise ValueError(f"larger than {MAX_PROPERTIES_BYTES} bytes")
-        return value
+        return _bounded(value, "properties")
 
     @model_validator(mode="after")
     def _purchase(self) -> TrackEvent:
@@ -95,8 +178,23 @@ class TrackEvent(_Event):
         return self
 
 
+class ViewEvent(_Event):
+    """A ``page`` (web) or ``screen`` (app) view: stored, never counted as a track event."""
+
+    type: Literal["page", "screen"]
+    name: Annotated[str, Field(max_length=200)] | None = None
+    category: Annotated[str, Field(max_length=200)] | None = None
+    properties: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("properties")
+    @classmethod
+    def _properties(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return _bounded(value, "properties")
+
+
 class IdentifyEvent(_Event):
-    """Who a customer is: ``traits`` (``email``, ``timezone`` and any others)."""
+    """Who a customer is: ``traits`` (``email``, ``timezone`` and any others). With both a
+    ``userId`` and an ``anonymousId`` it also merges the anonymous profile into the user."""
 
     type: Literal["identify"]
     traits: dict[str, Any] = Field(default_factory=dict)
@@ -104,9 +202,7 @@ class IdentifyEvent(_Event):
     @field_validator("traits")
     @classmethod
     def _traits(cls, value: dict[str, Any]) -> dict[str, Any]:
-        _finite(value, "traits")
-        if len(json.dumps(value)) > MAX_PROPERTIES_BYTES:
-            raise ValueError(f"larger than {MAX_PROPERTIES_BYTES} bytes")
+        _bounded(value, "traits")
         email = value.get("email")
         if email is not None and (not isinstance(email, str) or "@" not in email):
             raise ValueError("traits.email: not an e-mail address")
@@ -116,19 +212,52 @@ class IdentifyEvent(_Event):
         return value
 
 
-IncomingEvent = Annotated[TrackEvent | IdentifyEvent, Field(discriminator="type")]
-_ADAPTER: TypeAdapter[TrackEvent | IdentifyEvent] = TypeAdapter(IncomingEvent)
+class GroupEvent(_Event):
+    """The customer belongs to an account (``groupId``) described by ``traits``."""
+
+    type: Literal["group"]
+    groupId: UserId
+    traits: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("traits")
+    @classmethod
+    def _traits(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return _bounded(value, "traits")
 
 
-def parse_event(raw: Any) -> TrackEvent | IdentifyEvent | list[dict[str, Any]]:
-    """The validated event, or its errors as ``{"loc": [...], "msg": ...}`` (loc in the event)."""
+class AliasEvent(_Event):
+    """``previousId`` (an anonymous id or an earlier user id) is the same person as
+    ``userId``: that profile's history merges into the user's."""
+
+    type: Literal["alias"]
+    previousId: UserId
+    userId: UserId
+
+
+AnyEvent = TrackEvent | ViewEvent | IdentifyEvent | GroupEvent | AliasEvent
+IncomingEvent = Annotated[AnyEvent, Field(discriminator="type")]
+_ADAPTER: TypeAdapter[AnyEvent] = TypeAdapter(IncomingEvent)
+
+
+def parse_event(raw: Any, received: Received | None = None) -> AnyEvent | list[dict[str, Any]]:
+    """The validated event, or its errors as ``{"loc": [...], "msg": ...}`` (loc in the event).
+
+    ``received`` corrects the event's clock from its ``sentAt`` (see
+    :func:`corrected_timestamp`); without it the timestamp is taken as sent.
+    """
+    if isinstance(raw, dict) and len(json.dumps(raw, default=str)) > MAX_EVENT_BYTES:
+        return [{"loc": [], "msg": f"larger than {MAX_EVENT_BYTES} bytes", "type": "too_large"}]
     try:
-        return _ADAPTER.validate_python(raw)
+        return _ADAPTER.validate_python(raw, context=received)
     except ValidationError as exc:
         errors: list[dict[str, Any]] = []
-        for error in exc.errors(include_url=False, include_input=False):
-            # Drop the discriminator tag pydantic inserts ("track"/"identify") from the path.
-            loc = [p for p in error["loc"] if p not in ("track", "identify")]
+        for error in exc.errors(include_url=False, include_input=False, include_context=False):
+            # Drop the discriminator tag pydantic puts first ("track", ...) from the path.
+            loc = list(error["loc"])
+            if loc and loc[0] in EVENT_TYPES:
+                loc = loc[1:]
+            if error["type"].startswith("union_tag"):
+                loc = ["type"]
             message = str(error["msg"]).removeprefix("Value error, ")
             # Our validators name the nested field in the message: move it into the path.
             head, _, rest = message.partition(": ")

@@ -24,6 +24,7 @@ class EventRecord:
     event: str
     occurred_at: datetime
     properties: dict[str, Any] = field(default_factory=dict)
+    raw: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,7 @@ async def insert_events(
             "occurred_at": utc(r.occurred_at),
             "received_at": received_at,
             "properties": r.properties,
+            "raw": r.raw,
         }
         for r in records
     ]

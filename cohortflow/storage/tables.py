@@ -265,6 +265,38 @@ class Event(Base):
     occurred_at: Mapped[datetime]
     received_at: Mapped[datetime]
     properties: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # What the event carried beyond the columns (context, unknown fields), minus personal
+    # context and routing (``events.schema``); None for events stored before it existed.
+    raw: Mapped[dict[str, Any] | None]
+
+
+class ProfileAlias(Base):
+    """An identity merged into a customer: an anonymous id (on ``identify`` or ``alias``) or
+    an earlier user id (on ``alias``), by its pseudonymous key. Later events under the alias
+    land on ``customer_key``."""
+
+    __tablename__ = "profile_aliases"
+
+    alias_key: Mapped[str] = mapped_column(String(KEY_LEN), primary_key=True)
+    customer_key: Mapped[str] = mapped_column(String(KEY_LEN), index=True)
+    merged_at: Mapped[datetime]
+
+
+class SignalOutbox(Base):
+    """A ``customer_event`` signal owed to the customer's running campaigns, written in the
+    transaction that stored the event and deleted once delivered (``events.relay``).
+    ``due_at`` is when a relay may next take it: a lease while one delivers, a back-off after
+    Temporal failed."""
+
+    __tablename__ = "signal_outbox"
+
+    message_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    customer_key: Mapped[str] = mapped_column(String(KEY_LEN))
+    payload: Mapped[dict[str, Any]]  # the CustomerEvent signal's fields
+    created_at: Mapped[datetime]
+    due_at: Mapped[datetime] = mapped_column(index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
 
 
 class Cohort(Base):
