@@ -89,6 +89,29 @@ class Settings(BaseSettings):
         " HMAC-SHA256 of '<X-Cohortflow-Timestamp>.<body>' under this secret.",
     )
 
+    nats_url: str = Field(
+        "nats://127.0.0.1:4222", description="The NATS server `cohortflow consume` reads from."
+    )
+    events_stream: str = Field(
+        "COHORTFLOW_EVENTS", description="The JetStream stream of incoming events (made if absent)."
+    )
+    events_subject: str = Field(
+        "cohortflow.events", description="The subject event sources publish to."
+    )
+    events_consumer: str = Field(
+        "cohortflow-ingest", description="The durable pull consumer's name."
+    )
+    dead_letter_subject: str = Field(
+        "cohortflow.dead-letters",
+        description="Where events that fail validation go, with their errors (own stream).",
+    )
+    consume_ack_wait_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="How long a fetched event may stay unacknowledged before"
+        " JetStream delivers it again (a consumer that died mid-batch).",
+    )
+
     crm_kind: Literal["sandbox", "hubspot"] = Field(
         "sandbox",
         description="The CRM's wire format: sandbox (our own dialect, the bundled sandbox's own"

@@ -90,3 +90,27 @@ async def db(database_url: str) -> AsyncIterator[Database]:
         yield database
     finally:
         await database.dispose()
+
+
+# ---------------------------------------------------------------- NATS
+
+NATS_URL_ENV = "COHORTFLOW_TEST_NATS_URL"
+
+
+@pytest.fixture
+async def nats_url() -> str:
+    """The NATS server with JetStream the stream tests use; unreachable skips them, except
+    under ``CI=true`` where it fails them."""
+    import nats
+
+    url = os.environ.get(NATS_URL_ENV, "nats://127.0.0.1:4222")
+    try:
+        client = await nats.connect(url, connect_timeout=3, allow_reconnect=False)
+        await client.jetstream().account_info()
+        await client.close()
+    except Exception as exc:
+        reason = f"NATS JetStream unreachable at {url} (set {NATS_URL_ENV}): {exc!r}"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{reason}; CI=true, so stream tests may not skip", pytrace=False)
+        pytest.skip(reason)
+    return url

@@ -18,7 +18,15 @@ from cohortflow.temporal_client import search_attribute_types
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE: dict[str, Any] = yaml.safe_load((REPO / "docker-compose.yml").read_text())
 SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
-COHORTFLOW_SERVICES = ("migrate", "train-churn", "train-propensity", "worker", "api", "crm-sandbox")
+COHORTFLOW_SERVICES = (
+    "migrate",
+    "train-churn",
+    "train-propensity",
+    "worker",
+    "api",
+    "consumer",
+    "crm-sandbox",
+)
 # Variable -> the required ${NAME:?} reference it must be read from.
 SECRETS = {
     "COHORTFLOW_PSEUDONYMISATION_KEY": "COHORTFLOW_PSEUDONYMISATION_KEY",
@@ -173,3 +181,15 @@ def test_command_exists_in_the_cli(service: str, tmp_path: Path) -> None:
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_the_consumer_reads_a_jetstream_nats_that_keeps_its_stream_on_a_volume() -> None:
+    nats = SERVICES["nats"]
+    assert "--jetstream" in nats["command"]
+    store = nats["command"][nats["command"].index("--store_dir") + 1]
+    assert [v for v in nats["volumes"] if v.endswith(f":{store}")], nats["volumes"]
+    assert "nats-data" in COMPOSE["volumes"]
+    consumer = SERVICES["consumer"]
+    assert environment(consumer)["COHORTFLOW_NATS_URL"] == "nats://nats:4222"
+    assert consumer["depends_on"]["nats"]["condition"] == "service_healthy"
+    assert consumer["depends_on"]["migrate"]["condition"] == "service_completed_successfully"

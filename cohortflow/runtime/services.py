@@ -1,4 +1,4 @@
-"""The long-running parts, one per process: worker, HTTP API, sandbox CRM."""
+"""The long-running parts, one per process: worker, HTTP API, stream consumer, sandbox CRM."""
 
 from __future__ import annotations
 
@@ -37,6 +37,49 @@ async def run_worker(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     await serve(settings, client, stop)
     log.info("worker stopped")
+
+
+LAG_REPORT_SECONDS = 10.0
+
+
+async def run_consumer(settings: Settings, *, batch: int) -> None:
+    """Read events from NATS JetStream into the store until SIGINT or SIGTERM; a batch in
+    hand is finished (stored and acknowledged) before stopping. Reports lag every 10 s."""
+    settings.check_production()
+    from cohortflow.events.ingest import Ingestor
+    from cohortflow.events.nats_source import JetStreamSource
+    from cohortflow.events.relay import SignalRelay
+    from cohortflow.events.signals import TemporalSignaller
+    from cohortflow.events.stream import StreamConsumer
+    from cohortflow.pseudonymisation import Pseudonymiser
+    from cohortflow.storage.db import Database
+
+    db = Database(settings.resolved_database_url)
+    relay = SignalRelay(db, TemporalSignaller(lambda: connect(settings, tracing=False)))
+    ingestor = Ingestor(db, Pseudonymiser.from_settings(settings, create=False), relay)
+    source = await JetStreamSource.connect(settings)
+    consumer = StreamConsumer(source, ingestor, batch=batch)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("consuming", subject=settings.events_subject, consumer=settings.events_consumer)
+    reported = loop.time()
+    try:
+        while not stop.is_set():
+            try:
+                await consumer.run_once(wait=1.0)
+            except Exception as exc:  # the batch was nak'ed; the database may be back soon
+                log.warning("batch not stored; offered again", error=type(exc).__name__)
+                await asyncio.sleep(1.0)
+            if loop.time() - reported >= LAG_REPORT_SECONDS:
+                reported = loop.time()
+                lag = await source.lag()
+                log.info("consumer lag", **vars(lag), **vars(consumer.stats))
+    finally:
+        await source.close()
+        await db.dispose()
+    log.info("consumer stopped", **vars(consumer.stats))
 
 
 def run_api(settings: Settings) -> None:
