@@ -18,7 +18,7 @@ from cohortflow.storage.tables import Base
 
 REPO = Path(__file__).resolve().parent.parent
 TABLES = set(Base.metadata.tables)
-HEAD = "0010"
+HEAD = "0011"
 
 
 def _table_names(connection: Connection) -> set[str]:
@@ -71,6 +71,7 @@ async def test_upgrade_downgrade_upgrade(database_url: str) -> None:
         "api_tokens",
         "profile_aliases",
         "signal_outbox",
+        "cohort_refresh",
     } == TABLES
     await migrate(database_url)
     assert _tables_without_alembic(await _tables(database_url)) == TABLES

@@ -22,13 +22,17 @@ from activities.campaign.batcher import CrmBatcher
 from activities.campaign.ceiling import CeilingConfig, RequestCeiling
 from activities.campaign.crm import CrmActivities
 from activities.campaign.escalation import EscalationWebhook
+from activities.cohort_evaluation import CohortEvaluationActivities
 from activities.launch import LaunchActivities
+from cohortflow.cohorts.refresh import CohortRefresher
+from cohortflow.cohorts.service import CohortService
 from cohortflow.crm.factory import make_connector
 from cohortflow.settings import Settings
 from cohortflow.storage.db import Database
 from scoring.registry import ModelRegistry
 from scoring.scorer import Scorer
 from workflows.campaign.workflow import CampaignWorkflow
+from workflows.cohort_evaluation import CohortEvaluationWorkflow
 from workflows.launch import LaunchCampaignsWorkflow
 
 log = structlog.get_logger(__name__)
@@ -42,17 +46,20 @@ def build_workers(
     crm_task_queue: str,
     crm_max_concurrent_activities: int = 500,
     launch: LaunchActivities | None = None,
+    cohorts: CohortEvaluationActivities | None = None,
 ) -> Sequence[Worker]:
-    """The campaign worker (with the bulk launcher when given) and the CRM worker.
+    """The campaign worker (with the bulk launcher and the scheduled cohort evaluation when
+    given) and the CRM worker.
 
     The CRM worker runs many activities at once because they mostly wait for their batch
     and the CRM's ceiling: that is what lets their records share batch calls.
     """
     launch_activities = [launch.launch_entries] if launch is not None else []
+    cohort_activities = [cohorts.evaluate_cohort] if cohorts is not None else []
     campaign = Worker(
         client,
         task_queue=task_queue,
-        workflows=[CampaignWorkflow, LaunchCampaignsWorkflow],
+        workflows=[CampaignWorkflow, LaunchCampaignsWorkflow, CohortEvaluationWorkflow],
         activities=[
             activities.spec.load_spec,
             activities.scoring.score_customer,
@@ -60,6 +67,7 @@ def build_workers(
             activities.local_time.plan_local_time,
             activities.escalation.escalate_approval,
             *launch_activities,
+            *cohort_activities,
         ],
         max_concurrent_activities=50,
     )
@@ -145,10 +153,12 @@ async def run_workers(workers: Sequence[Worker], stop: asyncio.Event) -> None:
 
 
 async def serve(settings: Settings, client: Client, stop: asyncio.Event) -> None:
-    """Run a worker process's workers against ``client`` with real dependencies."""
+    """Run a worker process's workers against ``client`` with real dependencies, and beside
+    them the incremental cohort refresher (``cohortflow.cohorts.refresh``)."""
     db = Database(settings.resolved_database_url)
     batcher = crm_batcher(settings, db)
     scorer = Scorer(ModelRegistry(settings.resolved_models_dir))
+    cohorts = CohortService(db, settings, client)
     workers = build_workers(
         client,
         campaign_activities(settings, db, scorer, batcher),
@@ -156,10 +166,16 @@ async def serve(settings: Settings, client: Client, stop: asyncio.Event) -> None
         crm_task_queue=settings.crm_task_queue,
         crm_max_concurrent_activities=settings.crm_max_concurrent_activities,
         launch=LaunchActivities(client, db, settings),
+        cohorts=CohortEvaluationActivities(cohorts),
     )
     log.info("worker started", task_queue=settings.task_queue, crm=settings.crm_task_queue)
+    # Cohorts applied while Temporal was away get their schedules now.
+    log.info("cohort schedules ensured", cohorts=await cohorts.ensure_schedules())
+    refreshing = asyncio.create_task(CohortRefresher(cohorts).run(stop))
     try:
         await run_workers(workers, stop)
     finally:
+        stop.set()
+        await refreshing
         await batcher.aclose()
         await db.dispose()

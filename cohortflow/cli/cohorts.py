@@ -49,7 +49,10 @@ def _with_service(
             try:
                 client = await connect(settings, tracing=False)
             except RuntimeError:
-                err.print("temporal unreachable: exits not signalled, entries not launched")
+                err.print(
+                    "temporal unreachable: exits not signalled, entries not launched, "
+                    "schedules left to the next worker start"
+                )
         try:
             return await action(CohortService(db, settings, client), client)
         finally:
@@ -63,7 +66,9 @@ def apply(
     file: Annotated[Path, typer.Argument(help="A cohort definition, YAML or JSON.", exists=True)],
     data_dir: DataDir = None,
 ) -> None:
-    """Validate and store a cohort definition (a changed one gets a new version)."""
+    """Validate and store a cohort definition (a changed one gets a new version), and make
+    or update its evaluation schedule: a full evaluation every `evaluate_every` (default
+    PT1H), the first at once; customers with new events are re-evaluated within seconds."""
     import yaml
 
     try:
@@ -72,7 +77,7 @@ def apply(
         raise Invalid(f"{file}: not YAML or JSON: {exc}", field="file") from exc
     settings = settings_for(data_dir=data_dir)
     definition, version, changed = _with_service(
-        settings, lambda service, _: service.apply(document)
+        settings, lambda service, _: service.apply(document), temporal=True
     )
     state = "stored" if changed else "unchanged"
     print_line(f"cohort {definition.cohort_id} v{version} {state}")
@@ -251,3 +256,75 @@ def launch_progress(
         )
 
     print_line(run(main))
+
+
+def _schedule_action(
+    settings: Settings, cohort_id: str, act: Callable[[Client], Awaitable[T]]
+) -> T:
+    """Run ``act`` against Temporal for a stored cohort; one clear line when it cannot."""
+    from temporalio.service import RPCError, RPCStatusCode
+
+    async def action(service: CohortService, client: Client | None) -> T:
+        await service.definition(cohort_id)  # NotFound names the cohort
+        if client is None:
+            raise Unavailable("temporal unreachable: the schedule lives there")
+        try:
+            return await act(client)
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND:
+                raise Unavailable(
+                    f"cohort {cohort_id} has no schedule yet: a worker makes it at start"
+                ) from exc
+            raise Unavailable(f"temporal: {exc}") from exc
+
+    return _with_service(settings, action, temporal=True)
+
+
+@cohort_app.command("schedule")
+def schedule(cohort_id: CohortArg, data_dir: DataDir = None, as_json: AsJson = False) -> None:
+    """The cohort's evaluation schedule: interval, paused or not (and why), next run."""
+    from cohortflow.cohorts import schedules
+
+    settings = settings_for(data_dir=data_dir)
+    state = _schedule_action(settings, cohort_id, lambda c: schedules.status(c, cohort_id))
+    every = state.every.total_seconds() if state.every else None
+    summary = {
+        "schedule_id": state.schedule_id,
+        "paused": state.paused,
+        "note": state.note,
+        "every_seconds": every,
+        "next_run": state.next_run.isoformat() if state.next_run else None,
+        "runs": state.runs,
+    }
+    if as_json:
+        print_line(json.dumps(summary))
+        return
+    running = "paused" if state.paused else f"next run {summary['next_run']}"
+    print_line(f"{state.schedule_id}: every {every:.0f} s, {running}; {state.runs} runs")
+    if state.note:
+        print_line(f"note: {state.note}")
+
+
+def _pause(cohort_id: str, reason: str, data_dir: Path | None, *, paused: bool) -> None:
+    from cohortflow.cohorts import schedules
+
+    settings = settings_for(data_dir=data_dir)
+    _schedule_action(
+        settings, cohort_id, lambda c: schedules.set_paused(c, cohort_id, paused, reason)
+    )
+    print_line(f"cohort {cohort_id} evaluations {'paused' if paused else 'resumed'}")
+
+
+Reason = Annotated[str, typer.Option("--reason", help="Why (shown on the schedule).")]
+
+
+@cohort_app.command("pause")
+def pause(cohort_id: CohortArg, reason: Reason, data_dir: DataDir = None) -> None:
+    """Stop the cohort's scheduled evaluations (new events still refresh its members)."""
+    _pause(cohort_id, reason, data_dir, paused=True)
+
+
+@cohort_app.command("resume")
+def resume(cohort_id: CohortArg, reason: Reason, data_dir: DataDir = None) -> None:
+    """Run the cohort's scheduled evaluations again."""
+    _pause(cohort_id, reason, data_dir, paused=False)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import operator
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
@@ -89,8 +89,10 @@ async def load_population(
     definition: CohortDefinition,
     now: datetime,
     score: ScoreFn | None = None,
+    only: Sequence[str] | None = None,
 ) -> Population:
-    """Read what ``definition``'s rule needs for every customer with features."""
+    """Read what ``definition``'s rule needs for every customer with features (only those
+    of ``only`` when given: the incremental path)."""
     comparisons = leaves(definition.rule)
     names = sorted({c.feature for c in comparisons if isinstance(c, FeatureRule)})
     models = sorted({c.score for c in comparisons if isinstance(c, ScoreRule)})
@@ -102,10 +104,14 @@ async def load_population(
     dated = any(aged(n) or n in WINDOWS for n in names)
     if dated:
         columns.append(_epoch_day(session, CustomerFeatures.as_of))
-    result = await session.execute(
-        select(CustomerFeatures.customer_key, *columns).order_by(CustomerFeatures.customer_key)
-    )
-    rows = result.all()
+    query = select(CustomerFeatures.customer_key, *columns).order_by(CustomerFeatures.customer_key)
+    if only is None:
+        rows = list((await session.execute(query)).all())
+    else:
+        rows = []
+        for chunk in chunked(sorted(set(only)), rows_per_statement(session, 1)):
+            found = await session.execute(query.where(CustomerFeatures.customer_key.in_(chunk)))
+            rows.extend(found.all())
     # Column-wise from here: one C-level conversion per column, None becoming NaN.
     transposed = list(zip(*rows, strict=True)) if rows else [() for _ in range(len(columns) + 1)]
     keys = np.array(transposed[0], dtype=object)
@@ -127,13 +133,15 @@ async def load_population(
         if isinstance(rule, EventRule) and (rule.event, rule.within) not in events:
             counts = np.zeros(len(keys), dtype=np.float64)
             start = utc(now) - parse_duration(rule.within)
-            found = await session.execute(
+            counted = (
                 select(Event.customer_key, func.count())
                 .where(Event.event == rule.event, Event.occurred_at > start)
                 .where(Event.occurred_at <= utc(now), Event.type == "track")
                 .group_by(Event.customer_key)
             )
-            for key, count in found:
+            if only is not None:
+                counted = counted.where(Event.customer_key.in_(sorted(position)))
+            for key, count in await session.execute(counted):
                 at_position = position.get(key)
                 if at_position is not None:
                     counts[at_position] = count
@@ -209,11 +217,12 @@ async def membership(
     definition: CohortDefinition,
     now: datetime | None = None,
     score: ScoreFn | None = None,
+    keys: Sequence[str] | None = None,
 ) -> set[str]:
-    """The customer keys the cohort holds at ``now`` (read-only)."""
+    """The customer keys the cohort holds at ``now`` (of ``keys`` only, when given)."""
     at = utc(now)
     async with db.read_transaction() as session:
-        population = await load_population(session, definition, at, score)
+        population = await load_population(session, definition, at, score, keys)
     mask = apply_rule(definition.rule, population)
     return set(population.keys[mask].tolist())
 
@@ -243,16 +252,24 @@ async def evaluate(
     definition: CohortDefinition,
     now: datetime | None = None,
     score: ScoreFn | None = None,
+    keys: Sequence[str] | None = None,
 ) -> Evaluation:
-    """Compute membership and store the difference as entered/exited transitions.
+    """Compute membership and store the difference as entered/exited transitions; with
+    ``keys``, for those customers only (the others keep their membership).
 
     Evaluating again with nothing changed stores nothing.
     """
     at = utc(now) if now is not None else datetime.now(UTC)
-    members = await membership(db, definition, at, score)
+    members = await membership(db, definition, at, score, keys)
     evaluation_id = uuid.uuid4().hex
+    among = set(keys) if keys is not None else None
     async with db.transaction() as session:
         diff = await apply_membership(
-            session, definition.cohort_id, members, evaluation_id=evaluation_id, now=at
+            session,
+            definition.cohort_id,
+            members,
+            evaluation_id=evaluation_id,
+            now=at,
+            among=among,
         )
     return Evaluation(definition.cohort_id, evaluation_id, at, diff)

@@ -14,6 +14,7 @@ A comparison with a missing value is false (as in SQL); ``not`` negates its resu
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -34,6 +35,7 @@ Op = Literal["<", "<=", "==", "!=", ">=", ">"]
 PLAIN_FEATURES = frozenset(FEATURE_NAMES) | {"events_total", "events_30d"}
 _EVENT_NAME = re.compile(r"^[A-Za-z0-9_.\- ]{1,128}$")
 MAX_DEPTH = 16
+MIN_EVALUATE_EVERY = timedelta(minutes=1)
 
 
 class _Rule(BaseModel):
@@ -149,6 +151,16 @@ class CohortDefinition(BaseModel):
     name: str = Field(min_length=1, max_length=200)
     description: str = ""
     rule: Rule
+    # How often the cohort's schedule evaluates it in full (ISO-8601, at least a minute);
+    # customers touched by new events are re-evaluated within seconds in between.
+    evaluate_every: str = "PT1H"
+
+    @field_validator("evaluate_every")
+    @classmethod
+    def _interval(cls, value: str) -> str:
+        if parse_duration(value) < MIN_EVALUATE_EVERY:
+            raise ValueError(f"must be at least {MIN_EVALUATE_EVERY.total_seconds():.0f} s")
+        return value
 
     @field_validator("rule")
     @classmethod

@@ -15,6 +15,7 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
 from cohortflow.campaigns import visibility
+from cohortflow.cohorts import schedules
 from cohortflow.cohorts.evaluator import Evaluation, ScoreFn, evaluate, model_scores
 from cohortflow.cohorts.rules import CohortDefinition, CohortError, ScoreRule, leaves, parse_cohort
 from cohortflow.errors import Invalid, NotFound
@@ -66,7 +67,9 @@ class CohortService:
         self._score: ScoreFn | None = None
 
     async def apply(self, document: Any) -> tuple[CohortDefinition, int, bool]:
-        """Validate and store a definition; returns it, its version and whether it changed."""
+        """Validate and store a definition, then make or update its evaluation schedule
+        (when Temporal is away, the next worker start does); returns the definition, its
+        version and whether it changed."""
         try:
             definition = parse_cohort(document)
         except CohortError as exc:
@@ -75,7 +78,24 @@ class CohortService:
             version, changed = await cohorts.save_cohort(
                 session, definition.cohort_id, definition.model_dump(mode="json", by_alias=True)
             )
+        if self._client is not None:
+            try:
+                await schedules.ensure(self._client, self._settings, definition)
+            except RPCError as exc:
+                log.warning(
+                    "cohort schedule not made", cohort_id=definition.cohort_id, error=str(exc)
+                )
         return definition, version, changed
+
+    async def ensure_schedules(self) -> int:
+        """Make or update every stored cohort's schedule (a worker does at start); how many."""
+        if self._client is None:
+            return 0
+        async with self.db.transaction() as session:
+            stored = await cohorts.list_cohorts(session)
+        for cohort, _ in stored:
+            await schedules.ensure(self._client, self._settings, parse_cohort(cohort.definition))
+        return len(stored)
 
     async def definition(self, cohort_id: str) -> CohortDefinition:
         """The stored definition; NotFound if there is none."""
@@ -96,13 +116,25 @@ class CohortService:
         return self._score
 
     async def evaluate(
-        self, cohort_id: str, *, launch: bool = True, now: datetime | None = None
+        self,
+        cohort_id: str,
+        *,
+        launch: bool = True,
+        now: datetime | None = None,
+        keys: Sequence[str] | None = None,
     ) -> EvaluationReport:
-        """Evaluate, store the difference, signal exits and start launches of entries."""
+        """Evaluate (only ``keys`` when given), store the difference, signal exits and start
+        launches of entries.
+
+        A full evaluation's launches cover every entry so far, catching up one whose launch
+        never started; an incremental one's cover only the entries it stored.
+        """
         definition = await self.definition(cohort_id)
         report = EvaluationReport(
-            await evaluate(self.db, definition, now, self._scores(definition))
+            await evaluate(self.db, definition, now, self._scores(definition), keys)
         )
+        diff = report.evaluation.diff
+        after = 0 if keys is None else (diff.first_seq or 1) - 1
         if self._client is None:
             report.temporal = "unreachable"
             return report
@@ -110,8 +142,8 @@ class CohortService:
             report.exits_signalled = await self._signal_exits(
                 cohort_id, report.evaluation.diff.exited
             )
-            if launch:
-                report.launches = await self.start_launches(cohort_id)
+            if launch and (keys is None or diff.entered):
+                report.launches = await self.start_launches(cohort_id, after_seq=after)
             report.temporal = "ok"
         except RPCError as exc:
             log.warning("temporal failed after evaluation", error=str(exc))
@@ -151,8 +183,9 @@ class CohortService:
                     found.append((spec, campaign.latest_version))
         return found
 
-    async def start_launches(self, cohort_id: str) -> list[LaunchStarted]:
-        """Start (idempotently) one bulk launch per campaign over every entry so far.
+    async def start_launches(self, cohort_id: str, *, after_seq: int = 0) -> list[LaunchStarted]:
+        """Start (idempotently) one bulk launch per campaign over the entries after
+        ``after_seq`` (every entry so far by default).
 
         Entries a previous launch handled are skipped by their stored decisions, so the
         launch is started even when this evaluation added nothing: an earlier one that
@@ -166,7 +199,7 @@ class CohortService:
             if up_to is None:
                 return []
             total = await cohorts.count_transitions(
-                session, cohort_id, cohorts.ENTERED, up_to_seq=up_to
+                session, cohort_id, cohorts.ENTERED, after_seq=after_seq, up_to_seq=up_to
             )
         started: list[LaunchStarted] = []
         for spec, version in await self.campaigns_for(cohort_id):
@@ -174,7 +207,9 @@ class CohortService:
             try:
                 await client.start_workflow(
                     LaunchCampaignsWorkflow.run,
-                    LaunchInput(spec.campaign_id, version, cohort_id, up_to, total),
+                    LaunchInput(
+                        spec.campaign_id, version, cohort_id, up_to, total, after_seq=after_seq
+                    ),
                     id=workflow_id,
                     task_queue=self._settings.task_queue,
                     id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,

@@ -20,6 +20,7 @@ from cohortflow.events.relay import SignalRelay
 from cohortflow.events.schema import AnyEvent, Received, parse_event
 from cohortflow.events.signals import TemporalStatus
 from cohortflow.pseudonymisation import Pseudonymiser
+from cohortflow.storage.cohorts import touch
 from cohortflow.storage.db import Database
 from cohortflow.storage.events import EventRecord, insert_events, upsert_identities
 from cohortflow.storage.feature_store import update_features
@@ -106,6 +107,7 @@ class Ingestor:
             grown = await merge_profiles(session, plan.merges, now=now)
             touched = {r.customer_key for r in plan.records if r.message_id in inserted}
             await update_features(session, sorted(touched | grown), now=now)
+            await touch(session, sorted(touched | grown), now=received.at)  # cohorts.refresh
             new = [r for r in plan.records if r.message_id in inserted and r.type == "track"]
             owed = [_owed(r) for r in new] if self._relay else []
             await owe(session, owed, now=received.at)

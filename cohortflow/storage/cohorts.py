@@ -12,7 +12,7 @@ from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from cohortflow.storage._sql import canonical_json, chunked, rows_per_statement, upsert, utc
-from cohortflow.storage.tables import Cohort, CohortMember, CohortTransition
+from cohortflow.storage.tables import Cohort, CohortMember, CohortRefresh, CohortTransition
 
 ENTERED = "entered"
 EXITED = "exited"
@@ -75,12 +75,17 @@ async def list_cohorts(session: AsyncSession) -> list[tuple[Cohort, int]]:
     return [(c, int(counts.get(c.cohort_id, 0))) for c in cohorts]
 
 
-async def member_keys(session: AsyncSession, cohort_id: str) -> set[str]:
-    """The current members' customer keys."""
-    result = await session.scalars(
-        select(CohortMember.customer_key).where(CohortMember.cohort_id == cohort_id)
-    )
-    return set(result)
+async def member_keys(
+    session: AsyncSession, cohort_id: str, among: set[str] | None = None
+) -> set[str]:
+    """The current members' customer keys (those of ``among`` only, when given)."""
+    query = select(CohortMember.customer_key).where(CohortMember.cohort_id == cohort_id)
+    if among is None:
+        return set(await session.scalars(query))
+    found: set[str] = set()
+    for chunk in chunked(sorted(among), rows_per_statement(session, 1)):
+        found |= set(await session.scalars(query.where(CohortMember.customer_key.in_(chunk))))
+    return found
 
 
 async def members_page(
@@ -114,8 +119,10 @@ async def apply_membership(
     *,
     evaluation_id: str,
     now: datetime | None = None,
+    among: set[str] | None = None,
 ) -> Diff:
-    """Make ``new_members`` the cohort's members and record who entered and who left.
+    """Make ``new_members`` the cohort's members and record who entered and who left; with
+    ``among``, only those customers were evaluated and only their membership changes.
 
     Locks the cohort's row first, so concurrent evaluations of one cohort serialise and
     never record the same entry twice. Entries are stored before exits, each in key order.
@@ -124,7 +131,7 @@ async def apply_membership(
     await session.execute(
         select(Cohort.cohort_id).where(Cohort.cohort_id == cohort_id).with_for_update()
     )
-    current = await member_keys(session, cohort_id)
+    current = await member_keys(session, cohort_id, among)
     entered = sorted(new_members - current)
     exited = sorted(current - new_members)
     transitions = [
@@ -157,7 +164,11 @@ async def apply_membership(
     await session.execute(
         update(Cohort).where(Cohort.cohort_id == cohort_id).values(evaluated_at=at)
     )
-    return Diff(entered, exited, len(new_members), first_seq, last_seq)
+    size = len(new_members)
+    if among is not None:  # the whole cohort's size, not the evaluated part's
+        count = select(func.count()).where(CohortMember.cohort_id == cohort_id)
+        size = int(await session.scalar(count) or 0)
+    return Diff(entered, exited, size, first_seq, last_seq)
 
 
 async def transitions_page(
@@ -217,5 +228,48 @@ async def history(session: AsyncSession, customer_key: str) -> Sequence[CohortTr
         select(CohortTransition)
         .where(CohortTransition.customer_key == customer_key)
         .order_by(CohortTransition.seq)
+    )
+    return list(result)
+
+
+async def touch(session: AsyncSession, keys: Sequence[str], *, now: datetime) -> None:
+    """Queue customers for re-evaluation by every cohort (their events changed)."""
+    rows = [{"customer_key": key, "touched_at": utc(now)} for key in sorted(set(keys))]
+    if rows:
+        stmt = upsert(session, CohortRefresh)
+        await session.execute(
+            stmt.on_conflict_do_update(
+                index_elements=[CohortRefresh.customer_key],
+                set_={"touched_at": stmt.excluded.touched_at},
+            ),
+            rows,
+        )
+
+
+async def touched(session: AsyncSession, limit: int) -> list[tuple[str, datetime]]:
+    """Up to ``limit`` queued customers, longest waiting first, with when they were touched."""
+    result = await session.execute(
+        select(CohortRefresh.customer_key, CohortRefresh.touched_at)
+        .order_by(CohortRefresh.touched_at, CohortRefresh.customer_key)
+        .limit(limit)
+    )
+    return [(key, at) for key, at in result]
+
+
+async def refreshed(session: AsyncSession, claimed: Sequence[tuple[str, datetime]]) -> None:
+    """Dequeue customers re-evaluated as of their claimed touch; one touched again since
+    stays queued."""
+    for key, at in claimed:
+        await session.execute(
+            delete(CohortRefresh).where(
+                CohortRefresh.customer_key == key, CohortRefresh.touched_at <= utc(at)
+            )
+        )
+
+
+async def evaluated_cohorts(session: AsyncSession) -> list[str]:
+    """Cohorts evaluated in full at least once: the ones the incremental path keeps."""
+    result = await session.scalars(
+        select(Cohort.cohort_id).where(Cohort.evaluated_at.is_not(None)).order_by(Cohort.cohort_id)
     )
     return list(result)

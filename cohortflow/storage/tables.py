@@ -311,6 +311,17 @@ class Cohort(Base):
     evaluated_at: Mapped[datetime | None]
 
 
+class CohortRefresh(Base):
+    """A customer whose events changed since their cohorts last looked: written in the
+    transaction that stored the events, deleted once every cohort re-evaluated them
+    (``cohorts.refresh``). Touched again meanwhile, ``touched_at`` moves and the row stays."""
+
+    __tablename__ = "cohort_refresh"
+
+    customer_key: Mapped[str] = mapped_column(String(KEY_LEN), primary_key=True)
+    touched_at: Mapped[datetime] = mapped_column(index=True)
+
+
 class CohortMember(Base):
     """A customer currently in a cohort, since when."""
 
