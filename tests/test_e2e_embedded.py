@@ -259,6 +259,8 @@ def test_demo_up_approve_kill_restart_verify_and_stop(tmp_path: Path) -> None:
         assert sum(campaign["states"].values()) == campaign["entered"] > 0
         assert campaign["launched_new"] == campaign["entered"]
         assert sum(campaign["variants"].values()) == campaign["entered"]
+        # Everyone the product's evaluator put in the entry cohort, and no one else, entered.
+        assert campaign["cohort_members"] == campaign["entered"]
     # The win-back: some wait for an operator, some complete, none is held by quiet hours.
     assert winback["states"]["awaiting_approval"] > 0
     assert winback["states"]["completed"] > 0

@@ -222,3 +222,22 @@ async def test_the_write_key_must_be_a_live_ingest_token(api: Served, db: Databa
         nothing = await http.post("/v1/track", json=event)
         assert nothing.status_code == 401
     assert await stored(db) == {}
+
+
+async def test_an_identify_and_a_track_of_one_user_in_one_batch_keep_the_contact_data(
+    api: Served, db: Database
+) -> None:
+    identify = {
+        "type": "identify",
+        "messageId": "i",
+        "userId": "new",
+        "traits": {"email": "new@example.com", "timezone": "Asia/Tokyo", "plan": "free"},
+    }
+    signed_up = {"type": "track", "messageId": "t", "userId": "new", "event": "signed_up"}
+    response = await post(api, "/v1/batch", {"batch": [identify, signed_up]})
+    assert response.status_code == 200, response.text
+    async with db.transaction() as session:
+        customer = await session.get(Customer, key("new"))
+    assert customer is not None
+    assert (customer.email, customer.timezone) == ("new@example.com", "Asia/Tokyo")
+    assert customer.attributes == {"plan": "free"}

@@ -33,6 +33,7 @@ from cohortflow.storage import customers
 from cohortflow.storage.db import Database
 
 Progress = Callable[[str], None]
+SIGNED_UP = "signed_up"
 
 
 _RATE_LIMITED_TRIES = 30
@@ -102,23 +103,26 @@ async def prepare_drip(
         known = {k for k in keys if await customers.get_customer(session, k) is not None}
     now = datetime.now(UTC).isoformat()
     progress(f"signing up {len(ids)} new customers through {api.base_url}/v1/batch")
-    await post_events(
-        api,
-        [
+    signups: list[dict[str, Any]] = []
+    for i in ids:
+        traits = {"email": f"{i}@example.com", "timezone": timezone_for(i, options)}
+        signups += [
             {
                 "type": "identify",
                 "messageId": f"demo-identify-{i}",
                 "userId": i,
                 "timestamp": now,
-                "traits": {
-                    "email": f"{i}@example.com",
-                    "timezone": timezone_for(i, options),
-                    "plan": "free",
-                },
-            }
-            for i in ids
-        ],
-    )
+                "traits": {**traits, "plan": "free"},
+            },
+            {
+                "type": "track",
+                "event": SIGNED_UP,
+                "messageId": f"demo-signup-{i}",
+                "userId": i,
+                "timestamp": now,
+            },
+        ]
+    await post_events(api, signups)
     # Consent is asked at signup; only new customers answer, so an operator's change sticks.
     for source_id, key in zip(ids, keys, strict=True):
         if key in known:
@@ -136,8 +140,19 @@ async def prepare_drip(
         )
     spec = load_spec_file(example_spec(DRIP_SPEC))
     version = await save_version(db, spec)
-    progress(f"cohort {spec.entry_cohort}: {len(keys)} signups; {spec.campaign_id} v{version}")
-    return Launch(spec=spec, version=version, entrants=keys)
+    progress(
+        f"cohort {spec.entry_cohort}: signed up in the last 7 days; {spec.campaign_id} v{version}"
+    )
+    return Launch(spec=spec, version=version, cohort=signed_up_cohort(spec.entry_cohort))
+
+
+def signed_up_cohort(cohort_id: str) -> dict[str, Any]:
+    """The drip's entry cohort: customers who signed up in the last week."""
+    return {
+        "cohort_id": cohort_id,
+        "name": "new signups",
+        "rule": {"event": SIGNED_UP, "within": "P7D", "op": ">=", "count": 1},
+    }
 
 
 async def first_purchases(

@@ -1,29 +1,44 @@
-"""Store a demo campaign's spec version and launch its entrants, a bounded number at a time."""
+"""Store a demo campaign's spec version and its entry cohort; the product's evaluator picks
+who enters and ``LaunchCampaignsWorkflow`` launches them, as it would for any cohort."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
-from cohortflow.campaigns.launcher import Entry, Launcher
+from temporalio.client import Client
+
+from cohortflow.cohorts.service import CohortService
 from cohortflow.spec import CampaignSpec
-from cohortflow.storage import campaigns
+from cohortflow.storage import campaigns, cohorts
 from cohortflow.storage.db import Database
+from workflows.launch import LaunchCampaignsWorkflow, LaunchProgress
 
 
 @dataclass
 class Launch:
-    """A campaign spec version and the customers entering its cohort."""
+    """A campaign spec version and the definition of the cohort its customers enter from."""
 
     spec: CampaignSpec
     version: int
-    entrants: list[str]
+    cohort: dict[str, Any] = field(default_factory=dict)
 
     @property
     def campaign_id(self) -> str:
-        """The campaign these entrants start."""
+        """The campaign the cohort's entries start."""
         return self.spec.campaign_id
+
+
+@dataclass(frozen=True)
+class Entered:
+    """What entering the cohort gave: its members, and the campaign's entries before and
+    after (the difference is what this run launched)."""
+
+    members: int
+    before: int
+    after: int
 
 
 async def save_version(db: Database, spec: CampaignSpec) -> int:
@@ -35,23 +50,34 @@ async def save_version(db: Database, spec: CampaignSpec) -> int:
     return version
 
 
-async def launch_all(
-    launcher: Launcher,
+async def entries(db: Database, campaign_id: str) -> int:
+    """How many entries the campaign has had."""
+    async with db.transaction() as session:
+        return await campaigns.count_entries(session, campaign_id)
+
+
+async def enter_cohort(
+    service: CohortService,
+    client: Client,
     launch: Launch,
-    advance: Callable[[], None],
-    concurrency: int = 16,
-) -> int:
-    """Launch every entrant of ``launch``; returns how many were new."""
-    gate = asyncio.Semaphore(concurrency)
-    new = 0
-
-    async def one(key: str) -> None:
-        nonlocal new
-        async with gate:
-            entry = Entry(key, launch.spec.entry_cohort)
-            if await launcher.launch(launch.spec, launch.version, entry):
-                new += 1
-            advance()
-
-    await asyncio.gather(*(one(k) for k in launch.entrants))
-    return new
+    advance: Callable[[int, int], None],
+) -> Entered:
+    """Apply the cohort (which makes its schedule), evaluate it, and follow its launches to
+    the end; ``advance(done, total)`` reports progress."""
+    before = await entries(service.db, launch.campaign_id)
+    definition, _, _ = await service.apply(launch.cohort)
+    report = await service.evaluate(definition.cohort_id)
+    for started in report.launches:
+        if started.campaign_id != launch.campaign_id:
+            continue
+        handle = client.get_workflow_handle_for(LaunchCampaignsWorkflow.run, started.workflow_id)
+        while True:
+            state: LaunchProgress | None = await handle.query(LaunchCampaignsWorkflow.progress)
+            if state is not None:
+                advance(state.processed, state.total)
+                if state.done:
+                    break
+            await asyncio.sleep(0.3)
+    async with service.db.transaction() as session:
+        members = len(await cohorts.member_keys(session, definition.cohort_id))
+    return Entered(members, before, await entries(service.db, launch.campaign_id))

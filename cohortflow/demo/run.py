@@ -5,6 +5,10 @@
 2. the drip (``examples/onboarding_drip.yaml``): new customers signed up through the HTTP
    API wait for their first purchase; a seeded share buys, through the API again, and is
    thanked, the rest keep waiting (three days, then a nudge at 10:00 their time).
+
+Each campaign's customers enter through its cohort, applied (with its schedule) and
+evaluated by the product, and are launched by ``LaunchCampaignsWorkflow``: the demo picks
+no one itself.
 """
 
 from __future__ import annotations
@@ -12,18 +16,24 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
-from functools import partial
 from typing import Any
 
 import httpx
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from temporalio.client import Client
 
 from cohortflow.auth.tokens import TokenService
-from cohortflow.campaigns.launcher import Launcher
+from cohortflow.cohorts.service import CohortService
 from cohortflow.demo.drip import first_purchases, prepare_drip
-from cohortflow.demo.launching import Launch, launch_all
+from cohortflow.demo.launching import Entered, Launch, enter_cohort
 from cohortflow.demo.options import DemoOptions
 from cohortflow.demo.settle import CampaignCounts, wait_until_settled
 from cohortflow.demo.winback import prepare_winback
@@ -38,7 +48,9 @@ class CampaignOutcome:
 
     campaign_id: str
     version: int
-    entered: int
+    cohort_id: str
+    cohort_members: int  # who the product's evaluator put in the entry cohort
+    entered: int  # campaigns in Temporal visibility
     launched_new: int
     already_launched: int
     states: dict[str, int]
@@ -98,9 +110,9 @@ async def run_demo_job(
             winback = await prepare_winback(settings, db, options, note)
             drip = await prepare_drip(settings, db, api, options, note)
             launches: list[Launch] = [winback, drip]
-            launcher = Launcher(client, db, settings)
+            service = CohortService(db, settings, client)
             launch_started = time.monotonic()
-            new: dict[str, int] = {}
+            entered: dict[str, Entered] = {}
             with Progress(
                 TextColumn("launching {task.description}"),
                 BarColumn(),
@@ -109,37 +121,42 @@ async def run_demo_job(
                 console=err,
             ) as bar:
                 for launch in launches:
-                    task = bar.add_task(launch.campaign_id, total=len(launch.entrants))
-                    new[launch.campaign_id] = await launch_all(
-                        launcher, launch, partial(bar.advance, task)
+                    task = bar.add_task(launch.campaign_id, total=None)
+
+                    def advance(done: int, total: int, task: TaskID = task) -> None:
+                        bar.update(task, completed=done, total=total)
+
+                    entered[launch.campaign_id] = await enter_cohort(
+                        service, client, launch, advance
                     )
             for launch in launches:
-                earlier = len(launch.entrants) - new[launch.campaign_id]
-                if earlier:
-                    note(
-                        f"{earlier} of {len(launch.entrants)} {launch.campaign_id} campaigns "
-                        "were launched by an earlier run on this data directory"
-                    )
-            expected = {launch.campaign_id: len(launch.entrants) for launch in launches}
+                outcome = entered[launch.campaign_id]
+                note(
+                    f"cohort {launch.spec.entry_cohort}: {outcome.members} members; "
+                    f"{outcome.after - outcome.before} {launch.campaign_id} campaigns launched now"
+                    + (f", {outcome.before} by earlier runs" if outcome.before else "")
+                )
+            expected = {c: e.after for c, e in entered.items()}
             await _settle(client, expected, options, err, "campaigns running")
             launched_seconds = time.monotonic() - launch_started
             purchases = await first_purchases(api, options, note)
             counts = await _settle(client, expected, options, err, "purchases arriving")
     finally:
         await db.dispose()
+    new = sum(e.after - e.before for e in entered.values())
     return DemoSummary(
         campaigns=[
-            _outcome(launch, new[launch.campaign_id], c)
+            _outcome(launch, entered[launch.campaign_id], c)
             for launch, c in zip(launches, counts, strict=True)
         ],
         model_version=winback.model_version,
         wall_seconds=time.monotonic() - started,
-        campaigns_per_second=round(sum(new.values()) / launched_seconds, 2),
+        campaigns_per_second=round(new / launched_seconds, 2),
         temporal_address=settings.resolved_temporal_address,
         namespace=settings.temporal_namespace,
         temporal_ui=ui_url,
         sample_size=winback.sample_size,
-        signups=len(drip.entrants),
+        signups=options.signups,
         purchases=purchases,
     )
 
@@ -160,13 +177,15 @@ async def _settle(
         )
 
 
-def _outcome(launch: Launch, new: int, counts: CampaignCounts) -> CampaignOutcome:
+def _outcome(launch: Launch, entered: Entered, counts: CampaignCounts) -> CampaignOutcome:
     return CampaignOutcome(
         campaign_id=launch.campaign_id,
         version=launch.version,
+        cohort_id=launch.spec.entry_cohort,
+        cohort_members=entered.members,
         entered=counts.total,
-        launched_new=new,
-        already_launched=len(launch.entrants) - new,
+        launched_new=entered.after - entered.before,
+        already_launched=entered.before,
         states=counts.states,
         variants=counts.variants,
         parked_at=counts.parked_at,

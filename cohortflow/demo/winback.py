@@ -2,16 +2,19 @@
 
 Loads the shipped transaction log, trains and registers a churn model if there is none,
 stores a deterministic sample of customers with their features, time zones and seeded
-consent, and picks the cohort's entrants: the riskier half of the sample by churn score.
+consent, and defines the entry cohort: customers who have spent and whose churn score is at
+least the sample's median. The product's evaluator then decides who is in it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -51,6 +54,23 @@ class WinbackLaunch(Launch):
     sample_size: int = 0
 
 
+def at_risk_cohort(cohort_id: str, churn_at_least: float) -> dict[str, Any]:
+    """The win-back's entry cohort: paying customers likely to lapse."""
+    # Rounded down: the customer at the cut, scored again by the evaluator, stays in.
+    cut = math.floor(churn_at_least * 1e6) / 1e6
+    return {
+        "cohort_id": cohort_id,
+        "name": "lapsing paying customers",
+        "description": "Spent before, churn score in the riskier half of the demo's sample.",
+        "rule": {
+            "all": [
+                {"score": "churn", "op": ">=", "value": cut},
+                {"feature": "monetary_total", "op": ">", "value": 0},
+            ]
+        },
+    }
+
+
 def sample_customers(customer_ids: list[str], n: int) -> list[str]:
     """A deterministic sample: the same ids on every machine for the same n."""
     ranked = sorted(customer_ids, key=lambda c: hashlib.sha256(f"demo:{c}".encode()).digest())
@@ -71,7 +91,7 @@ def with_thresholds(spec: CampaignSpec, churn: float, monetary: float) -> Campai
 async def prepare_winback(
     settings: Settings, db: Database, options: DemoOptions, progress: Progress
 ) -> WinbackLaunch:
-    """Data, model, customers, consent, entrants and spec version of the win-back."""
+    """Data, model, customers, consent, entry cohort and spec version of the win-back."""
     progress("loading the CDNOW transaction log")
     transactions = await asyncio.to_thread(load_transactions)
     registry = ModelRegistry(settings.resolved_models_dir)
@@ -132,7 +152,6 @@ async def prepare_winback(
 
     entry_cut = float(np.quantile(scores, options.entry_quantile))
     entering = scores >= entry_cut
-    entrants = [k for k, inside in zip(keys, entering, strict=True) if inside]
     monetary = frame["monetary_total"].to_numpy(dtype=float)[entering]
     spec = with_thresholds(
         load_spec_file(example_spec(WINBACK_SPEC)),
@@ -141,14 +160,13 @@ async def prepare_winback(
     )
     version = await save_version(db, spec)
     progress(
-        f"cohort {spec.entry_cohort}: {len(entrants)} of {len(sample)} customers have churn ≥ "
-        f"{entry_cut:.3f} (the {options.entry_quantile:.0%} quantile); "
-        f"{spec.campaign_id} v{version}"
+        f"cohort {spec.entry_cohort}: churn ≥ {entry_cut:.3f} (the sample's "
+        f"{options.entry_quantile:.0%} quantile) and spent before; {spec.campaign_id} v{version}"
     )
     return WinbackLaunch(
         spec=spec,
         version=version,
-        entrants=entrants,
+        cohort=at_risk_cohort(spec.entry_cohort, entry_cut),
         model_version=champion.version,
         trained=trained,
         sample_size=len(sample),

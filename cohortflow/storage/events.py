@@ -50,6 +50,17 @@ async def upsert_identities(
     created_at = utc(now)
     latest: dict[str, IdentityRecord] = {}
     for identity in identities:
+        # A batch may name one customer twice (identify, then track): what the later one
+        # does not carry, the earlier one's contact data fills in.
+        prior = latest.get(identity.customer_key)
+        if prior is not None:
+            identity = IdentityRecord(
+                identity.customer_key,
+                identity.source_id,
+                email=identity.email or prior.email,
+                timezone=identity.timezone or prior.timezone,
+                attributes=prior.attributes if identity.attributes is None else identity.attributes,
+            )
         latest[identity.customer_key] = identity
     rows = [
         {
