@@ -19,6 +19,13 @@ history alone (it needs no labels) and carries the horizon: the training window 
 necessarily shorter than the test one, and BG/NBD's horizon-aware probabilities let the
 trees transfer across horizons where raw recency and age cannot.
 
+For that transfer to hold, the trees must see more than one horizon: churn trains on three
+snapshots whose cut-offs are a month apart (``train_offsets_days``), all labelled up to
+``train_label_end``, so they learn how the label moves with BG/NBD's horizon-aware inputs.
+Trained on one snapshot, the model's Brier score only tied BG/NBD's on some later splits
+(its probabilities too low in the middle bins); on three it beats BG/NBD on every split
+tried, with bootstrap intervals clear of zero (the README's Models section has the table).
+
 The same run computes two baselines on the same test customers: BG/NBD (conditional
 expected purchases to rank, P(at least one purchase) as the probability) and the RFM
 quintile heuristic (R+F+M score mapped to the event rate it had in the training window).
@@ -92,6 +99,9 @@ class TrainConfig:
     nthread: int = 2
     hybrid: bool = True
     bootstrap_resamples: int = 500
+    # Training snapshots: the train cut-off moved by these days, each labelled up to
+    # train_label_end (0 is the train cut-off itself; see the module's doc).
+    train_offsets_days: tuple[int, ...] = (-30, 0, 30)
 
     def __post_init__(self) -> None:
         if self.model not in MODEL_EVENTS:
@@ -104,6 +114,10 @@ class TrainConfig:
             )
         if self.bootstrap_resamples < 0:
             raise ValueError("bootstrap_resamples must be >= 0")
+        if 0 not in self.train_offsets_days or max(self.train_cutoffs) >= self.train_label_end:
+            raise ValueError(
+                "train_offsets_days must include 0 and keep every cut-off before train_label_end"
+            )
 
     @classmethod
     def for_model(cls, model: str, **overrides: Any) -> TrainConfig:
@@ -120,6 +134,7 @@ class TrainConfig:
                 "train_label_end": date(1997, 9, 30),
                 "feature_cutoff": date(1997, 9, 30),
                 "label_end": date(1997, 12, 29),
+                "train_offsets_days": (0,),  # one horizon, already the test's
             }
         else:
             defaults = {"model": model}
@@ -129,6 +144,12 @@ class TrainConfig:
     def event(self) -> Event:
         """The model's positive class."""
         return MODEL_EVENTS[self.model]
+
+    @property
+    def train_cutoffs(self) -> tuple[date, ...]:
+        """The training snapshots' feature cut-offs, oldest first."""
+        shifted = {self.train_feature_cutoff + timedelta(days=d) for d in self.train_offsets_days}
+        return tuple(sorted(shifted))
 
     @property
     def horizon_days(self) -> int:
@@ -235,9 +256,10 @@ class QualityReport:
         d = self.dates
         lines = [
             f"{self.model}: {self.label}",
-            f"  train features through {d['train_features']}, "
+            f"  train features through {d['train_features']}"
+            f" (snapshots {d.get('train_snapshots', d['train_features'])}), "
             f"train labels {d['train_labels_from']} to {d['train_labels_to']} "
-            f"({self.n_train} customers, event rate {self.train_base_rate:.3f})",
+            f"({self.n_train} customer snapshots, event rate {self.train_base_rate:.3f})",
             f"  test features through {d['test_features']}, "
             f"test labels {d['test_labels_from']} to {d['test_labels_to']} "
             f"({self.n_test} customers, event rate "
@@ -586,29 +608,34 @@ def train_model(
             progress(message)
 
     event = config.event
-    train = build_snapshot(transactions, config.train_feature_cutoff, config.train_label_end, event)
     test = build_snapshot(transactions, config.feature_cutoff, config.label_end, event)
-    assert_time_split(train, test)
+    snapshots = _training_snapshots(transactions, config, test)
+    train = snapshots[config.train_feature_cutoff]
     report(
-        f"train: {len(train.features)} customers, features <= {config.train_feature_cutoff}, "
-        f"labels to {config.train_label_end}; test: {len(test.features)} customers, "
-        f"features <= {config.feature_cutoff}, labels to {config.label_end}"
+        f"train: {len(train.features)} customers, features <= {config.train_feature_cutoff} "
+        f"(and {len(snapshots) - 1} more snapshots), labels to {config.train_label_end}; "
+        f"test: {len(test.features)} customers, features <= {config.feature_cutoff}, "
+        f"labels to {config.label_end}"
     )
 
-    train_horizon = (config.train_label_end - config.train_feature_cutoff).days
-    train_params = _fit_bgnbd(train.features)
     test_params = _fit_bgnbd(test.features)
     report(
         "fitted BG/NBD on each snapshot's history: "
         + ", ".join(f"{k}={v:.3f}" for k, v in test_params.as_dict().items())
     )
-    train_frame = _with_bgnbd(train.features, train_params, train_horizon)
+    train_frame = pd.concat(
+        [
+            _with_bgnbd(s.features, _fit_bgnbd(s.features), (s.label_end - cutoff).days)
+            for cutoff, s in snapshots.items()
+        ]
+    )
+    train_labels = pd.concat([s.labels for s in snapshots.values()])
     test_frame = _with_bgnbd(test.features, test_params, config.horizon_days)
 
     rfm_names = list(FEATURE_NAMES)
     names = rfm_names + list(BGNBD_FEATURE_NAMES) if config.hybrid else rfm_names
-    booster = _booster(config, train_frame, train.labels, names)
-    rfm_only = _booster(config, train_frame, train.labels, rfm_names)
+    booster = _booster(config, train_frame, train_labels, names)
+    rfm_only = _booster(config, train_frame, train_labels, rfm_names)
     report(
         f"trained {config.n_estimators} trees (max_depth {config.max_depth}), seed {config.seed}"
     )
@@ -658,11 +685,12 @@ def train_model(
             "test_features": config.feature_cutoff.isoformat(),
             "test_labels_from": (config.feature_cutoff + day).isoformat(),
             "test_labels_to": config.label_end.isoformat(),
+            "train_snapshots": ", ".join(c.isoformat() for c in snapshots),
         },
         seed=config.seed,
-        n_train=len(train.labels),
+        n_train=len(train_labels),
         n_test=len(test.labels),
-        train_base_rate=float(train.labels.mean()),
+        train_base_rate=float(train_labels.mean()),
         metrics=metrics,
         auroc_diff_vs_bgnbd=auroc_diff,
         brier_diff_vs_bgnbd=brier_diff,
@@ -679,6 +707,7 @@ def train_model(
         "n_estimators": config.n_estimators,
         "train_feature_cutoff": config.train_feature_cutoff.isoformat(),
         "train_label_end": config.train_label_end.isoformat(),
+        "train_offsets_days": ",".join(str(d) for d in config.train_offsets_days),
         "xgboost_version": xgb.__version__,
     }
     return TrainedModel(
@@ -689,7 +718,7 @@ def train_model(
         feature_cutoff=config.feature_cutoff,
         label_end=config.label_end,
         data_hash=data_hash(rows_used),
-        n_train=len(train.labels),
+        n_train=len(train_labels),
         n_test=len(test.labels),
         params=params,
         input_features=FEATURE_NAMES,
@@ -701,6 +730,20 @@ def train_model(
         report=quality,
         reference=reference_distributions(test.features, ours),
     )
+
+
+def _training_snapshots(
+    transactions: pd.DataFrame, config: TrainConfig, test: Snapshot
+) -> dict[date, Snapshot]:
+    """The training snapshots by cut-off, each checked against the test's time split; a
+    cut-off before the log's first purchase has no customers and is left out."""
+    snapshots: dict[date, Snapshot] = {}
+    for cutoff in config.train_cutoffs:
+        snapshot = build_snapshot(transactions, cutoff, config.train_label_end, config.event)
+        if len(snapshot.features) or cutoff == config.train_feature_cutoff:
+            assert_time_split(snapshot, test)
+            snapshots[cutoff] = snapshot
+    return snapshots
 
 
 def train_churn(

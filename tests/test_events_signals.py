@@ -45,21 +45,7 @@ async def test_new_events_are_signalled_to_running_campaigns_once(
     await migrate(url)
     db = Database(url)
     alice, bob = PSEUDONYMISER.customer_key("alice"), PSEUDONYMISER.customer_key("bob")
-    queue = f"idle-{uuid.uuid4().hex[:8]}"  # nobody runs these: they stay Running
-    handles = [
-        await dev_client.start_workflow(
-            "CampaignWorkflow",
-            id=f"campaign:t{uuid.uuid4().hex[:6]}:{key}:1",
-            task_queue=queue,
-            search_attributes=TypedSearchAttributes([SearchAttributePair(SA.CUSTOMER_KEY, key)]),
-        )
-        for key in (alice, alice, bob)
-    ]
-    for _ in range(100):
-        query = f'CustomerKey = "{alice}" AND ExecutionStatus = "Running"'
-        if (await dev_client.count_workflows(query)).count == 2:
-            break
-        await asyncio.sleep(0.1)
+    handles = await idle_campaigns(dev_client, alice, alice, bob)
     try:
         relay = SignalRelay(db, TemporalSignaller(lambda: asyncio.sleep(0, dev_client)))
         ingestor = Ingestor(db, PSEUDONYMISER, relay)

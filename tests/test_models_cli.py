@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from cohortflow.api.app import create_app
 from cohortflow.cli.main import app
-from cohortflow.errors import NotFound
+from cohortflow.errors import Invalid, NotFound
 from cohortflow.settings import Settings
 from cohortflow.storage import customers
 from cohortflow.storage.db import Database, migrate
@@ -167,3 +167,23 @@ def test_drift_cli_and_api_flag_a_shifted_store(
         assert client.get("/v1/models/drift", params={"model": "propensity"}).status_code == 404
         models = client.get("/v1/models").json()
         assert sum(m["champion"] for m in models) == 1
+
+
+def test_train_on_another_split_and_a_malformed_one_is_refused_by_name(tmp_path: Path) -> None:
+    split = "1997-07-31,1997-12-31,1998-06-30"
+    trained = cli(
+        "model", "train", "--split", split, "--no-promote", "--json", "--data-dir", str(tmp_path)
+    )
+    assert trained.exit_code == 0, trained.output
+    report = json.loads(trained.stdout.strip().splitlines()[-1])
+    assert (report["dates"]["train_features"], report["dates"]["test_labels_to"]) == (
+        "1997-07-31",
+        "1998-06-30",
+    )
+    assert report["champion"] is False
+    for bad in ("1997-07-31,1997-12-31", "1997-12-31,1997-07-31,1998-06-30", "x,y,z"):
+        # The CLI's entry point prints an operator error as one line and exits 2.
+        refused = cli("model", "train", "--split", bad, "--data-dir", str(tmp_path))
+        assert isinstance(refused.exception, Invalid), refused.output
+        assert refused.exception.field == "split"
+        assert refused.exception.message.startswith("split: ")

@@ -217,9 +217,9 @@ def test_churn_model_holdout_metrics(trained: TrainedModel) -> None:
     assert metrics["brier"] < 0.25
     assert metrics["pr_auc"] > metrics["base_rate"]
     assert metrics["precision_at_10pct"] > metrics["base_rate"]
-    # A time split: every customer appears in the training snapshot (as of 1997-04-30)
-    # and in the test snapshot (as of 1997-09-30).
-    assert (trained.n_train, trained.n_test) == (23_570, 23_570)
+    # A time split: every customer appears in each of the three training snapshots (as of
+    # 1997-03-31, 04-30 and 05-30) and in the test snapshot (as of 1997-09-30).
+    assert (trained.n_train, trained.n_test) == (3 * 23_570, 23_570)
     assert sum(count for _, _, count in metrics["calibration"]) == trained.n_test
     assert (trained.feature_cutoff, trained.label_end) == (date(1997, 9, 30), date(1998, 6, 30))
     assert trained.feature_names == FEATURE_NAMES + BGNBD_FEATURE_NAMES

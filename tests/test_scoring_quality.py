@@ -180,6 +180,7 @@ def test_report_names_every_date_and_round_trips(churn: TrainedModel) -> None:
         "test_features": "1997-09-30",
         "test_labels_from": "1997-10-01",
         "test_labels_to": "1998-06-30",
+        "train_snapshots": "1997-03-31, 1997-04-30, 1997-05-30",
     }
     text = report.to_text()
     for value in report.dates.values():
@@ -197,10 +198,43 @@ def test_calibration_tables_count_every_test_customer(churn: TrainedModel) -> No
     assert churn.report is not None
     for metrics in churn.report.metrics.values():
         assert sum(n for _, _, n in metrics["calibration"]) == churn.n_test
-    # Ours is calibrated within 0.05 in every bin holding at least 500 customers.
+    # Ours is calibrated within 0.07 in every bin holding at least 500 customers (trained on
+    # one snapshot it was within 0.05 here, and off by 0.13 on later splits: see below).
     for predicted, observed, n in churn.report.metrics["model"]["calibration"]:
         if n >= 500:
-            assert abs(predicted - observed) < 0.05
+            assert abs(predicted - observed) < 0.07
+
+
+@pytest.mark.parametrize(
+    "split",
+    [
+        (date(1997, 7, 31), date(1997, 12, 31), date(1998, 6, 30)),
+        (date(1997, 8, 31), date(1998, 1, 31), date(1998, 6, 30)),
+    ],
+    ids=["1997-12", "1998-01"],
+)
+def test_churn_calibration_holds_on_later_splits(
+    transactions: pd.DataFrame, split: tuple[date, date, date]
+) -> None:
+    """Splits where the churn model trained on one snapshot only tied BG/NBD on Brier (the
+    interval of the difference straddled zero) and was off by up to 0.13 in a bin."""
+    train_features, test_features, test_labels = split
+    config = TrainConfig.for_model(
+        "churn",
+        train_feature_cutoff=train_features,
+        train_label_end=test_features,
+        feature_cutoff=test_features,
+        label_end=test_labels,
+        bootstrap_resamples=200,
+    )
+    report = train_model(transactions, config).report
+    assert report is not None
+    brier = report.brier_diff_vs_bgnbd
+    assert brier.high is not None and brier.high < 0.0
+    assert report.metrics["model"]["auroc"] > report.metrics["bgnbd"]["auroc"]
+    for predicted, observed, n in report.metrics["model"]["calibration"]:
+        if n >= 500:
+            assert abs(predicted - observed) < 0.07
 
 
 def test_propensity_predicts_buying_within_90_days(

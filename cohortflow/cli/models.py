@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
@@ -15,6 +16,7 @@ from cohortflow.errors import Conflict, Invalid, NotFound
 if TYPE_CHECKING:
     # Only types: scoring pulls in XGBoost and pandas, too slow for every command's start.
     from scoring.registry import ModelInfo, ModelRegistry
+    from scoring.train import TrainConfig
 
 models_app = typer.Typer(
     help="Scoring models: train, list, show, promote, compare, drift.", no_args_is_help=True
@@ -51,6 +53,14 @@ def train(
         typer.Option(help="A CDNOW-format transaction log (default: the shipped one)."),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of boosting and bootstrap.")] = 42,
+    split: Annotated[
+        str | None,
+        typer.Option(
+            help="Another time split, TRAIN_FEATURES,TEST_FEATURES,TEST_LABELS (ISO dates; the"
+            " training labels end at TEST_FEATURES), e.g. 1997-07-31,1997-12-31,1998-06-30."
+            " Default: the model's own.",
+        ),
+    ] = None,
     promote: Annotated[
         bool, typer.Option("--promote/--no-promote", help="Make the new version champion.")
     ] = True,
@@ -75,7 +85,7 @@ def train(
     if if_missing and champion is not None:
         print_line(f"{model} has champion {champion.version}; nothing trained")
         return
-    config = TrainConfig.for_model(model, seed=seed)
+    config = _config(TrainConfig, model, seed, split)
     # Progress goes to stderr so --json leaves stdout to the one JSON object.
     with Progress(
         SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err
@@ -102,6 +112,31 @@ def train(
         print_line(trained.report.to_text())
     state = "champion" if promote else "not promoted"
     print_line(f"registered {info.version} ({state}) in {registry.root}")
+
+
+def _config(kind: type[TrainConfig], model: str, seed: int, split: str | None) -> TrainConfig:
+    """The model's configuration, on ``split`` when given (refused by name when malformed)."""
+    dates: dict[str, date] = {}
+    if split is not None:
+        try:
+            train_features, test_features, test_labels = (
+                date.fromisoformat(part.strip()) for part in split.split(",")
+            )
+        except ValueError as exc:
+            raise Invalid(
+                "split: needs TRAIN_FEATURES,TEST_FEATURES,TEST_LABELS as ISO dates",
+                field="split",
+            ) from exc
+        dates = {
+            "train_feature_cutoff": train_features,
+            "train_label_end": test_features,
+            "feature_cutoff": test_features,
+            "label_end": test_labels,
+        }
+    try:
+        return kind.for_model(model, seed=seed, **dates)
+    except ValueError as exc:
+        raise Invalid(f"split: {exc}", field="split") from exc
 
 
 @models_app.command("list")

@@ -101,10 +101,11 @@ class _Event(BaseModel):
     sentAt: AwareDatetime | None = None
     context: dict[str, Any] = Field(default_factory=dict)
 
-    @field_validator("context")
+    # Each kind of call has some of these; every one is bounded and finite.
+    @field_validator("context", "properties", "traits", check_fields=False)
     @classmethod
-    def _context(cls, value: dict[str, Any]) -> dict[str, Any]:
-        return _bounded(value, "context")
+    def _payload(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        return _bounded(value, str(info.field_name))
 
     @model_validator(mode="after")
     def _corrected(self, info: ValidationInfo) -> _Event:
@@ -157,11 +158,6 @@ class TrackEvent(_Event):
     event: EventName
     properties: dict[str, Any] = Field(default_factory=dict)
 
-    @field_validator("properties")
-    @classmethod
-    def _properties(cls, value: dict[str, Any]) -> dict[str, Any]:
-        return _bounded(value, "properties")
-
     @model_validator(mode="after")
     def _purchase(self) -> TrackEvent:
         # Money and quantities feed monetary features: a wrong one would corrupt them.
@@ -186,11 +182,6 @@ class ViewEvent(_Event):
     category: Annotated[str, Field(max_length=200)] | None = None
     properties: dict[str, Any] = Field(default_factory=dict)
 
-    @field_validator("properties")
-    @classmethod
-    def _properties(cls, value: dict[str, Any]) -> dict[str, Any]:
-        return _bounded(value, "properties")
-
 
 class IdentifyEvent(_Event):
     """Who a customer is: ``traits`` (``email``, ``timezone`` and any others). With both a
@@ -201,8 +192,7 @@ class IdentifyEvent(_Event):
 
     @field_validator("traits")
     @classmethod
-    def _traits(cls, value: dict[str, Any]) -> dict[str, Any]:
-        _bounded(value, "traits")
+    def _contact(cls, value: dict[str, Any]) -> dict[str, Any]:
         email = value.get("email")
         if email is not None and (not isinstance(email, str) or "@" not in email):
             raise ValueError("traits.email: not an e-mail address")
@@ -218,11 +208,6 @@ class GroupEvent(_Event):
     type: Literal["group"]
     groupId: UserId
     traits: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("traits")
-    @classmethod
-    def _traits(cls, value: dict[str, Any]) -> dict[str, Any]:
-        return _bounded(value, "traits")
 
 
 class AliasEvent(_Event):
