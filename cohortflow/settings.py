@@ -105,6 +105,13 @@ class Settings(BaseSettings):
         "cohortflow.dead-letters",
         description="Where events that fail validation go, with their errors (own stream).",
     )
+    consume_metrics_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="Where `cohortflow consume` serves Prometheus metrics (its lag) on"
+        " api_host; unset serves none.",
+    )
     consume_ack_wait_seconds: float = Field(
         30.0,
         gt=0,

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import nats
 import pytest
 from sqlalchemy import func, select
@@ -134,7 +135,9 @@ def consumer_env(settings: Settings, **extra: str) -> dict[str, str]:
     }
 
 
-def start_consumer(settings: Settings, database_url: str, log: Path) -> subprocess.Popen[bytes]:
+def start_consumer(
+    settings: Settings, database_url: str, log: Path, **extra: str
+) -> subprocess.Popen[bytes]:
     """``cohortflow consume`` as its own process, configured by environment."""
     env = consumer_env(
         settings,
@@ -142,6 +145,7 @@ def start_consumer(settings: Settings, database_url: str, log: Path) -> subproce
         COHORTFLOW_DATA_DIR=str(settings.data_dir),
         COHORTFLOW_PSEUDONYMISATION_KEY=KEY,
         COHORTFLOW_TEMPORAL_ADDRESS=settings.temporal_address or "",
+        **extra,
     )
     command = [sys.executable, "-m", "cohortflow", "consume", "--batch", "200"]
     with log.open("ab") as out:
@@ -173,12 +177,18 @@ async def test_a_consumer_killed_mid_batch_loses_nothing_and_applies_nothing_twi
         first.wait(10)
         stored_at_kill = await count(db, Event)
         assert 0 < stored_at_kill < customers * each, log.read_text()[-2000:]
-        second = start_consumer(stream_settings, url, log)
+        port = free_port()
+        second = start_consumer(
+            stream_settings, url, log, COHORTFLOW_CONSUME_METRICS_PORT=str(port)
+        )
         try:
             for _ in range(1200):
                 if await count(db, Event) == customers * each:
                     break
                 await asyncio.sleep(0.1)
+            # Its metrics: caught up, and it stored exactly what the killed one had not.
+            gauges = await scrape_until(port, "cohortflow_consumer_pending", 0.0)
+            assert gauges["cohortflow_consumer_accepted"] == customers * each - stored_at_kill
         finally:
             second.send_signal(signal.SIGTERM)
             assert second.wait(30) == 0, log.read_text()[-2000:]
@@ -208,3 +218,21 @@ async def test_a_consumer_killed_mid_batch_loses_nothing_and_applies_nothing_twi
     finally:
         first.kill()
         await db.dispose()
+
+
+async def scrape_until(port: int, name: str, value: float) -> dict[str, float]:
+    """The consumer's gauges once ``name`` reads ``value`` (it reports every 5 s)."""
+    gauges: dict[str, float] = {}
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+        for _ in range(60):
+            with contextlib.suppress(httpx.HTTPError):
+                text = (await http.get("/metrics")).text
+                gauges = {
+                    line.split("{")[0]: float(line.rsplit(" ", 1)[1])
+                    for line in text.splitlines()
+                    if line.startswith("cohortflow_consumer_")
+                }
+                if gauges.get(name) == value and "cohortflow_consumer_accepted" in gauges:
+                    return gauges
+            await asyncio.sleep(0.5)
+    raise AssertionError(f"{name} never read {value}: {gauges}")

@@ -39,18 +39,20 @@ async def run_worker(settings: Settings) -> None:
     log.info("worker stopped")
 
 
-LAG_REPORT_SECONDS = 10.0
+LAG_REPORT_SECONDS = 5.0
 
 
 async def run_consumer(settings: Settings, *, batch: int) -> None:
     """Read events from NATS JetStream into the store until SIGINT or SIGTERM; a batch in
-    hand is finished (stored and acknowledged) before stopping. Reports lag every 10 s."""
+    hand is finished (stored and acknowledged) before stopping. Reports lag every 5 s, in
+    the log and (with ``consume_metrics_port``) as Prometheus gauges."""
     settings.check_production()
     from cohortflow.events.ingest import Ingestor
     from cohortflow.events.nats_source import JetStreamSource
     from cohortflow.events.relay import SignalRelay
     from cohortflow.events.signals import TemporalSignaller
     from cohortflow.events.stream import StreamConsumer
+    from cohortflow.events.stream_metrics import ConsumerMetrics
     from cohortflow.pseudonymisation import Pseudonymiser
     from cohortflow.storage.db import Database
 
@@ -59,6 +61,9 @@ async def run_consumer(settings: Settings, *, batch: int) -> None:
     ingestor = Ingestor(db, Pseudonymiser.from_settings(settings, create=False), relay)
     source = await JetStreamSource.connect(settings)
     consumer = StreamConsumer(source, ingestor, batch=batch)
+    metrics = ConsumerMetrics(settings.events_consumer)
+    if settings.consume_metrics_port is not None:
+        metrics.serve(settings.api_host, settings.consume_metrics_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -75,7 +80,8 @@ async def run_consumer(settings: Settings, *, batch: int) -> None:
             if loop.time() - reported >= LAG_REPORT_SECONDS:
                 reported = loop.time()
                 lag = await source.lag()
-                log.info("consumer lag", **vars(lag), **vars(consumer.stats))
+                metrics.update(lag, consumer.stats)
+                log.info("consumer lag", **vars(lag), since_start=vars(consumer.stats))
     finally:
         await source.close()
         await db.dispose()
