@@ -241,3 +241,35 @@ async def test_an_identify_and_a_track_of_one_user_in_one_batch_keep_the_contact
     assert customer is not None
     assert (customer.email, customer.timezone) == ("new@example.com", "Asia/Tokyo")
     assert customer.attributes == {"plan": "free"}
+
+
+async def test_input_no_store_can_keep_is_refused_by_path_and_the_rest_is_stored(
+    api: Served, db: Database
+) -> None:
+    def event(message_id: str, **properties: Any) -> str:
+        body = {"type": "track", "messageId": message_id, "userId": "u", "event": "purchase"}
+        return json.dumps({**body, "properties": {"amount": 1.0, **properties}})
+
+    deep = '{"a": ' * 930 + "1" + "}" * 930
+    batch = [
+        event("good"),
+        event("\ud800"),  # a lone surrogate: valid JSON, not storable text
+        event("deep").replace('"amount": 1.0', f'"amount": 1.0, "deep": {deep}'),
+        event("huge").replace('"amount": 1.0', '"amount": 1' + "0" * 400),
+        event("big").replace('"amount": 1.0', '"amount": 1e308'),
+    ]
+    body = ('{"batch": [' + ", ".join(batch) + "]}").encode()
+    response = await post(api, "/v1/batch", body)
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [r["status"] for r in results] == ["accepted"] + ["rejected"] * 4
+    assert results[1]["messageId"] is None  # not echoed: the answer must encode
+    locs = [r["errors"][0]["loc"][3:] for r in results[1:]]
+    assert locs[0] == ["messageId"]
+    assert locs[1][:2] == ["properties", "deep"] and len(locs[1]) == 32
+    assert locs[2] == locs[3] == ["properties", "amount"]
+    assert set(await stored(db)) == {"good"}
+    # Nesting beyond what the JSON parser takes at all is one clear 400, not a 500.
+    too_deep = ('{"batch": [' + "[" * 100_000 + "]" * 100_000 + "]}").encode()
+    response = await post(api, "/v1/batch", too_deep)
+    assert (response.status_code, response.json()["code"]) == (400, "json_invalid")

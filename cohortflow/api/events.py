@@ -98,6 +98,8 @@ async def read_json(request: Request, limit: int) -> Any:
         return json.loads(body, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise Problem(400, ["body"], f"malformed JSON: {exc}", "json_invalid") from exc
+    except RecursionError as exc:
+        raise Problem(400, ["body"], "nested too deeply", "json_invalid") from exc
 
 
 def _batch_of(document: Any) -> tuple[list[Any], datetime | None]:

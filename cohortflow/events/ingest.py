@@ -141,7 +141,14 @@ def _owed(record: EventRecord) -> OwedSignal:
 
 
 def _text(value: Any) -> str | None:
-    return value if isinstance(value, str) else None
+    """A refused event's message id as the answer may echo it: text that encodes."""
+    if not isinstance(value, str):
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return value
 
 
 def _prefixed(index: int, errors: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -32,6 +32,8 @@ MAX_BATCH_EVENTS = 1_000
 MAX_BATCH_BYTES = 4 * 1024 * 1024  # our own /v1/events
 SEGMENT_BATCH_BYTES = 500 * 1024  # Segment's documented limits: a batch request, one event
 MAX_EVENT_BYTES = 32 * 1024
+MAX_NESTING = 32  # levels of objects and lists in one event
+MAX_AMOUNT = 1e12  # an amount or quantity beyond any real order is a bug upstream
 MAX_PROPERTIES_BYTES = MAX_EVENT_BYTES
 # Clocks drift: a timestamp slightly ahead of ours is plausible, a day ahead is not.
 MAX_CLOCK_SKEW = timedelta(hours=1)
@@ -80,6 +82,34 @@ def _finite(value: Any, path: str) -> None:
     elif isinstance(value, list):
         for index, item in enumerate(value):
             _finite(item, f"{path}[{index}]")
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: JSON can carry it, no store can
+        return False
+    return True
+
+
+def _screen(raw: dict[str, Any]) -> tuple[list[int | str], str] | None:
+    """Where an event is too deep or holds text no store can keep, and why; None if fine.
+    Iterative, so no input can exhaust the interpreter's recursion."""
+    stack: list[tuple[Any, list[int | str]]] = [(raw, [])]
+    while stack:
+        value, path = stack.pop()
+        if len(path) > MAX_NESTING:
+            return path[:MAX_NESTING], f"nested deeper than {MAX_NESTING} levels"
+        if isinstance(value, str) and not _utf8(value):
+            return path, "not valid UTF-8 text (a lone surrogate)"
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not _utf8(str(key)):
+                    return path, "a key is not valid UTF-8 text (a lone surrogate)"
+                stack.append((item, [*path, key]))
+        elif isinstance(value, list):
+            stack.extend((item, [*path, i]) for i, item in enumerate(value))
+    return None
 
 
 def _bounded(value: dict[str, Any], path: str) -> dict[str, Any]:
@@ -169,6 +199,8 @@ class TrackEvent(_Event):
                 raise ValueError(f"properties.{name}: must be a number")
             if value < 0:
                 raise ValueError(f"properties.{name}: must not be negative")
+            if value > MAX_AMOUNT:  # also an integer too large for a float (10**400)
+                raise ValueError(f"properties.{name}: larger than {MAX_AMOUNT:.0e}")
         if self.event == "purchase" and "amount" not in self.properties:
             raise ValueError("properties.amount: required for a purchase")
         return self
@@ -230,8 +262,12 @@ def parse_event(raw: Any, received: Received | None = None) -> AnyEvent | list[d
     ``received`` corrects the event's clock from its ``sentAt`` (see
     :func:`corrected_timestamp`); without it the timestamp is taken as sent.
     """
-    if isinstance(raw, dict) and len(json.dumps(raw, default=str)) > MAX_EVENT_BYTES:
-        return [{"loc": [], "msg": f"larger than {MAX_EVENT_BYTES} bytes", "type": "too_large"}]
+    if isinstance(raw, dict):
+        problem = _screen(raw)
+        if problem is not None:
+            return [{"loc": problem[0], "msg": problem[1], "type": "value_error"}]
+        if len(json.dumps(raw, ensure_ascii=False, default=str).encode()) > MAX_EVENT_BYTES:
+            return [{"loc": [], "msg": f"larger than {MAX_EVENT_BYTES} bytes", "type": "too_large"}]
     try:
         return _ADAPTER.validate_python(raw, context=received)
     except ValidationError as exc:
