@@ -267,6 +267,8 @@ async def test_consent_revoke_stops_a_waiting_campaign_at_once(
                     "channel": "email",
                     "purpose": "marketing",
                     "granted": False,
+                    "policy_version": "privacy-2026-11",
+                    "text": "Offers by e-mail, at most weekly.",
                 },
             )
         assert response.status_code == 200, response.text
@@ -283,7 +285,15 @@ async def test_consent_revoke_stops_a_waiting_campaign_at_once(
             .select_from(AuditRow)
             .where(AuditRow.customer_key == key, AuditRow.kind == "consent_revoked")
         )
+        # The revocation is evidence: who (the token's identity), how, and what was shown.
+        [evidence] = [h for h in await consent.history(session, key) if not h.granted]
     assert revoked == 1
+    assert (evidence.how, evidence.by, evidence.source) == ("api", "dpo", "api")
+    assert (evidence.policy_version, evidence.text, evidence.changed) == (
+        "privacy-2026-11",
+        "Offers by e-mail, at most weekly.",
+        True,
+    )
     assert dev_harness.sandbox.attempts(f"{handle.id}:enrol") == 0
 
 

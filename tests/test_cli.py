@@ -449,3 +449,27 @@ def test_audit_show_prints_only_that_customers_rows(data_dir: Path) -> None:
 
     nobody = cohortflow("audit", "show", "--customer", "nobody-1", "--data-dir", data_dir)
     assert_refused(nobody, "no customer 'nobody-1'")
+
+
+def test_consent_history_shows_every_decision_with_its_evidence(fresh_dir: Path) -> None:
+    key = Pseudonymiser.from_settings(Settings(data_dir=fresh_dir), create=False).customer_key
+    args = ("--channel", "email", "--purpose", "marketing", "--data-dir", fresh_dir)
+    env = {**cli_env(), "COHORTFLOW_LOCAL_IDENTITY": "carol"}
+    for policy_version in ("privacy-v3", "privacy-v3"):  # the second changes nothing
+        run = cohortflow(
+            "consent", "revoke", CUSTOMER, *args, "--policy-version", policy_version, env=env
+        )
+        assert run.code == 0, run
+    run = cohortflow("consent", "history", key(CUSTOMER), "--json", "--data-dir", fresh_dir)
+    assert run.code == 0, run
+    rows = [json.loads(line) for line in run.stdout.splitlines()]
+    seen = [(r["granted"], r["changed"], r["how"], r["by"], r["policy_version"]) for r in rows]
+    assert seen == [
+        (True, True, "system", "cohortflow", None),  # stored by the test's setup
+        (False, True, "cli", "carol", "privacy-v3"),
+        (False, False, "cli", "carol", "privacy-v3"),
+    ]
+    text = cohortflow("consent", "history", CUSTOMER, "--data-dir", fresh_dir)
+    assert "email/marketing revoked via cli by carol, source cli, policy privacy-v3" in text.stdout
+    nobody = cohortflow("consent", "history", "nobody-1", "--data-dir", fresh_dir)
+    assert_refused(nobody, "no customer 'nobody-1'")

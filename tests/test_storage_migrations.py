@@ -18,7 +18,7 @@ from cohortflow.storage.tables import Base
 
 REPO = Path(__file__).resolve().parent.parent
 TABLES = set(Base.metadata.tables)
-HEAD = "0011"
+HEAD = "0012"
 
 
 def _table_names(connection: Connection) -> set[str]:
@@ -72,6 +72,7 @@ async def test_upgrade_downgrade_upgrade(database_url: str) -> None:
         "profile_aliases",
         "signal_outbox",
         "cohort_refresh",
+        "consent_history",
     } == TABLES
     await migrate(database_url)
     assert _tables_without_alembic(await _tables(database_url)) == TABLES

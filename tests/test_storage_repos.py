@@ -29,7 +29,13 @@ from cohortflow.storage.campaigns import (
     save_spec_version,
     set_campaign_status,
 )
-from cohortflow.storage.consent import bulk_set_consent, has_consent, set_consent
+from cohortflow.storage.consent import (
+    ConsentEvidence,
+    bulk_set_consent,
+    has_consent,
+    history,
+    set_consent,
+)
 from cohortflow.storage.customers import (
     CustomerRecord,
     FeatureRow,
@@ -382,8 +388,18 @@ async def test_bulk_consent_counts_changes(db: Database) -> None:
         ] == [True, True, False, True]
         revoke = [("c_1", "email", "marketing", False), ("c_2", "email", "marketing", False)]
         assert await bulk_set_consent(session, revoke, "import") == 2
-        assert await bulk_set_consent(session, revoke, "import") == 0
+        evidence = ConsentEvidence(how="import", by="crm-sync", policy_version="v7")
+        assert await bulk_set_consent(session, revoke, "import", evidence=evidence) == 0
         assert not await has_consent(session, "c_2", "email", "marketing")
+        # Every decision is evidence, the repeated ones too, with whether it changed anything.
+        trail = [
+            (h.granted, h.changed, h.how, h.policy_version) for h in await history(session, "c_2")
+        ]
+        assert trail == [
+            (True, True, "system", None),
+            (False, True, "system", None),
+            (False, False, "import", "v7"),
+        ]
 
 
 # ---------------------------------------------------------------- customers and features

@@ -35,6 +35,9 @@ class ConsentIn(StrictBody):
     purpose: str = Field(min_length=1, max_length=64)
     granted: bool
     source: str = Field("api", min_length=1, max_length=64)
+    # The evidence: which policy version, or which text, the customer agreed to or refused.
+    policy_version: str | None = Field(None, min_length=1, max_length=64)
+    text: str | None = Field(None, min_length=1, max_length=10_000)
 
 
 _ERRORS = {404: "unknown campaign", 409: "the campaign is cancelled"}
@@ -81,6 +84,9 @@ def campaigns_router() -> APIRouter:
             granted=body.granted,
             source=body.source,
             identity=who,
+            how="api",
+            policy_version=body.policy_version,
+            text=body.text,
         )
         return {
             "customer_key": outcome.customer_key,

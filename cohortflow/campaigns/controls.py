@@ -173,8 +173,14 @@ class Controls:
         granted: bool,
         source: str,
         identity: Identity,
+        how: str,
+        policy_version: str | None = None,
+        text: str | None = None,
     ) -> ConsentOutcome:
-        """Grant or revoke consent for a source customer id, then tell running campaigns."""
+        """Grant or revoke consent for a source customer id, then tell running campaigns.
+
+        The decision is kept as evidence (``consent history``): ``how`` it came (api, cli),
+        by the authenticated identity, with the policy version or text shown, if given."""
         policy.require(identity, policy.ADMIN, "correct consent")
         _require_text("customer", customer_id, limit=200)
         _require_text("channel", channel, limit=32)
@@ -184,8 +190,9 @@ class Controls:
         async with self._db.transaction() as session:
             if await customers.get_customer(session, key) is None:
                 raise NotFound(f"customer: no customer {customer_id!r}", field="customer")
+            evidence = consent.ConsentEvidence(how, identity.name, policy_version, text)
             changed = await consent.set_consent(
-                session, key, channel, purpose, granted, source, now=now
+                session, key, channel, purpose, granted, source, now=now, evidence=evidence
             )
             if changed:
                 await audit.append_audit(
@@ -201,6 +208,8 @@ class Controls:
                             "purpose": purpose,
                             "source": source,
                             "by": identity.name,
+                            "how": how,
+                            "policy_version": policy_version,
                         },
                     ),
                 )

@@ -231,12 +231,24 @@ def approvals_decide(
 
 
 def _consent(
-    customer: str, channel: str, purpose: str, granted: bool, data_dir: Path | None
+    customer: str,
+    channel: str,
+    purpose: str,
+    granted: bool,
+    policy_version: str | None,
+    data_dir: Path | None,
 ) -> None:
     outcome = control(
         data_dir,
         lambda c, who: c.set_consent(
-            customer, channel=channel, purpose=purpose, granted=granted, source="cli", identity=who
+            customer,
+            channel=channel,
+            purpose=purpose,
+            granted=granted,
+            source="cli",
+            identity=who,
+            how="cli",
+            policy_version=policy_version,
         ),
     )
     verb = "granted" if granted else "revoked"
@@ -252,20 +264,89 @@ Purpose = Annotated[str, typer.Option("--purpose", help="e.g. marketing.")]
 CustomerArg = Annotated[str, typer.Argument(help="The source customer id (pseudonymised here).")]
 
 
+PolicyVersion = Annotated[
+    str | None,
+    typer.Option("--policy-version", help="The consent text or policy version the customer saw."),
+]
+
+
 @consent_app.command("grant")
 def consent_grant(
-    customer: CustomerArg, channel: Channel, purpose: Purpose, data_dir: DataDir = None
+    customer: CustomerArg,
+    channel: Channel,
+    purpose: Purpose,
+    policy_version: PolicyVersion = None,
+    data_dir: DataDir = None,
 ) -> None:
-    """Grant consent for a channel and purpose."""
-    _consent(customer, channel, purpose, True, data_dir)
+    """Grant consent for a channel and purpose (kept as evidence: see `consent history`)."""
+    _consent(customer, channel, purpose, True, policy_version, data_dir)
 
 
 @consent_app.command("revoke")
 def consent_revoke(
-    customer: CustomerArg, channel: Channel, purpose: Purpose, data_dir: DataDir = None
+    customer: CustomerArg,
+    channel: Channel,
+    purpose: Purpose,
+    policy_version: PolicyVersion = None,
+    data_dir: DataDir = None,
 ) -> None:
     """Revoke consent; running campaigns of the customer stop before their next action."""
-    _consent(customer, channel, purpose, False, data_dir)
+    _consent(customer, channel, purpose, False, policy_version, data_dir)
+
+
+@consent_app.command("history")
+def consent_history(
+    customer: Annotated[str, typer.Argument(help="Customer key (c_…) or source customer id.")],
+    data_dir: DataDir = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+) -> None:
+    """Every consent decision of a customer, oldest first: when, what, whether it changed
+    anything, how it came (api, cli, import, seed, system), by whom, from which source and
+    with which policy version. Exit 2 for a customer never seen."""
+    from cohortflow.errors import NotFound
+    from cohortflow.storage import consent
+    from cohortflow.storage.customers import get_customer
+    from cohortflow.storage.db import Database
+
+    settings = settings_for(data_dir=data_dir)
+
+    async def load() -> list[dict[str, Any]]:
+        key = (await ready(settings)).resolve(customer)
+        db = Database(settings.resolved_database_url)
+        try:
+            async with db.transaction() as session:
+                rows = await consent.history(session, key)
+                if not rows and await get_customer(session, key) is None:
+                    raise NotFound(f"customer: no customer {customer!r}", field="customer")
+        finally:
+            await db.dispose()
+        return [
+            {
+                "at": r.at.isoformat(),
+                "customer_key": r.customer_key,
+                "channel": r.channel,
+                "purpose": r.purpose,
+                "granted": r.granted,
+                "changed": r.changed,
+                "how": r.how,
+                "by": r.by,
+                "source": r.source,
+                "policy_version": r.policy_version,
+            }
+            for r in rows
+        ]
+
+    for row in run(load):
+        if as_json:
+            print_line(json.dumps(row))
+            continue
+        verb = "granted" if row["granted"] else "revoked"
+        change = "" if row["changed"] else " (no change)"
+        policy_note = f", policy {row['policy_version']}" if row["policy_version"] else ""
+        print_line(
+            f"{row['at'][:19]}Z {row['channel']}/{row['purpose']} {verb}{change} "
+            f"via {row['how']} by {row['by']}, source {row['source']}{policy_note}"
+        )
 
 
 @audit_app.command("verify")

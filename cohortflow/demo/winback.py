@@ -148,6 +148,7 @@ async def prepare_winback(
                 if k not in known
             ],
             source="demo-seed",
+            evidence=consent.ConsentEvidence(how="seed", by="demo"),
         )
 
     entry_cut = float(np.quantile(scores, options.entry_quantile))

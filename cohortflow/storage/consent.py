@@ -1,17 +1,76 @@
-"""Consent per customer, channel and purpose. Opt-in: no row means no consent."""
+"""Consent per customer, channel and purpose. Opt-in: no row means no consent.
+
+``consents`` holds the current state; ``consent_history`` every decision as evidence (who,
+when, how, from which source, with which policy version or text), written in the same
+transaction.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from cohortflow.storage._sql import chunked, in_list, rows_per_statement, upsert, utc
-from cohortflow.storage.tables import Consent
+from cohortflow.storage.tables import Consent, ConsentChange
 
 ConsentRow = tuple[str, str, str, bool]
+
+
+@dataclass(frozen=True)
+class ConsentEvidence:
+    """How a consent decision was given: ``how`` (api, cli, import, event, seed, system),
+    ``by`` whom (the authenticated identity, or the system that imported it), and the
+    policy version or text the customer was shown, when known."""
+
+    how: str
+    by: str
+    policy_version: str | None = None
+    text: str | None = None
+
+
+SYSTEM = ConsentEvidence(how="system", by="cohortflow")
+
+
+async def _record(
+    session: AsyncSession,
+    decisions: Sequence[tuple[ConsentRow, bool]],
+    source: str,
+    evidence: ConsentEvidence,
+    at: datetime,
+) -> None:
+    """Append each ``((key, channel, purpose, granted), changed)`` to the history."""
+    rows = [
+        {
+            "customer_key": key,
+            "channel": channel,
+            "purpose": purpose,
+            "granted": granted,
+            "changed": changed,
+            "how": evidence.how,
+            "by": evidence.by,
+            "source": source,
+            "policy_version": evidence.policy_version,
+            "text": evidence.text,
+            "at": at,
+        }
+        for (key, channel, purpose, granted), changed in decisions
+    ]
+    for chunk in chunked(rows, rows_per_statement(session, 11)):
+        await session.execute(insert(ConsentChange), list(chunk))
+
+
+async def history(session: AsyncSession, customer_key: str) -> list[ConsentChange]:
+    """Every consent decision of a customer, oldest first."""
+    result = await session.scalars(
+        select(ConsentChange)
+        .where(ConsentChange.customer_key == customer_key)
+        .order_by(ConsentChange.at, ConsentChange.id)
+    )
+    return list(result)
 
 
 async def set_consent(
@@ -22,8 +81,10 @@ async def set_consent(
     granted: bool,
     source: str,
     now: datetime | None = None,
+    evidence: ConsentEvidence = SYSTEM,
 ) -> bool:
-    """Record a consent decision; True if the customer's effective consent changed.
+    """Record a consent decision, and its evidence; True if the customer's effective
+    consent changed.
 
     Without a row consent counts as not granted, so a first refusal is stored (with its
     source) but is no change. Repeating the current value leaves the row, and its
@@ -45,7 +106,9 @@ async def set_consent(
         )
         .returning(Consent.customer_key)
     )
+    decision = (customer_key, channel, purpose, granted)
     if inserted.first() is not None:
+        await _record(session, [(decision, granted)], source, evidence, updated_at)
         return granted
     # The conditional UPDATE locks the row and re-checks it, so of two concurrent
     # transactions making the same change only one reports it.
@@ -60,7 +123,9 @@ async def set_consent(
         .values(granted=granted, source=source, updated_at=updated_at)
         .returning(Consent.customer_key)
     )
-    return updated.first() is not None
+    changed = updated.first() is not None
+    await _record(session, [(decision, changed)], source, evidence, updated_at)
+    return changed
 
 
 async def has_consent(session: AsyncSession, customer_key: str, channel: str, purpose: str) -> bool:
@@ -81,6 +146,7 @@ async def bulk_set_consent(
     source: str,
     *,
     now: datetime | None = None,
+    evidence: ConsentEvidence = SYSTEM,
 ) -> int:
     """Record many ``(customer_key, channel, purpose, granted)`` decisions at once.
 
@@ -99,7 +165,9 @@ async def bulk_set_consent(
             )
         )
         before = {(key, channel, purpose): granted for key, channel, purpose, granted in stored}
-        changed += sum(1 for pk, granted in chunk if before.get(pk, False) != granted)
+        moved = [((*pk, granted), before.get(pk, False) != granted) for pk, granted in chunk]
+        changed += sum(1 for _, did in moved if did)
+        await _record(session, moved, source, evidence, updated_at)
         stmt = upsert(session, Consent).values(
             [
                 {

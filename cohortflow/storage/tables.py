@@ -120,6 +120,28 @@ class Consent(Base):
     updated_at: Mapped[datetime]
 
 
+class ConsentChange(Base):
+    """Every consent decision as evidence, append-only: who gave it, when, how (api, cli,
+    import, event, seed, system), from which source, and the policy version or text the
+    customer was shown. ``changed`` says whether the effective consent moved."""
+
+    __tablename__ = "consent_history"
+    __table_args__ = (Index("ix_consent_history_customer_key_at", "customer_key", "at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    customer_key: Mapped[str] = mapped_column(String(KEY_LEN))
+    channel: Mapped[str] = mapped_column(String(32))
+    purpose: Mapped[str] = mapped_column(String(64))
+    granted: Mapped[bool] = mapped_column(Boolean)
+    changed: Mapped[bool] = mapped_column(Boolean)
+    how: Mapped[str] = mapped_column(String(16))
+    by: Mapped[str] = mapped_column(String(200))
+    source: Mapped[str] = mapped_column(String(64))
+    policy_version: Mapped[str | None] = mapped_column(String(64))
+    text: Mapped[str | None] = mapped_column(Text)
+    at: Mapped[datetime]
+
+
 class Campaign(Base):
     """A campaign and its operational status (``active``, ``paused``, ``cancelled``)."""
 
