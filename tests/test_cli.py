@@ -473,3 +473,29 @@ def test_consent_history_shows_every_decision_with_its_evidence(fresh_dir: Path)
     assert "email/marketing revoked via cli by carol, source cli, policy privacy-v3" in text.stdout
     nobody = cohortflow("consent", "history", "nobody-1", "--data-dir", fresh_dir)
     assert_refused(nobody, "no customer 'nobody-1'")
+
+
+def test_an_anchor_finds_rows_cut_from_the_tail_of_the_chain(fresh_dir: Path) -> None:
+    anchors = fresh_dir / "anchors.jsonl"
+    run = cohortflow("audit", "anchor", "--file", anchors, "--data-dir", fresh_dir)
+    assert run.code == 0, run
+    assert run.stdout.startswith("anchored seq 4 ")
+    assert "audit anchored" in run.stderr and "seq=4" in run.stderr  # the log's copy
+    ok = cohortflow("audit", "verify", "--anchor", anchors, "--data-dir", fresh_dir)
+    assert ok.code == 0, ok
+    assert "audit chain ok: 4 rows; reaches its anchor" in ok.stdout
+
+    with sqlite3.connect(fresh_dir / "cohortflow.db") as connection:
+        # Cut the last row: what is left still chains, so only the anchor can tell.
+        connection.execute("DROP TRIGGER audit_log_no_delete")
+        connection.execute("DELETE FROM audit_log WHERE seq = 4")
+    connection.close()
+    assert cohortflow("audit", "verify", "--data-dir", fresh_dir).code == 0
+    cut = cohortflow("audit", "verify", "--anchor", anchors, "--data-dir", fresh_dir)
+    assert cut.code == 1, cut
+    assert "ends at seq 3 but was anchored at seq 4" in cut.stderr
+    assert len(cut.stderr.splitlines()) == 1
+
+    anchors.write_text("not an anchor\n")
+    bad = cohortflow("audit", "verify", "--anchor", anchors, "--data-dir", fresh_dir)
+    assert_refused(bad, "anchor: not an anchor")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -26,7 +27,9 @@ from cohortflow.cli.common import (
     ready,
     run,
     settings_for,
+    setup_observability,
 )
+from cohortflow.errors import Invalid
 
 approvals_app = typer.Typer(help="Approvals campaigns are waiting for.", no_args_is_help=True)
 consent_app = typer.Typer(help="Consent per customer, channel and purpose.", no_args_is_help=True)
@@ -193,7 +196,6 @@ def approvals_decide(
     the same checks as `approve`; prints how many were decided, refused or already decided.
     Interrupted, run it again: only what is still pending is decided."""
     from cohortflow.campaigns.bulk import ApprovalFilter, decide_all, matching, waiting_at_least
-    from cohortflow.errors import Invalid
 
     if decision not in ("approve", "reject"):
         raise Invalid(f"decision: {decision!r} is neither approve nor reject", field="decision")
@@ -349,15 +351,81 @@ def consent_history(
         )
 
 
+AnchorFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--anchor",
+        help="A file of anchors (`cohortflow audit anchor`): the chain must still reach the"
+        " last one, or its tail was cut.",
+    ),
+]
+
+
 @audit_app.command("verify")
-def audit_verify(data_dir: DataDir = None) -> None:
-    """Recompute every hash of the chain; exit 1 and name the first bad row if broken."""
-    from cohortflow.storage.audit import verify_chain
+def audit_verify(data_dir: DataDir = None, anchor: AnchorFile = None) -> None:
+    """Recompute every hash of the chain; exit 1 and name the first bad row if broken, or,
+    with --anchor, when the chain no longer reaches the last recorded head."""
+    from cohortflow.storage.audit import Anchor, anchor_problem, verify_chain
     from cohortflow.storage.db import Database
 
     settings = settings_for(data_dir=data_dir)
+    anchors: list[Anchor] = []
+    if anchor is not None:
+        try:
+            lines = anchor.read_text(encoding="utf-8").splitlines()
+            anchors = [Anchor.from_json(line) for line in lines if line.strip()]
+        except (OSError, ValueError) as exc:
+            raise Invalid(f"anchor: {exc}", field="anchor") from exc
+        if not anchors:
+            raise Invalid(f"anchor: {anchor} holds no anchor", field="anchor")
 
-    async def verify() -> Any:
+    async def verify() -> tuple[Any, str]:
+        await ready(settings)
+        db = Database(settings.resolved_database_url)
+        try:
+            async with db.read_transaction() as session:
+                report = await verify_chain(session)
+                problem = ""
+                if report.ok and anchors:
+                    problem = await anchor_problem(session, report, anchors[-1])
+                return report, problem
+        finally:
+            await db.dispose()
+
+    report, problem = run(verify)
+    if not report.ok:
+        err.print(f"audit chain BROKEN at seq {report.first_bad_seq}: {report.problem}")
+        raise typer.Exit(1)
+    if problem:
+        err.print(f"audit chain CUT: {problem}")
+        raise typer.Exit(1)
+    reached = f"; reaches its anchor of {anchors[-1].at}" if anchors else ""
+    out.print(f"audit chain ok: {report.rows} rows{reached}")
+
+
+@audit_app.command("anchor")
+def audit_anchor(
+    data_dir: DataDir = None,
+    file: Annotated[
+        Path | None,
+        typer.Option(
+            "--file",
+            help="Append the anchor here (default: audit-anchors.jsonl in"
+            " the data directory). Keep a copy where the database's owners cannot write.",
+        ),
+    ] = None,
+) -> None:
+    """Record the chain's head (its last seq and hash) after verifying the chain, in a file
+    and the log, so `audit verify --anchor FILE` can tell when rows were cut from the tail."""
+    import structlog
+
+    from cohortflow.storage.audit import Anchor, verify_chain
+    from cohortflow.storage.db import Database
+
+    settings = settings_for(data_dir=data_dir)
+    target = file or settings.data_dir / "audit-anchors.jsonl"
+
+    async def head() -> Any:
         await ready(settings)
         db = Database(settings.resolved_database_url)
         try:
@@ -366,12 +434,17 @@ def audit_verify(data_dir: DataDir = None) -> None:
         finally:
             await db.dispose()
 
-    report = run(verify)
-    if report.ok:
-        out.print(f"audit chain ok: {report.rows} rows")
-        return
-    err.print(f"audit chain BROKEN at seq {report.first_bad_seq}: {report.problem}")
-    raise typer.Exit(1)
+    report = run(head)
+    if not report.ok:
+        err.print(f"audit chain BROKEN at seq {report.first_bad_seq}: {report.problem}")
+        raise typer.Exit(1)
+    anchor = Anchor(report.rows, report.head_hash, datetime.now(UTC).isoformat())
+    with target.open("a", encoding="utf-8") as f:
+        f.write(anchor.to_json() + "\n")
+    # The log (stderr, structured as configured) is the anchor's second copy.
+    setup_observability(settings, "cohortflow-audit")
+    structlog.get_logger(__name__).info("audit anchored", seq=anchor.seq, hash=anchor.hash)
+    out.print(f"anchored seq {anchor.seq} {anchor.hash} in {target}")
 
 
 @audit_app.command("show")

@@ -9,6 +9,7 @@ TRUNCATE on PostgreSQL) on ``audit_log``; :func:`verify_chain` proves nothing sl
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -50,12 +51,52 @@ class Appended:
 
 @dataclass
 class VerifyReport:
-    """The outcome of :func:`verify_chain`; ``rows`` counts the rows found good."""
+    """The outcome of :func:`verify_chain`; ``rows`` counts the rows found good, and
+    ``head_hash`` is the hash of the last of them (the genesis hash for none)."""
 
     ok: bool
     rows: int
     first_bad_seq: int | None
     problem: str
+    head_hash: str = GENESIS_HASH
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """The chain's head as recorded at a time: a later chain must still hold this row with
+    this hash, or rows were cut from its tail (which the chain alone cannot show)."""
+
+    seq: int
+    hash: str
+    at: str
+
+    def to_json(self) -> str:
+        """One line of JSON."""
+        return json.dumps({"seq": self.seq, "hash": self.hash, "at": self.at})
+
+    @classmethod
+    def from_json(cls, line: str) -> Anchor:
+        """Read :meth:`to_json`'s line back (ValueError when it is not one)."""
+        try:
+            data = json.loads(line)
+            return cls(int(data["seq"]), str(data["hash"]), str(data["at"]))
+        except (KeyError, TypeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"not an anchor: {line[:80]!r}") from exc
+
+
+async def anchor_problem(session: AsyncSession, report: VerifyReport, anchor: Anchor) -> str:
+    """Why a verified chain does not reach ``anchor`` ("" when it does)."""
+    if anchor.seq == 0:
+        return ""
+    if report.rows < anchor.seq:
+        return (
+            f"the chain ends at seq {report.rows} but was anchored at seq {anchor.seq} on "
+            f"{anchor.at}: rows were cut from its tail"
+        )
+    stored = await session.scalar(select(AuditRow.hash).where(AuditRow.seq == anchor.seq))
+    if stored != anchor.hash:
+        return f"seq {anchor.seq} does not match its anchor of {anchor.at}"
+    return ""
 
 
 def chain_hash(
@@ -187,7 +228,9 @@ async def verify_chain(
             )
         ).all()
         if not batch:
-            return VerifyReport(ok=True, rows=good, first_bad_seq=None, problem="")
+            return VerifyReport(
+                ok=True, rows=good, first_bad_seq=None, problem="", head_hash=prev_hash
+            )
         for seq, prev, wf, step, kind, campaign, customer, payload, created, row_hash in batch:
             if seq != expected_seq:
                 return VerifyReport(
