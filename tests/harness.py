@@ -416,6 +416,20 @@ async def save_history_if_asked(handle: WorkflowHandle[Any, Any], name: str) -> 
         path.write_text(history.to_json())
 
 
+async def save_cohort_evaluation_history(client: Client, cohort_id: str, name: str) -> None:
+    """With ``COHORTFLOW_SAVE_HISTORIES=1``, keep the history of the cohort's first scheduled
+    evaluation as ``cohort_evaluation_v1_{name}.json`` (never overwritten), for the replay
+    tests of ``CohortEvaluationWorkflow``."""
+    path = HISTORIES / f"cohort_evaluation_v1_{name}.json"
+    if os.environ.get("COHORTFLOW_SAVE_HISTORIES") != "1" or path.exists():
+        return
+    query = f'WorkflowType = "CohortEvaluationWorkflow" AND CohortId = "{cohort_id}"'
+    async for execution in client.list_workflows(query):
+        history = await client.get_workflow_handle(execution.id).fetch_history()
+        path.write_text(history.to_json())
+        return
+
+
 async def current_details(handle: WorkflowHandle[Any, Any]) -> str:
     """What the Temporal UI shows as the workflow's current details."""
     metadata = await handle.query("__temporal_workflow_metadata", result_type=WorkflowMetadata)

@@ -31,7 +31,7 @@ from cohortflow.events.ingest import Ingestor
 from cohortflow.settings import Settings
 from cohortflow.storage import campaigns, cohorts
 from cohortflow.storage.db import Database
-from tests.harness import migrated, spec_document
+from tests.harness import migrated, save_cohort_evaluation_history, spec_document
 from tests.test_events import KEY, PSEUDONYMISER, track
 from workflows.cohort_evaluation import CohortEvaluationWorkflow
 from workflows.launch import LaunchCampaignsWorkflow
@@ -180,6 +180,7 @@ async def test_a_cohort_is_entered_and_launched_without_anyone_running_evaluate(
             await until(lambda: _at_least(launched_count(), len(expected)))
             state = await schedules.status(dev_client, cohort_id)
             assert (state.paused, state.every, state.runs) == (False, timedelta(hours=1), 1)
+            await save_cohort_evaluation_history(dev_client, cohort_id, "entered_launched")
 
             # An operator pauses and resumes it from the CLI; the reason shows on it.
             done = await asyncio.to_thread(

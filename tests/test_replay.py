@@ -1,5 +1,6 @@
-"""Every saved history of a released CampaignWorkflow version still replays on today's code,
-and the patch registry (``contract.PATCHES``) says exactly which histories carry which patch.
+"""Every saved history of a released CampaignWorkflow version (and of the scheduled
+CohortEvaluationWorkflow) still replays on today's code, and the patch registry
+(``contract.PATCHES``) says exactly which histories carry which patch.
 
 A change to the workflow's logic that would break these must go behind ``workflow.patched``
 (or a new workflow type); then the old histories keep replaying and new ones are saved here
@@ -23,6 +24,7 @@ from workflows.campaign.contract import PATCHES, Patch
 from workflows.campaign.messages import CampaignResult
 from workflows.campaign.state import CampaignInput
 from workflows.campaign.workflow import CampaignWorkflow
+from workflows.cohort_evaluation import CohortEvaluationWorkflow
 
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("campaign_v*.json"))
 
@@ -70,6 +72,18 @@ def test_histories_of_every_released_outcome_are_kept() -> None:
 @pytest.mark.parametrize("path", HISTORIES, ids=lambda p: p.stem)
 async def test_saved_history_replays_on_current_code(path: Path) -> None:
     await Replayer(workflows=[CampaignWorkflow]).replay_workflow(load(path))
+
+
+COHORT_EVALUATIONS = sorted((Path(__file__).parent / "histories").glob("cohort_evaluation_v*.json"))
+
+
+def test_a_history_of_the_scheduled_cohort_evaluation_is_kept() -> None:
+    assert [p.stem for p in COHORT_EVALUATIONS] == ["cohort_evaluation_v1_entered_launched"]
+
+
+@pytest.mark.parametrize("path", COHORT_EVALUATIONS, ids=lambda p: p.stem)
+async def test_saved_cohort_evaluation_replays_on_current_code(path: Path) -> None:
+    await Replayer(workflows=[CohortEvaluationWorkflow]).replay_workflow(load(path))
 
 
 def test_every_patch_in_a_saved_history_is_registered() -> None:
