@@ -83,34 +83,21 @@ class Ingestor:
         correct each event's clock (``events.schema.corrected_timestamp``).
         """
         received = Received(now or datetime.now(UTC), sent_at)
-        results: list[EventResult] = []
-        valid: list[tuple[int, AnyEvent]] = []
-        seen: set[str] = set()
-        for index, raw in enumerate(batch):
-            parsed = parse_event(raw, received)
-            message_id = raw.get("messageId") if isinstance(raw, dict) else None
-            if isinstance(parsed, list):
-                results.append(
-                    EventResult(index, _text(message_id), "rejected", _prefixed(index, parsed))
-                )
-            elif parsed.messageId in seen:
-                results.append(EventResult(index, parsed.messageId, "duplicate"))
-            else:
-                seen.add(parsed.messageId)
-                valid.append((index, parsed))
+        results, valid = _validate(batch, received)
         events = [event for _, event in valid]
+        at = received.at
         async with self._db.transaction() as session:
             stored = await resolve_aliases(session, self._keys.candidates(events))
             plan = plan_batch(events, self._keys, stored)
-            await upsert_identities(session, plan.identities, now=now)
-            inserted = await insert_events(session, plan.records, now=now)
-            grown = await merge_profiles(session, plan.merges, now=now)
+            await upsert_identities(session, plan.identities, now=at)
+            inserted = await insert_events(session, plan.records, now=at)
+            grown = await merge_profiles(session, plan.merges, now=at)
             touched = {r.customer_key for r in plan.records if r.message_id in inserted}
-            await update_features(session, sorted(touched | grown), now=now)
-            await touch(session, sorted(touched | grown), now=received.at)  # cohorts.refresh
+            await update_features(session, sorted(touched | grown), now=at)
+            await touch(session, sorted(touched | grown), now=at)  # cohorts.refresh
             new = [r for r in plan.records if r.message_id in inserted and r.type == "track"]
             owed = [_owed(r) for r in new] if self._relay else []
-            await owe(session, owed, now=received.at)
+            await owe(session, owed, now=at)
         for index, event in valid:
             status: Status = "accepted" if event.messageId in inserted else "duplicate"
             results.append(EventResult(index, event.messageId, status))
@@ -127,6 +114,28 @@ class Ingestor:
             else:
                 outcome.temporal, outcome.signalled = delivery.temporal, delivery.signalled
         return outcome
+
+
+def _validate(
+    batch: Sequence[Any], received: Received
+) -> tuple[list[EventResult], list[tuple[int, AnyEvent]]]:
+    """The refused and repeated events' results, and the valid events by position."""
+    results: list[EventResult] = []
+    valid: list[tuple[int, AnyEvent]] = []
+    seen: set[str] = set()
+    for index, raw in enumerate(batch):
+        parsed = parse_event(raw, received)
+        message_id = raw.get("messageId") if isinstance(raw, dict) else None
+        if isinstance(parsed, list):
+            results.append(
+                EventResult(index, _text(message_id), "rejected", _prefixed(index, parsed))
+            )
+        elif parsed.messageId in seen:
+            results.append(EventResult(index, parsed.messageId, "duplicate"))
+        else:
+            seen.add(parsed.messageId)
+            valid.append((index, parsed))
+    return results, valid
 
 
 def _owed(record: EventRecord) -> OwedSignal:

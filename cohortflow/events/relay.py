@@ -68,8 +68,6 @@ class SignalRelay:
                 await signal_outbox.delivered(session, [s.message_id for s in owed])
             delivery.signalled += sent
             delivery.temporal = "ok"
-            if message_ids is not None:
-                return delivery
 
     async def backlog(self) -> Backlog:
         """What is still owed (its size and age are the relay's lag)."""

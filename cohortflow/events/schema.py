@@ -87,28 +87,64 @@ def _finite(value: Any, path: str) -> None:
 def _utf8(text: str) -> bool:
     try:
         text.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate: JSON can carry it, no store can
+    except UnicodeEncodeError:
         return False
     return True
 
 
-def _screen(raw: dict[str, Any]) -> tuple[list[int | str], str] | None:
-    """Where an event is too deep or holds text no store can keep, and why; None if fine.
-    Iterative, so no input can exhaust the interpreter's recursion."""
+def _too_deep(raw: dict[str, Any]) -> list[int | str] | None:
+    """Where an event nests deeper than :data:`MAX_NESTING`; None if it does not.
+    Iterative over containers only, so no input can exhaust the interpreter's recursion
+    and a flat event costs one pass over its top level."""
+    stack: list[tuple[dict[Any, Any] | list[Any], list[int | str]]] = [(raw, [])]
+    while stack:
+        container, path = stack.pop()
+        items = container.items() if isinstance(container, dict) else enumerate(container)
+        for key, item in items:
+            if isinstance(item, dict | list):
+                if len(path) + 1 > MAX_NESTING:
+                    return path
+                stack.append((item, [*path, key]))
+    return None
+
+
+def _lone_surrogate(raw: dict[str, Any]) -> list[int | str]:
+    """Where an event that does not encode holds its lone surrogate (a key or a value)."""
     stack: list[tuple[Any, list[int | str]]] = [(raw, [])]
     while stack:
         value, path = stack.pop()
-        if len(path) > MAX_NESTING:
-            return path[:MAX_NESTING], f"nested deeper than {MAX_NESTING} levels"
         if isinstance(value, str) and not _utf8(value):
-            return path, "not valid UTF-8 text (a lone surrogate)"
+            return path
         if isinstance(value, dict):
             for key, item in value.items():
                 if not _utf8(str(key)):
-                    return path, "a key is not valid UTF-8 text (a lone surrogate)"
+                    return path
                 stack.append((item, [*path, key]))
         elif isinstance(value, list):
             stack.extend((item, [*path, i]) for i, item in enumerate(value))
+    return []
+
+
+def _screen(raw: dict[str, Any]) -> dict[str, Any] | None:
+    """The error of an event too deep, too large, or holding text no store can keep."""
+    deep = _too_deep(raw)
+    if deep is not None:
+        return {
+            "loc": deep,
+            "msg": f"nested deeper than {MAX_NESTING} levels",
+            "type": "value_error",
+        }
+    try:
+        size = len(json.dumps(raw, ensure_ascii=False, default=str).encode())
+    except UnicodeEncodeError:  # a lone surrogate: JSON can carry it, no store can
+        where = _lone_surrogate(raw)
+        return {
+            "loc": where,
+            "msg": "not valid UTF-8 text (a lone surrogate)",
+            "type": "value_error",
+        }
+    if size > MAX_EVENT_BYTES:
+        return {"loc": [], "msg": f"larger than {MAX_EVENT_BYTES} bytes", "type": "too_large"}
     return None
 
 
@@ -265,9 +301,7 @@ def parse_event(raw: Any, received: Received | None = None) -> AnyEvent | list[d
     if isinstance(raw, dict):
         problem = _screen(raw)
         if problem is not None:
-            return [{"loc": problem[0], "msg": problem[1], "type": "value_error"}]
-        if len(json.dumps(raw, ensure_ascii=False, default=str).encode()) > MAX_EVENT_BYTES:
-            return [{"loc": [], "msg": f"larger than {MAX_EVENT_BYTES} bytes", "type": "too_large"}]
+            return [problem]
     try:
         return _ADAPTER.validate_python(raw, context=received)
     except ValidationError as exc:

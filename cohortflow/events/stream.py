@@ -5,7 +5,9 @@ A source is anything that hands out messages in order and takes them back unackn
 (:class:`EventSource`); NATS JetStream is the first (``events.nats_source``). Each message
 holds one Segment-shaped event or a ``{"batch": [...]}``. A consumer killed mid-batch leaves
 its messages unacknowledged, so the stream delivers them again, and the store keeps each
-``messageId`` once: nothing is lost and nothing is applied twice.
+``messageId`` once: nothing is lost and nothing is applied twice. Dead letters are
+published after the commit and before the acks, so a consumer that dies between the two
+publishes a refused event's dead letter again.
 """
 
 from __future__ import annotations
@@ -93,14 +95,14 @@ class StreamConsumer:
         if not messages:
             return 0
         events: list[Any] = []
+        dead: list[dict[str, Any]] = []
         for message in messages:
             try:
                 events.extend(_documents(message.data))
             except ValueError as exc:
                 text = message.data.decode("utf-8", "replace")[:MAX_DEAD_TEXT]
                 error = {"loc": [], "msg": f"malformed JSON: {exc}", "type": "json_invalid"}
-                await self._source.dead_letter({"data": text, "errors": [error]})
-                self.stats.dead_letters += 1
+                dead.append({"data": text, "errors": [error]})
         try:
             outcome = await self._ingestor.ingest(events, now=datetime.now(UTC))
         except Exception:
@@ -108,13 +110,15 @@ class StreamConsumer:
             for message in messages:
                 await message.nak(REDELIVER_AFTER_SECONDS)
             raise
-        for result in outcome.results:
-            if result.status == "rejected":
-                # Error paths from the event itself: its place in a fetch means nothing later.
-                errors = [{**e, "loc": e["loc"][2:]} for e in result.errors]
-                await self._source.dead_letter(
-                    {"event": _jsonable(events[result.index]), "errors": errors}
-                )
+        # Error paths from the event itself: its place in a fetch means nothing later.
+        dead += [
+            {"event": events[r.index], "errors": [{**e, "loc": e["loc"][2:]} for e in r.errors]}
+            for r in outcome.results
+            if r.status == "rejected"
+        ]
+        for document in dead:
+            await self._source.dead_letter(document)
+        self.stats.dead_letters += len(dead)
         # Only now, after the commit and the dead letters: a crash before this line makes
         # the stream deliver the batch again, and the store keeps each message id once.
         for message in messages:
@@ -128,7 +132,6 @@ class StreamConsumer:
         self.stats.batches += 1
         self.stats.accepted += outcome.count("accepted")
         self.stats.duplicates += outcome.count("duplicate")
-        self.stats.dead_letters += outcome.count("rejected")
         self.stats.signalled += outcome.signalled
 
 
@@ -138,7 +141,3 @@ def _documents(data: bytes) -> list[Any]:
     if isinstance(document, dict) and isinstance(document.get("batch"), list):
         return list(document["batch"])
     return [document]
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))

@@ -100,17 +100,21 @@ async def failed(
     session: AsyncSession, signals: Sequence[OwedSignal], error: str, *, now: datetime
 ) -> None:
     """Put signals back, due again after a back-off that grows with their attempts."""
+    by_attempts: dict[int, list[str]] = {}
     for signal in signals:
-        wait = BACKOFF[min(signal.attempts, len(BACKOFF) - 1)]
-        await session.execute(
-            update(SignalOutbox)
-            .where(SignalOutbox.message_id == signal.message_id)
-            .values(
-                due_at=utc(now) + timedelta(seconds=wait),
-                attempts=signal.attempts + 1,
-                last_error=error[:500],
+        by_attempts.setdefault(signal.attempts, []).append(signal.message_id)
+    for attempts, ids in by_attempts.items():
+        wait = BACKOFF[min(attempts, len(BACKOFF) - 1)]
+        for chunk in chunked(ids, rows_per_statement(session, 1)):
+            await session.execute(
+                update(SignalOutbox)
+                .where(SignalOutbox.message_id.in_(chunk))
+                .values(
+                    due_at=utc(now) + timedelta(seconds=wait),
+                    attempts=attempts + 1,
+                    last_error=error[:500],
+                )
             )
-        )
 
 
 async def backlog(session: AsyncSession) -> Backlog:
