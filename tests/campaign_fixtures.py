@@ -18,9 +18,15 @@ from cohortflow.temporal_client import connect, ensure_search_attributes
 from tests.harness import Harness, Sandbox, migrated, serve_sandbox, train_small_registry
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 async def time_skipping_env() -> AsyncIterator[WorkflowEnvironment]:
-    """One time-skipping test server for the session, search attributes registered first."""
+    """A time-skipping test server of the test's own, search attributes registered first.
+
+    Not shared: the test server keeps the timers of closed workflows (an activity's
+    schedule-to-close, ten years when unset) and a later time skip jumps to them, so on a
+    shared server the clock ran decades ahead within one run and later tests failed on it.
+    It starts in about a tenth of a second.
+    """
     env = await WorkflowEnvironment.start_time_skipping(
         test_server_existing_path=str(temporal_test_server())
     )
