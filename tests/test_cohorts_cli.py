@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 
 from cohortflow.events.ingest import Ingestor
+from cohortflow.storage import audit
 from cohortflow.storage.db import Database
 from tests.harness import bearer, issue_token
 from tests.test_events import PSEUDONYMISER, T0, _cli, cli_env, serve_api, settings_for, track
@@ -36,6 +37,11 @@ async def test_cohort_api_applies_evaluates_and_pages_members(
                 "changed": True,
             }
             assert (await client.post("/v1/cohorts", json=RICH)).json()["changed"] is False
+            async with db.transaction() as session:
+                rows = await audit.audit_for_workflow(session, "cohort:rich")
+            assert [(r.kind, json.loads(r.payload)) for r in rows] == [
+                ("cohort_applied", {"by": "tests-admin", "version": 1})
+            ]
             assert (await client.get("/v1/cohorts/nope")).status_code == 404
             assert (await client.get("/v1/cohorts/rich")).json()["rule"] == RICH["rule"]
 

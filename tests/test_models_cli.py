@@ -15,9 +15,10 @@ from typer.testing import CliRunner
 
 from cohortflow.api.app import create_app
 from cohortflow.cli.main import app
-from cohortflow.errors import Invalid, NotFound
+from cohortflow.errors import Forbidden, Invalid, NotFound
+from cohortflow.pseudonymisation import Pseudonymiser
 from cohortflow.settings import Settings
-from cohortflow.storage import customers
+from cohortflow.storage import audit, customers
 from cohortflow.storage.db import Database, migrate
 from scoring.cdnow import load_transactions
 from scoring.features import FEATURE_NAMES, rfm_features
@@ -41,7 +42,18 @@ def cli(*args: str) -> Any:
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("cohortflow")
+    path = tmp_path_factory.mktemp("cohortflow")
+    # Set up as `cohortflow up` leaves it: promotions go on record in its database.
+    Pseudonymiser.from_settings(Settings(data_dir=path))
+    asyncio.run(migrate(Settings(data_dir=path).resolved_database_url))
+    return path
+
+
+def as_identity(name: str, *args: str) -> Any:
+    """The CLI run as the local identity ``name``."""
+    return runner.invoke(
+        app, list(args), catch_exceptions=True, env={"COHORTFLOW_LOCAL_IDENTITY": name}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -80,14 +92,31 @@ def listed(data_dir: Path) -> dict[str, str | None]:
     return {row["version"]: row["role"] for row in json.loads(result.stdout)}
 
 
+def promotions(data_dir: Path) -> list[dict[str, Any]]:
+    """The audit trail's model promotions, oldest first."""
+
+    async def read() -> list[dict[str, Any]]:
+        db = Database(Settings(data_dir=data_dir).resolved_database_url)
+        try:
+            async with db.read_transaction() as session:
+                rows = await audit.audit_for_workflow(session, "model:churn")
+        finally:
+            await db.dispose()
+        assert {r.kind for r in rows} == {"model_promoted"}
+        return [json.loads(r.payload) for r in rows]
+
+    return asyncio.run(read())
+
+
 def test_list_promote_challenger_compare(data_dir: Path, versions: tuple[str, str]) -> None:
     first, second = versions
     assert listed(data_dir) == {first: "champion", second: None}
 
-    result = cli(
-        "model", "promote", second, "--challenger", "--operator", "bob", "--data-dir", str(data_dir)
+    result = as_identity(
+        "bob", "model", "promote", second, "--challenger", "--data-dir", str(data_dir)
     )
     assert result.exit_code == 0, result.output
+    assert "(by bob)" in result.stdout
     assert listed(data_dir) == {first: "champion", second: "challenger"}
 
     compared = cli("model", "compare", first, second, "--data-dir", str(data_dir), "--json")
@@ -101,8 +130,20 @@ def test_list_promote_challenger_compare(data_dir: Path, versions: tuple[str, st
     table = cli("model", "compare", first, second, "--data-dir", str(data_dir))
     assert "brier" in table.stdout and first in table.stdout
 
-    result = cli("model", "promote", second, "--operator", "carol", "--data-dir", str(data_dir))
+    # Only an admin promotes; an operator is refused and nothing changes.
+    refused = runner.invoke(
+        app,
+        ["model", "promote", second, "--data-dir", str(data_dir)],
+        env={"COHORTFLOW_LOCAL_IDENTITY": "olga", "COHORTFLOW_LOCAL_ROLES": '["operator"]'},
+    )
+    assert isinstance(refused.exception, Forbidden), refused.output
+    assert listed(data_dir) == {first: "champion", second: "challenger"}
+    result = as_identity("carol", "model", "promote", second, "--data-dir", str(data_dir))
     assert result.exit_code == 0, result.output
+    assert promotions(data_dir) == [
+        {"by": "bob", "version": second, "role": "challenger"},
+        {"by": "carol", "version": second, "role": "champion"},
+    ]
     # Exactly one champion; the promoted challenger no longer shadows.
     assert listed(data_dir) == {first: None, second: "champion"}
     shown = cli("model", "show", second, "--data-dir", str(data_dir))

@@ -89,7 +89,9 @@ async def test_a_bad_spec_lists_every_problem_exits_2_and_stores_nothing(
     await db.dispose()
 
 
-def test_apply_makes_a_version_only_when_the_spec_changed(data_dir: Path, tmp_path: Path) -> None:
+async def test_apply_makes_a_version_only_when_the_spec_changed(
+    data_dir: Path, tmp_path: Path
+) -> None:
     assert cli(None, "campaign", "validate", str(DRIP)).returncode == 0
     first = cli(data_dir, "campaign", "apply", str(DRIP))
     assert first.stdout.strip() == "onboarding_drip: stored version 1", first.stderr
@@ -106,6 +108,16 @@ def test_apply_makes_a_version_only_when_the_spec_changed(data_dir: Path, tmp_pa
     ]
     listed = lines(cli(data_dir, "campaign", "list").stdout)
     assert [line.split() for line in listed] == [["onboarding_drip", "active", "v2"]]
+    # Each new version is on record with who applied it; the unchanged apply is not.
+    db = database(data_dir)
+    async with db.transaction() as session:
+        rows = await audit.audit_for_workflow(session, "campaign:onboarding_drip")
+    await db.dispose()
+    recorded = [(r.kind, json.loads(r.payload)) for r in rows]
+    assert [(kind, p["by"], p["version"]) for kind, p in recorded] == [
+        ("campaign_applied", "alice", 1),
+        ("campaign_applied", "bob", 2),
+    ]
     shown = cli(data_dir, "campaign", "show", "onboarding_drip", "--version", "1").stdout
     assert shown.startswith("# onboarding_drip version 1")
     assert yaml.safe_load(shown)["steps"][2]["timeout"] == "P3D"

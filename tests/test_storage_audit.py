@@ -14,8 +14,8 @@ import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import DBAPIError
 
+from cohortflow.audit.chain import GENESIS_HASH
 from cohortflow.storage.audit import (
-    GENESIS_HASH,
     AuditEvent,
     append_audit,
     audit_for_campaign,
@@ -93,14 +93,18 @@ async def test_append_chains_rows_and_verifies(db: Database) -> None:
     assert (report.ok, report.rows, report.first_bad_seq) == (True, 2, None)
 
 
-async def test_hash_is_sha256_of_the_documented_canonical_array(db: Database) -> None:
+async def test_hash_is_sha256_of_the_documented_canonical_arrays(db: Database) -> None:
     paris = timezone(timedelta(hours=1))
     async with db.transaction() as session:
         appended = await append_audit(session, event(z=[1, 2], a=None), now=T0.astimezone(paris))
-    material = json.dumps(
+        stored = await session.scalar(select(AuditRow.content_hash))
+
+    def sha256(value: Any) -> str:
+        material = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(material.encode()).hexdigest()
+
+    content = sha256(
         [
-            1,
-            GENESIS_HASH,
             "wf-1",
             "s1",
             "decision",
@@ -108,11 +112,10 @@ async def test_hash_is_sha256_of_the_documented_canonical_array(db: Database) ->
             "c_wf-1",
             '{"a":null,"z":[1,2]}',
             "2025-03-01T12:00:00.000000+00:00",
-        ],
-        separators=(",", ":"),
-        ensure_ascii=False,
+        ]
     )
-    assert appended.hash == hashlib.sha256(material.encode()).hexdigest()
+    assert stored == content
+    assert appended.hash == sha256([1, GENESIS_HASH, content])
 
 
 async def test_same_workflow_step_kind_is_recorded_once(db: Database) -> None:

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Query
 from temporalio.client import Client
 
-from cohortflow.api.auth import guard
+from cohortflow.api.auth import Who, guard
 from cohortflow.auth import policy
 from cohortflow.cohorts.service import CohortService
 from cohortflow.settings import Settings
@@ -31,9 +31,9 @@ def cohorts_router(db: Database, settings: Settings) -> APIRouter:
         return CohortService(db, settings, clients[0] if clients else None)
 
     @router.post("", **guard(policy.ADMIN, "define cohorts", {422: "invalid definition"}))
-    async def apply(document: Annotated[dict[str, Any], Body()]) -> dict[str, Any]:
+    async def apply(document: Annotated[dict[str, Any], Body()], who: Who) -> dict[str, Any]:
         """Validate and store a definition; 422 names each offending field by path."""
-        definition, version, changed = await (await service()).apply(document)
+        definition, version, changed = await (await service()).apply(document, who.name)
         return {"cohort_id": definition.cohort_id, "version": version, "changed": changed}
 
     @router.get("", **guard(policy.READ, "read cohorts"))

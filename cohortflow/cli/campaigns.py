@@ -161,7 +161,7 @@ def campaign_apply(
     approve for it, nor may the spec's ``author``.
     """
     from cohortflow.auth import policy
-    from cohortflow.storage import campaigns
+    from cohortflow.campaigns.versions import applied
 
     spec = _load(path)
     settings = settings_for(data_dir=data_dir)
@@ -171,9 +171,7 @@ def campaign_apply(
             who = await identity_of(settings, db)
             policy.require(who, policy.ADMIN, "apply campaigns")
             async with db.transaction() as session:
-                return await campaigns.save_spec_version(
-                    session, spec.campaign_id, spec.model_dump(mode="json"), created_by=who.name
-                )
+                return await applied(session, spec, who.name)
 
     version, created = run(apply)
     if created:

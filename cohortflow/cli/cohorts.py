@@ -12,7 +12,16 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cohortflow.cli.common import DataDir, err, out, print_line, ready, run, settings_for
+from cohortflow.cli.common import (
+    DataDir,
+    err,
+    identity_of,
+    out,
+    print_line,
+    ready,
+    run,
+    settings_for,
+)
 from cohortflow.errors import Invalid, Unavailable
 from cohortflow.settings import Settings
 
@@ -76,9 +85,15 @@ def apply(
     except yaml.YAMLError as exc:
         raise Invalid(f"{file}: not YAML or JSON: {exc}", field="file") from exc
     settings = settings_for(data_dir=data_dir)
-    definition, version, changed = _with_service(
-        settings, lambda service, _: service.apply(document), temporal=True
-    )
+
+    async def action(service: CohortService, _: Client | None) -> Any:
+        from cohortflow.auth import policy
+
+        who = await identity_of(settings, service.db)
+        policy.require(who, policy.ADMIN, "define cohorts")
+        return await service.apply(document, who.name)
+
+    definition, version, changed = _with_service(settings, action, temporal=True)
     state = "stored" if changed else "unchanged"
     print_line(f"cohort {definition.cohort_id} v{version} {state}")
 

@@ -12,6 +12,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import typer
 
+from cohortflow.cli.audit import audit_app
 from cohortflow.cli.campaigns import campaign_app
 from cohortflow.cli.cohorts import cohort_app
 from cohortflow.cli.common import (
@@ -26,7 +27,7 @@ from cohortflow.cli.common import (
 from cohortflow.cli.consume import consume
 from cohortflow.cli.events import events_app
 from cohortflow.cli.models import models_app
-from cohortflow.cli.operators import approvals_app, audit_app, consent_app, decisions_app
+from cohortflow.cli.operators import approvals_app, consent_app, decisions_app
 from cohortflow.cli.synth import synth_app
 from cohortflow.cli.tokens import token_app
 from cohortflow.errors import OperatorError

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
@@ -15,6 +16,7 @@ from cohortflow.errors import Conflict, Invalid, NotFound
 
 if TYPE_CHECKING:
     # Only types: scoring pulls in XGBoost and pandas, too slow for every command's start.
+    from cohortflow.settings import Settings
     from scoring.registry import ModelInfo, ModelRegistry
     from scoring.train import TrainConfig
 
@@ -222,7 +224,6 @@ def show(version: VersionArg, data_dir: DataDir = None, json_output: Json = Fals
 @models_app.command("promote")
 def promote(
     version: VersionArg,
-    operator: Annotated[str, typer.Option("--operator", help="Who promotes (recorded).")],
     challenger: Annotated[
         bool,
         typer.Option(
@@ -231,18 +232,58 @@ def promote(
     ] = False,
     data_dir: DataDir = None,
 ) -> None:
-    """Make a version the champion (exactly one per model) or the challenger."""
+    """Make a version the champion (exactly one per model) or the challenger, as this
+    command's identity (COHORTFLOW_TOKEN or the local identity, an admin), on record in the
+    audit trail."""
     registry = _registry(data_dir)
     info = _get(registry, version)
-    if challenger:
+    settings = settings_for(data_dir=data_dir)
+    role = "challenger" if challenger else "champion"
+
+    def change(by: str) -> None:
+        if not challenger:
+            registry.promote(info.name, version, by=by)
+            return
         try:
-            registry.set_challenger(info.name, version, by=operator)
+            registry.set_challenger(info.name, version, by=by)
         except ValueError as exc:
             raise Conflict(str(exc)) from exc
-        print_line(f"{version} is now the challenger of {info.name} (scored in shadow)")
-        return
-    registry.promote(info.name, version, by=operator)
-    print_line(f"{version} is now the champion of {info.name} (by {operator})")
+
+    by = run(lambda: _promoted(settings, info, role, change))
+    shadow = " (scored in shadow)" if challenger else ""
+    print_line(f"{version} is now the {role} of {info.name}{shadow} (by {by})")
+
+
+async def _promoted(
+    settings: Settings, info: ModelInfo, role: str, change: Callable[[str], None]
+) -> str:
+    """Check who asks, make the change, and record it; the identity's name."""
+    from cohortflow.audit.actions import record_action
+    from cohortflow.auth import policy
+    from cohortflow.cli.common import identity_of, ready
+    from cohortflow.storage.db import Database
+    from workflows.campaign.contract import AuditKind
+
+    await ready(settings)
+    db = Database(settings.resolved_database_url)
+    try:
+        who = await identity_of(settings, db)
+        policy.require(who, policy.ADMIN, "promote models")
+        # The audit row commits only once the registry has changed.
+        async with db.transaction() as session:
+            change(who.name)
+            subject = f"model:{info.name}"
+            await record_action(
+                session,
+                AuditKind.MODEL_PROMOTED,
+                subject,
+                who.name,
+                version=info.version,
+                role=role,
+            )
+    finally:
+        await db.dispose()
+    return who.name
 
 
 @models_app.command("clear-challenger")

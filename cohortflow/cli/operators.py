@@ -1,9 +1,8 @@
-"""Operator commands: approvals, consent and the audit trail."""
+"""Operator commands: approvals and consent."""
 
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -27,13 +26,11 @@ from cohortflow.cli.common import (
     ready,
     run,
     settings_for,
-    setup_observability,
 )
 from cohortflow.errors import Invalid
 
 approvals_app = typer.Typer(help="Approvals campaigns are waiting for.", no_args_is_help=True)
 consent_app = typer.Typer(help="Consent per customer, channel and purpose.", no_args_is_help=True)
-audit_app = typer.Typer(help="The append-only, hash-chained audit trail.", no_args_is_help=True)
 decisions_app = typer.Typer()
 
 
@@ -349,142 +346,6 @@ def consent_history(
             f"{row['at'][:19]}Z {row['channel']}/{row['purpose']} {verb}{change} "
             f"via {row['how']} by {row['by']}, source {row['source']}{policy_note}"
         )
-
-
-AnchorFile = Annotated[
-    Path | None,
-    typer.Option(
-        "--anchor",
-        help="A file of anchors (`cohortflow audit anchor`): the chain must still reach the"
-        " last one, or its tail was cut.",
-    ),
-]
-
-
-@audit_app.command("verify")
-def audit_verify(data_dir: DataDir = None, anchor: AnchorFile = None) -> None:
-    """Recompute every hash of the chain; exit 1 and name the first bad row if broken, or,
-    with --anchor, when the chain no longer reaches the last recorded head."""
-    from cohortflow.storage.audit import Anchor, anchor_problem, verify_chain
-    from cohortflow.storage.db import Database
-
-    settings = settings_for(data_dir=data_dir)
-    anchors: list[Anchor] = []
-    if anchor is not None:
-        try:
-            lines = anchor.read_text(encoding="utf-8").splitlines()
-            anchors = [Anchor.from_json(line) for line in lines if line.strip()]
-        except (OSError, ValueError) as exc:
-            raise Invalid(f"anchor: {exc}", field="anchor") from exc
-        if not anchors:
-            raise Invalid(f"anchor: {anchor} holds no anchor", field="anchor")
-
-    async def verify() -> tuple[Any, str]:
-        await ready(settings)
-        db = Database(settings.resolved_database_url)
-        try:
-            async with db.read_transaction() as session:
-                report = await verify_chain(session)
-                problem = ""
-                if report.ok and anchors:
-                    problem = await anchor_problem(session, report, anchors[-1])
-                return report, problem
-        finally:
-            await db.dispose()
-
-    report, problem = run(verify)
-    if not report.ok:
-        err.print(f"audit chain BROKEN at seq {report.first_bad_seq}: {report.problem}")
-        raise typer.Exit(1)
-    if problem:
-        err.print(f"audit chain CUT: {problem}")
-        raise typer.Exit(1)
-    reached = f"; reaches its anchor of {anchors[-1].at}" if anchors else ""
-    out.print(f"audit chain ok: {report.rows} rows{reached}")
-
-
-@audit_app.command("anchor")
-def audit_anchor(
-    data_dir: DataDir = None,
-    file: Annotated[
-        Path | None,
-        typer.Option(
-            "--file",
-            help="Append the anchor here (default: audit-anchors.jsonl in"
-            " the data directory). Keep a copy where the database's owners cannot write.",
-        ),
-    ] = None,
-) -> None:
-    """Record the chain's head (its last seq and hash) after verifying the chain, in a file
-    and the log, so `audit verify --anchor FILE` can tell when rows were cut from the tail."""
-    import structlog
-
-    from cohortflow.storage.audit import Anchor, verify_chain
-    from cohortflow.storage.db import Database
-
-    settings = settings_for(data_dir=data_dir)
-    target = file or settings.data_dir / "audit-anchors.jsonl"
-
-    async def head() -> Any:
-        await ready(settings)
-        db = Database(settings.resolved_database_url)
-        try:
-            async with db.read_transaction() as session:
-                return await verify_chain(session)
-        finally:
-            await db.dispose()
-
-    report = run(head)
-    if not report.ok:
-        err.print(f"audit chain BROKEN at seq {report.first_bad_seq}: {report.problem}")
-        raise typer.Exit(1)
-    anchor = Anchor(report.rows, report.head_hash, datetime.now(UTC).isoformat())
-    with target.open("a", encoding="utf-8") as f:
-        f.write(anchor.to_json() + "\n")
-    # The log (stderr, structured as configured) is the anchor's second copy.
-    setup_observability(settings, "cohortflow-audit")
-    structlog.get_logger(__name__).info("audit anchored", seq=anchor.seq, hash=anchor.hash)
-    out.print(f"anchored seq {anchor.seq} {anchor.hash} in {target}")
-
-
-@audit_app.command("show")
-def audit_show(
-    customer: Annotated[
-        str, typer.Option("--customer", help="Customer key (c_…) or source customer id.")
-    ],
-    data_dir: DataDir = None,
-) -> None:
-    """Print one customer's decisions, oldest first; exit 2 for a customer never seen."""
-    from cohortflow.errors import NotFound
-    from cohortflow.storage.audit import audit_for_customer
-    from cohortflow.storage.customers import get_customer
-    from cohortflow.storage.db import Database
-
-    settings = settings_for(data_dir=data_dir)
-    key = ""
-
-    async def show() -> Any:
-        nonlocal key
-        key = (await ready(settings)).resolve(customer)
-        db = Database(settings.resolved_database_url)
-        try:
-            async with db.transaction() as session:
-                rows = await audit_for_customer(session, key)
-                if not rows and await get_customer(session, key) is None:
-                    raise NotFound(f"customer: no customer {customer!r}", field="customer")
-                return rows
-        finally:
-            await db.dispose()
-
-    rows = run(show)
-    table = Table(title=f"Audit trail of {key}")
-    for column in ("seq", "time", "workflow", "step", "kind", "payload"):
-        table.add_column(column, overflow="fold")
-    for r in rows:
-        table.add_row(str(r.seq), r.created_at, r.workflow_id, r.step_id, r.kind, r.payload)
-    out.print(table)
-    if not rows:
-        err.print(f"no audit rows for customer {customer!r}")
 
 
 # ---------------------------------------------------------------------- entry point

@@ -14,6 +14,7 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
+from cohortflow.audit.actions import record_action
 from cohortflow.campaigns import visibility
 from cohortflow.cohorts import schedules
 from cohortflow.cohorts.evaluator import Evaluation, ScoreFn, evaluate, model_scores
@@ -23,7 +24,7 @@ from cohortflow.settings import Settings
 from cohortflow.spec import CampaignSpec, parse_spec
 from cohortflow.storage import campaigns, cohorts
 from cohortflow.storage.db import Database
-from workflows.campaign.contract import SA
+from workflows.campaign.contract import SA, AuditKind
 from workflows.campaign.messages import CohortExited
 from workflows.campaign.workflow import CampaignWorkflow
 from workflows.launch import LaunchCampaignsWorkflow, LaunchInput, launch_workflow_id
@@ -66,10 +67,10 @@ class CohortService:
         self._client = client
         self._score: ScoreFn | None = None
 
-    async def apply(self, document: Any) -> tuple[CohortDefinition, int, bool]:
-        """Validate and store a definition, then make or update its evaluation schedule
-        (when Temporal is away, the next worker start does); returns the definition, its
-        version and whether it changed."""
+    async def apply(self, document: Any, by: str) -> tuple[CohortDefinition, int, bool]:
+        """Validate and store a definition (a change audited as applied by ``by``), then make
+        or update its evaluation schedule (when Temporal is away, the next worker start does);
+        returns the definition, its version and whether it changed."""
         try:
             definition = parse_cohort(document)
         except CohortError as exc:
@@ -78,6 +79,9 @@ class CohortService:
             version, changed = await cohorts.save_cohort(
                 session, definition.cohort_id, definition.model_dump(mode="json", by_alias=True)
             )
+            if changed:
+                subject = f"cohort:{definition.cohort_id}"
+                await record_action(session, AuditKind.COHORT_APPLIED, subject, by, version=version)
         if self._client is not None:
             try:
                 await schedules.ensure(self._client, self._settings, definition)

@@ -10,6 +10,7 @@ from typing import Any
 
 from temporalio.client import Client
 
+from cohortflow.campaigns.versions import applied
 from cohortflow.cohorts.service import CohortService
 from cohortflow.spec import CampaignSpec
 from cohortflow.storage import campaigns, cohorts
@@ -44,9 +45,7 @@ class Entered:
 async def save_version(db: Database, spec: CampaignSpec) -> int:
     """The spec's version in the store: a new one only when the spec changed."""
     async with db.transaction() as session:
-        version, _ = await campaigns.save_spec_version(
-            session, spec.campaign_id, spec.model_dump(mode="json"), created_by="demo"
-        )
+        version, _ = await applied(session, spec, "demo")
     return version
 
 
@@ -65,7 +64,7 @@ async def enter_cohort(
     """Apply the cohort (which makes its schedule), evaluate it, and follow its launches to
     the end; ``advance(done, total)`` reports progress."""
     before = await entries(service.db, launch.campaign_id)
-    definition, _, _ = await service.apply(launch.cohort)
+    definition, _, _ = await service.apply(launch.cohort, "demo")
     report = await service.evaluate(definition.cohort_id)
     for started in report.launches:
         if started.campaign_id != launch.campaign_id:

@@ -1,16 +1,15 @@
 """The append-only, hash-chained audit trail: append, verify, read.
 
-Each row's ``hash`` is SHA-256 over a canonical JSON array of its sequence number, the
-previous row's hash and its content exactly as stored, so changing, removing or reordering
-any row breaks the chain from that row on. The database refuses UPDATE and DELETE (and
-TRUNCATE on PostgreSQL) on ``audit_log``; :func:`verify_chain` proves nothing slipped past.
+Each row's ``hash`` covers its sequence number, the previous row's hash and its content
+exactly as stored (the rules: ``cohortflow.audit.chain``), so changing, removing or
+reordering any row breaks the chain from that row on. The database refuses UPDATE and
+DELETE (and TRUNCATE on PostgreSQL) on ``audit_log``; :func:`verify_chain` proves nothing
+slipped past.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -18,10 +17,18 @@ from typing import Any
 from sqlalchemy import insert, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from cohortflow.audit.chain import (
+    GENESIS_HASH,
+    Anchor,
+    Link,
+    RowContent,
+    chain_hash,
+    content_hash,
+    link_problem,
+)
 from cohortflow.storage._sql import canonical_json, dialect_name, in_list, table_of, utc
 from cohortflow.storage.tables import AuditRow
 
-GENESIS_HASH = "0" * 64
 # One fixed advisory lock key ("cohortau" in ASCII) that every appender on a PostgreSQL
 # database takes, so appends are serialised and the chain never forks.
 AUDIT_LOCK_ID = 0x636F686F72746175
@@ -61,29 +68,6 @@ class VerifyReport:
     head_hash: str = GENESIS_HASH
 
 
-@dataclass(frozen=True)
-class Anchor:
-    """The chain's head as recorded at a time: a later chain must still hold this row with
-    this hash, or rows were cut from its tail (which the chain alone cannot show)."""
-
-    seq: int
-    hash: str
-    at: str
-
-    def to_json(self) -> str:
-        """One line of JSON."""
-        return json.dumps({"seq": self.seq, "hash": self.hash, "at": self.at})
-
-    @classmethod
-    def from_json(cls, line: str) -> Anchor:
-        """Read :meth:`to_json`'s line back (ValueError when it is not one)."""
-        try:
-            data = json.loads(line)
-            return cls(int(data["seq"]), str(data["hash"]), str(data["at"]))
-        except (KeyError, TypeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"not an anchor: {line[:80]!r}") from exc
-
-
 async def anchor_problem(session: AsyncSession, report: VerifyReport, anchor: Anchor) -> str:
     """Why a verified chain does not reach ``anchor`` ("" when it does)."""
     if anchor.seq == 0:
@@ -97,24 +81,6 @@ async def anchor_problem(session: AsyncSession, report: VerifyReport, anchor: An
     if stored != anchor.hash:
         return f"seq {anchor.seq} does not match its anchor of {anchor.at}"
     return ""
-
-
-def chain_hash(
-    seq: int,
-    prev_hash: str,
-    workflow_id: str,
-    step_id: str,
-    kind: str,
-    campaign_id: str,
-    customer_key: str,
-    payload: str,
-    created_at: str,
-) -> str:
-    """The hash of one audit row, given the stored payload text and timestamp."""
-    material = canonical_json(
-        [seq, prev_hash, workflow_id, step_id, kind, campaign_id, customer_key, payload, created_at]
-    )
-    return hashlib.sha256(material.encode("utf-8")).hexdigest()
 
 
 async def append_audit(
@@ -166,24 +132,24 @@ async def append_many(
             appended.append(Appended(seq=found[key][0], hash=found[key][1], created=False))
             continue
         seq += 1
-        payload_text = canonical_json(dict(event.payload))
-        row_hash = chain_hash(
-            seq,
-            prev_hash,
+        content = RowContent(
             event.workflow_id,
             event.step_id,
             event.kind,
             event.campaign_id,
             event.customer_key,
-            payload_text,
+            canonical_json(dict(event.payload)),
             created_at,
         )
+        digest = content_hash(content)
+        row_hash = chain_hash(seq, prev_hash, digest)
         rows_to_insert.append(
             {
-                "seq": seq, "workflow_id": event.workflow_id, "step_id": event.step_id,
-                "kind": event.kind, "campaign_id": event.campaign_id,
-                "customer_key": event.customer_key, "payload": payload_text,
+                "seq": seq, "workflow_id": content.workflow_id, "step_id": content.step_id,
+                "kind": content.kind, "campaign_id": content.campaign_id,
+                "customer_key": content.customer_key, "payload": content.payload,
                 "created_at": created_at, "prev_hash": prev_hash, "hash": row_hash,
+                "content_hash": digest,
             }
         )  # fmt: skip
         found[key] = (seq, row_hash)
@@ -194,70 +160,71 @@ async def append_many(
     return appended
 
 
-async def verify_chain(
-    session: AsyncSession, *, batch_size: int = VERIFY_BATCH_SIZE
-) -> VerifyReport:
-    """Recompute every hash and check every link, reading ``batch_size`` rows at a time.
+LINK_COLUMNS = (
+    AuditRow.seq,
+    AuditRow.prev_hash,
+    AuditRow.hash,
+    AuditRow.content_hash,
+    AuditRow.workflow_id,
+    AuditRow.step_id,
+    AuditRow.kind,
+    AuditRow.campaign_id,
+    AuditRow.customer_key,
+    AuditRow.payload,
+    AuditRow.created_at,
+)
 
-    Memory stays bounded by one batch whatever the table size. Use
-    ``Database.read_transaction()`` for the session so a long verification does not hold
-    SQLite's write lock. Rows appended while verifying are verified too.
-    """
-    columns = (
-        AuditRow.seq,
-        AuditRow.prev_hash,
-        AuditRow.workflow_id,
-        AuditRow.step_id,
-        AuditRow.kind,
-        AuditRow.campaign_id,
-        AuditRow.customer_key,
-        AuditRow.payload,
-        AuditRow.created_at,
-        AuditRow.hash,
-    )
-    expected_seq = 1
-    prev_hash = GENESIS_HASH
-    good = 0
+
+def link_of(row: Any) -> Link:
+    """The chain's view of a row selected with :data:`LINK_COLUMNS`."""
+    seq, prev, row_hash, digest, *content = row
+    return Link(seq, prev, row_hash, digest, RowContent(*content))
+
+
+async def links_from(
+    session: AsyncSession, first_seq: int, *, batch_size: int = VERIFY_BATCH_SIZE
+) -> AsyncIterator[Link]:
+    """Every row from ``first_seq`` on in chain order, ``batch_size`` rows at a time (rows
+    appended meanwhile included), so memory stays bounded whatever the table size."""
+    next_seq = first_seq
     while True:
         batch = (
             await session.execute(
-                select(*columns)
-                .where(AuditRow.seq >= expected_seq)
+                select(*LINK_COLUMNS)
+                .where(AuditRow.seq >= next_seq)
                 .order_by(AuditRow.seq)
                 .limit(batch_size)
             )
         ).all()
         if not batch:
+            return
+        for row in batch:
+            yield link_of(row)
+        next_seq = batch[-1].seq + 1
+
+
+async def verify_chain(
+    session: AsyncSession, *, batch_size: int = VERIFY_BATCH_SIZE
+) -> VerifyReport:
+    """Recompute every hash and check every link, reading ``batch_size`` rows at a time.
+
+    Use ``Database.read_transaction()`` for the session so a long verification does not
+    hold SQLite's write lock. Rows appended while verifying are verified too.
+    """
+    prev_hash = GENESIS_HASH
+    good = 0
+    async for link in links_from(session, 1, batch_size=batch_size):
+        expected = good + 1
+        problem = link_problem(link, expected, prev_hash)
+        if problem:
+            if link.seq != expected:
+                problem = f"seq {expected} is missing (next row has seq {link.seq})"
             return VerifyReport(
-                ok=True, rows=good, first_bad_seq=None, problem="", head_hash=prev_hash
+                ok=False, rows=good, first_bad_seq=min(link.seq, expected), problem=problem
             )
-        for seq, prev, wf, step, kind, campaign, customer, payload, created, row_hash in batch:
-            if seq != expected_seq:
-                return VerifyReport(
-                    ok=False,
-                    rows=good,
-                    first_bad_seq=expected_seq,
-                    problem=f"seq {expected_seq} is missing (next row has seq {seq})",
-                )
-            if prev != prev_hash:
-                return VerifyReport(
-                    ok=False,
-                    rows=good,
-                    first_bad_seq=seq,
-                    problem=f"seq {seq}: prev_hash does not match the hash of seq {seq - 1}",
-                )
-            if chain_hash(seq, prev, wf, step, kind, campaign, customer, payload, created) != (
-                row_hash
-            ):
-                return VerifyReport(
-                    ok=False,
-                    rows=good,
-                    first_bad_seq=seq,
-                    problem=f"seq {seq}: content does not match its hash",
-                )
-            prev_hash = row_hash
-            expected_seq += 1
-            good += 1
+        prev_hash = link.hash
+        good += 1
+    return VerifyReport(ok=True, rows=good, first_bad_seq=None, problem="", head_hash=prev_hash)
 
 
 async def audit_for_customer(session: AsyncSession, customer_key: str) -> list[AuditRow]:

@@ -18,6 +18,11 @@ CampaignStatus = Literal["active", "paused", "cancelled"]
 CAMPAIGN_STATUSES: frozenset[str] = frozenset(get_args(CampaignStatus))
 
 
+def spec_hash(spec: dict[str, Any]) -> str:
+    """The SHA-256 of a spec document's canonical JSON."""
+    return hashlib.sha256(canonical_json(spec).encode("utf-8")).hexdigest()
+
+
 async def save_spec_version(
     session: AsyncSession,
     campaign_id: str,
@@ -28,13 +33,13 @@ async def save_spec_version(
 ) -> tuple[int, bool]:
     """Store ``spec`` as the campaign's next version unless it equals the latest one.
 
-    Specs compare by the SHA-256 of their canonical JSON, so key order does not matter.
+    Specs compare by :func:`spec_hash`, so key order does not matter.
     Returns ``(version, created)``. The first version also creates the campaign, active.
     Concurrent saves for one campaign queue on its row, so versions never collide.
     """
     at = utc(now)
     document = canonical_json(spec)
-    digest = hashlib.sha256(document.encode("utf-8")).hexdigest()
+    digest = spec_hash(spec)
     await session.execute(
         upsert(session, Campaign)
         .values(campaign_id=campaign_id, status="active", latest_version=0, updated_at=at)

@@ -223,9 +223,10 @@ class SegmentAssignment(Base):
 class AuditRow(Base):
     """The append-only, hash-chained audit trail. Never updated, never deleted.
 
-    ``hash`` = SHA-256 over ``prev_hash`` and the row's canonical content, so any change,
-    removal or reordering of an earlier row breaks every later hash. (workflow, step, kind)
-    is unique, so a retried activity appends nothing.
+    ``hash`` = SHA-256 over the row's seq, ``prev_hash`` and ``content_hash`` (the rules are
+    in ``cohortflow.audit.chain``), so any change, removal or reordering of an earlier row
+    breaks every later hash. (workflow, step, kind) is unique, so a retried activity appends
+    nothing.
     """
 
     __tablename__ = "audit_log"
@@ -241,6 +242,8 @@ class AuditRow(Base):
     created_at: Mapped[str] = mapped_column(String(40))  # ISO-8601 UTC, hashed as stored
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64), unique=True)
+    # Null on rows written before content hashes were kept (migration 0013).
+    content_hash: Mapped[str | None] = mapped_column(String(64))
 
 
 class OutboundReservation(Base):

@@ -158,6 +158,9 @@ class AuditKind(enum.StrEnum):
     CAMPAIGN_CANCELLED = "campaign_cancelled"
     TOKEN_CREATED = "token_created"
     TOKEN_REVOKED = "token_revoked"
+    CAMPAIGN_APPLIED = "campaign_applied"
+    COHORT_APPLIED = "cohort_applied"
+    MODEL_PROMOTED = "model_promoted"
 
 
 class DecideRefusal(enum.StrEnum):

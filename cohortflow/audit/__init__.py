@@ -1,0 +1,1 @@
+"""The audit chain's rules and its export, readable without a database."""
