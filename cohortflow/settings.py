@@ -177,8 +177,19 @@ class Settings(BaseSettings):
         None, ge=1, description="hubspot mode: requests per day (reset at local midnight)."
     )
 
+    temporal_ui_origins: list[str] = Field(
+        default_factory=list,
+        description="Origins of a Temporal Web UI allowed to decode payloads at the codec"
+        " server (JSON list); unset means the embedded UI's.",
+    )
     pseudonymisation_key: SecretStr | None = Field(
         None, description="HMAC key for customer keys; unset means a key file in the data dir."
+    )
+    payload_keys: SecretStr | None = Field(
+        None,
+        description="Keys sealing workflow payloads in Temporal: a JSON object of key id to"
+        " base64 of 32 bytes, the last one sealing (append a key to rotate); unset means a key"
+        " file in the data dir.",
     )
     models_dir: Path | None = None
 
@@ -242,6 +253,8 @@ class Settings(BaseSettings):
         problems: list[tuple[str, str]] = []  # (variable, what is wrong with it)
         if self.pseudonymisation_key is None:
             problems.append(("COHORTFLOW_PSEUDONYMISATION_KEY", "must be set"))
+        if self.payload_keys is None:
+            problems.append(("COHORTFLOW_PAYLOAD_KEYS", "must be set"))
         if self.crm_token is None:
             problems.append(("COHORTFLOW_CRM_TOKEN", "must be set"))
         if self.crm_url is None:
@@ -279,3 +292,23 @@ class Settings(BaseSettings):
     def key_file(self) -> Path:
         """Where a generated pseudonymisation key is kept."""
         return self.data_dir / "pseudonymisation.key"
+
+    @property
+    def codec_origins(self) -> frozenset[str]:
+        """The Temporal Web UI origins the codec server answers across origins."""
+        if self.temporal_ui_origins:
+            return frozenset(o.rstrip("/") for o in self.temporal_ui_origins)
+        port = self.temporal_ui_port
+        hosts = {self.temporal_host, "127.0.0.1", "localhost"}
+        return frozenset(f"http://{host}:{port}" for host in hosts)
+
+    @property
+    def ui_codec_endpoint(self) -> str:
+        """Where the embedded Web UI decodes payloads: the API's cookie-authenticated codec."""
+        host = "127.0.0.1" if self.api_host in ("0.0.0.0", "::") else self.api_host
+        return f"http://{host}:{self.api_port}/inbox/codec"
+
+    @property
+    def payload_key_file(self) -> Path:
+        """Where a generated payload key ring is kept."""
+        return self.data_dir / "payload-keys.json"

@@ -17,6 +17,7 @@ from temporalio.common import SearchAttributeIndexedValueType
 from temporalio.contrib.opentelemetry import TracingInterceptor
 from temporalio.service import RPCError, RPCStatusCode
 
+from cohortflow.payload_codec import data_converter, key_ring
 from cohortflow.settings import Settings
 from workflows.campaign.contract import SEARCH_ATTRIBUTES
 
@@ -47,12 +48,15 @@ class SearchAttributeConflict(RuntimeError):
 
 
 async def connect(settings: Settings, *, tracing: bool = True) -> Client:
-    """A client for the configured cluster and namespace, with OpenTelemetry spans if asked."""
+    """A client for the configured cluster and namespace, payloads encrypted under the
+    configured key ring (workers built on it inherit that), with OpenTelemetry spans if
+    asked."""
     interceptors: list[Interceptor] = [TracingInterceptor()] if tracing else []
     return await Client.connect(
         settings.resolved_temporal_address,
         namespace=settings.temporal_namespace,
         interceptors=interceptors,
+        data_converter=data_converter(key_ring(settings)),
     )
 
 

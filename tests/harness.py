@@ -20,7 +20,7 @@ import httpx
 import uvicorn
 from fastapi import FastAPI
 from pydantic import SecretStr
-from temporalio.api.common.v1 import SearchAttributes, WorkflowExecution
+from temporalio.api.common.v1 import Payload, SearchAttributes, WorkflowExecution
 from temporalio.api.sdk.v1 import WorkflowMetadata
 from temporalio.api.workflowservice.v1 import DescribeWorkflowExecutionRequest
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
@@ -120,9 +120,10 @@ def bearer(token: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def serve_app(app: FastAPI) -> Iterator[str]:
-    """Serve ``app`` over a real socket on a free port, in a thread, until the block ends."""
-    port = free_port()
+def serve_app(app: FastAPI, port: int | None = None) -> Iterator[str]:
+    """Serve ``app`` over a real socket on ``port`` (default: a free one), in a thread, until
+    the block ends."""
+    port = port or free_port()
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False)
     )
@@ -428,6 +429,12 @@ async def save_cohort_evaluation_history(client: Client, cohort_id: str, name: s
         history = await client.get_workflow_handle(execution.id).fetch_history()
         path.write_text(history.to_json())
         return
+
+
+async def decoded(client: Client, payload: Payload) -> Any:
+    """A payload read from a raw history, opened with ``client``'s codec and converted."""
+    (value,) = await client.data_converter.decode([payload])
+    return value
 
 
 async def current_details(handle: WorkflowHandle[Any, Any]) -> str:

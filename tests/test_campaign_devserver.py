@@ -9,14 +9,20 @@ from typing import Any
 
 import pytest
 from temporalio.api.enums.v1 import EventType
-from temporalio.client import WorkflowHandle
-from temporalio.converter import DataConverter
+from temporalio.client import Client, WorkflowHandle
 
 from cohortflow.campaigns.controls import Controls
 from cohortflow.crm.client import CrmClient
 from cohortflow.errors import Conflict, Forbidden, NotFound
 from cohortflow.pseudonymisation import Pseudonymiser
-from tests.harness import Harness, current_details, spec_document, wait_for_state, who
+from tests.harness import (
+    Harness,
+    current_details,
+    decoded,
+    spec_document,
+    wait_for_state,
+    who,
+)
 from workflows.campaign.contract import SA, CampaignState
 
 pytestmark = pytest.mark.devserver
@@ -38,11 +44,10 @@ async def count_soon(harness: Harness, query: str) -> int:
     return count
 
 
-async def summaries_of(handle: WorkflowHandle[Any, Any]) -> set[str]:
+async def summaries_of(client: Client, handle: WorkflowHandle[Any, Any]) -> set[str]:
     """The summaries the UI shows on the history's activities and timers."""
-    converter = DataConverter.default.payload_converter
     return {
-        str(converter.from_payload(event.user_metadata.summary))
+        str(await decoded(client, event.user_metadata.summary))
         async for event in handle.fetch_history_events()
         if event.HasField("user_metadata") and event.user_metadata.HasField("summary")
     }
@@ -131,7 +136,7 @@ async def test_summary_details_and_visibility_while_awaiting_approval_then_opera
         result = await dev_harness.result(handle)
         assert result.state == CampaignState.COMPLETED
         # Every activity and timer says what it is for; the deadlines go once they are over.
-        summaries = await summaries_of(handle)
+        summaries = await summaries_of(dev_harness.client, handle)
         assert "approve: approval expires" in summaries and "pause: wait" in summaries
         assert "score: score churn" in summaries and "enrol: enroll_sequence winback" in summaries
         attributes = (await handle.describe()).typed_search_attributes

@@ -323,6 +323,7 @@ def test_a_taken_port_is_one_line_naming_it_and_creates_nothing(
 SAFE_PRODUCTION = {
     "COHORTFLOW_ENVIRONMENT": "production",
     "COHORTFLOW_PSEUDONYMISATION_KEY": "0123456789abcdef0123456789abcdef",
+    "COHORTFLOW_PAYLOAD_KEYS": '{"k1": "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="}',
     "COHORTFLOW_CRM_TOKEN": "crm-token",
     "COHORTFLOW_CRM_URL": "https://crm.example.com",
 }
@@ -332,6 +333,7 @@ SAFE_PRODUCTION = {
     ("command", "variable", "value", "needle"),
     [
         ("worker", "COHORTFLOW_PSEUDONYMISATION_KEY", None, "must be set"),
+        ("worker", "COHORTFLOW_PAYLOAD_KEYS", None, "must be set"),
         ("api", "COHORTFLOW_CRM_TOKEN", None, "must be set"),
         ("up", "COHORTFLOW_CRM_URL", None, "must be set"),
         (

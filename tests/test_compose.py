@@ -30,6 +30,7 @@ COHORTFLOW_SERVICES = (
 # Variable -> the required ${NAME:?} reference it must be read from.
 SECRETS = {
     "COHORTFLOW_PSEUDONYMISATION_KEY": "COHORTFLOW_PSEUDONYMISATION_KEY",
+    "COHORTFLOW_PAYLOAD_KEYS": "COHORTFLOW_PAYLOAD_KEYS",
     "COHORTFLOW_CRM_URL": "COHORTFLOW_CRM_URL",
     "COHORTFLOW_CRM_TOKEN": "COHORTFLOW_CRM_TOKEN",
     "POSTGRES_PASSWORD": "POSTGRES_PASSWORD",
@@ -108,12 +109,14 @@ def test_secrets_come_from_the_environment_not_the_file() -> None:
     for name in COHORTFLOW_SERVICES:
         # One key for all: each container would otherwise mint its own key file.
         assert "COHORTFLOW_PSEUDONYMISATION_KEY" in environment(SERVICES[name]), name
+        assert "COHORTFLOW_PAYLOAD_KEYS" in environment(SERVICES[name]), name
 
 
 def test_production_services_pass_the_production_check_once_dotenv_is_filled() -> None:
     dotenv = {
         "POSTGRES_PASSWORD": "pw",
         "COHORTFLOW_PSEUDONYMISATION_KEY": "0123456789abcdef0123456789abcdef",
+        "COHORTFLOW_PAYLOAD_KEYS": '{"k1": "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="}',
         "COHORTFLOW_CRM_URL": "https://crm.example.com",
         "COHORTFLOW_CRM_TOKEN": "crm-token",
     }

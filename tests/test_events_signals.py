@@ -5,7 +5,6 @@ Temporal is away and delivered once it is back."""
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from cohortflow.runtime.ports import free_port
 from cohortflow.settings import Settings
 from cohortflow.storage.db import Database, migrate
 from cohortflow.temporal_client import connect
-from tests.harness import bearer, issue_token, migrated, serve_app
+from tests.harness import bearer, decoded, issue_token, migrated, serve_app
 from tests.test_events import PSEUDONYMISER, T0, track
 from workflows.campaign.contract import SA
 from workflows.campaign.messages import CustomerEvent
@@ -64,10 +63,9 @@ async def test_new_events_are_signalled_to_running_campaigns_once(
             assert len(signals) == expected
             for signal in signals:
                 assert signal.signal_name == "customer_event"
-                payload = signal.input.payloads[0].data.decode()
-                assert '"event":"purchase"' in payload.replace(" ", "")
-                assert '"message_id":"p1"' in payload.replace(" ", "")
-                assert T0.isoformat() in payload
+                event = await decoded(dev_client, signal.input.payloads[0])
+                assert (event["event"], event["message_id"]) == ("purchase", "p1")
+                assert event["occurred_at"] == T0.isoformat()
 
         # Temporal down: the event is still stored, its signal owed, and the outcome says so.
         down = SignalRelay(db, TemporalSignaller(_connect_refused))
@@ -105,13 +103,13 @@ async def idle_campaigns(client: Client, *keys: str) -> list[WorkflowHandle[Any,
     return handles
 
 
-async def signalled_ids(handle: WorkflowHandle[Any, Any]) -> list[str]:
+async def signalled_ids(client: Client, handle: WorkflowHandle[Any, Any]) -> list[str]:
     """The message ids of the customer events ``handle`` was signalled, in order."""
     ids = []
     async for e in handle.fetch_history_events():
         if e.HasField("workflow_execution_signaled_event_attributes"):
-            payload = e.workflow_execution_signaled_event_attributes.input.payloads[0].data
-            ids.append(json.loads(payload)["message_id"])
+            payload = e.workflow_execution_signaled_event_attributes.input.payloads[0]
+            ids.append((await decoded(client, payload))["message_id"])
     return ids
 
 
@@ -138,8 +136,8 @@ async def test_a_campaign_closed_between_list_and_signal_counts_as_delivered(
         relay = SignalRelay(db, ClosesOneFirst(dev_client, closing.id))
         outcome = await Ingestor(db, PSEUDONYMISER, relay).ingest([track("c1", "alice")])
         assert (outcome.temporal, outcome.signalled) == ("ok", 1)
-        assert await signalled_ids(staying) == ["c1"]
-        assert await signalled_ids(closing) == []
+        assert await signalled_ids(dev_client, staying) == ["c1"]
+        assert await signalled_ids(dev_client, closing) == []
         assert (await relay.backlog()).owed == 0  # done, not retried for ever
     finally:
         await staying.terminate("test over")
@@ -189,7 +187,7 @@ async def test_events_posted_while_temporal_is_down_reach_every_campaign_once_it
                         break
                     await asyncio.sleep(0.1)
         for handle in handles:
-            assert await signalled_ids(handle) == expected[handle.id], handle.id
+            assert await signalled_ids(client, handle) == expected[handle.id], handle.id
     finally:
         server.stop()
         await db.dispose()

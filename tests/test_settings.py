@@ -12,6 +12,7 @@ from cohortflow.settings import Settings
 SAFE: dict[str, Any] = {
     "environment": "production",
     "pseudonymisation_key": "0123456789abcdef0123456789abcdef",
+    "payload_keys": '{"k1": "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="}',
     "crm_token": "crm-token",
     "crm_url": "https://crm.example.com",
 }
@@ -40,6 +41,7 @@ def test_safe_production_settings_pass() -> None:
     ("field", "variable"),
     [
         ("pseudonymisation_key", "COHORTFLOW_PSEUDONYMISATION_KEY"),
+        ("payload_keys", "COHORTFLOW_PAYLOAD_KEYS"),
         ("crm_token", "COHORTFLOW_CRM_TOKEN"),
         ("crm_url", "COHORTFLOW_CRM_URL"),
     ],

@@ -14,6 +14,7 @@ from sqlalchemy import text
 
 from cohortflow.api.approvals import approvals_router
 from cohortflow.api.campaigns import campaigns_router
+from cohortflow.api.codec import CodecCors, codec_router
 from cohortflow.api.cohorts import cohorts_router
 from cohortflow.api.deps import AppState
 from cohortflow.api.events import events_router
@@ -99,4 +100,6 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(events_router(state.db, state.pseudonymiser, state.relay))
     app.include_router(cohorts_router(state.db, settings))
     app.include_router(models_router(settings))
+    app.include_router(codec_router())
+    app.add_middleware(CodecCors, origins=settings.codec_origins)
     return app

@@ -16,6 +16,7 @@ from cohortflow.auth.tokens import TokenService
 from cohortflow.campaigns.controls import Controls
 from cohortflow.events.relay import SignalRelay
 from cohortflow.events.signals import TemporalSignaller
+from cohortflow.payload_codec import EncryptionCodec, key_ring
 from cohortflow.pseudonymisation import Pseudonymiser
 from cohortflow.settings import Settings
 from cohortflow.storage.db import Database
@@ -37,6 +38,7 @@ class AppState:
         self.settings = settings
         self.db = Database(settings.resolved_database_url)
         self.pseudonymiser = Pseudonymiser.from_settings(settings)
+        self.codec = EncryptionCodec(key_ring(settings))
         self.client: Client | None = None
         self.tokens = TokenService(self.db)
         self.auth = Authenticator(

@@ -63,6 +63,8 @@ class DevServer:
             str(s.temporal_port),
             "--ui-port",
             str(s.temporal_ui_port),
+            "--ui-codec-endpoint",
+            s.ui_codec_endpoint,
             "--http-port",
             str(self.http_port),
             "--namespace",

@@ -1,0 +1,150 @@
+"""Workflow payloads encrypted before they reach Temporal, with keys that rotate.
+
+Every client and worker gets :func:`data_converter`: each payload (inputs, results,
+signals, updates, queries, memos, user metadata, heartbeat details) is serialised and
+sealed with AES-GCM under a fresh 96-bit nonce, the key's id in the payload's metadata
+(and bound in as associated data). The key ring's last key seals; every key in it opens, so
+a key is rotated by appending a new one and retired once no open history needs it. The
+failure converter moves failure messages and stack traces into an encoded payload too.
+Search attributes cannot be encoded: they carry no personal data (docs/architecture.md,
+"What an SRE reads in the Temporal UI").
+
+Payloads without our encoding pass through decoding untouched, so histories written before
+encryption (and the saved histories the replay tests read) still decode.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import json
+import os
+import secrets
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import temporalio.converter
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from temporalio.api.common.v1 import Payload
+
+from cohortflow.errors import Invalid
+from cohortflow.settings import Settings
+
+ENCODING = b"binary/encrypted"
+KEY_ID = "encryption-key-id"
+NONCE_BYTES = 12
+KEY_BYTES = 32
+
+
+class KeyRing:
+    """Named AES-256 keys; the last one seals new payloads."""
+
+    def __init__(self, keys: Mapping[str, bytes]) -> None:
+        if not keys:
+            raise ValueError("a key ring needs at least one key")
+        for key_id, key in keys.items():
+            if len(key) != KEY_BYTES:
+                raise ValueError(f"key {key_id!r} is {len(key)} bytes, not {KEY_BYTES}")
+        self._keys = {key_id: AESGCM(key) for key_id, key in keys.items()}
+        self.current = list(keys)[-1]
+
+    def sealer(self) -> tuple[str, AESGCM]:
+        """The id and cipher that seal new payloads."""
+        return self.current, self._keys[self.current]
+
+    def opener(self, key_id: str) -> AESGCM:
+        """The cipher of ``key_id``; ValueError when the ring lacks it."""
+        try:
+            return self._keys[key_id]
+        except KeyError:
+            raise ValueError(f"payload sealed with key {key_id!r}, not in the key ring") from None
+
+    @classmethod
+    def from_json(cls, text: str) -> KeyRing:
+        """A ring from ``{"id": "<base64 of 32 bytes>", ...}``, in rotation order."""
+        try:
+            document = json.loads(text)
+            if not isinstance(document, dict):
+                raise ValueError("not a JSON object of key id to base64 key")
+            return cls({str(k): base64.b64decode(v, validate=True) for k, v in document.items()})
+        except (ValueError, TypeError, binascii.Error) as exc:
+            raise ValueError(f"payload keys: {exc}") from exc
+
+
+class EncryptionCodec(temporalio.converter.PayloadCodec):
+    """AES-GCM over whole serialised payloads."""
+
+    def __init__(self, ring: KeyRing) -> None:
+        self._ring = ring
+
+    async def encode(self, payloads: Sequence[Payload]) -> list[Payload]:
+        """Seal each payload with the ring's current key."""
+        key_id, cipher = self._ring.sealer()
+        aad = key_id.encode()
+        sealed = []
+        for payload in payloads:
+            nonce = os.urandom(NONCE_BYTES)
+            data = nonce + cipher.encrypt(nonce, payload.SerializeToString(), aad)
+            sealed.append(Payload(metadata={"encoding": ENCODING, KEY_ID: aad}, data=data))
+        return sealed
+
+    async def decode(self, payloads: Sequence[Payload]) -> list[Payload]:
+        """Open each sealed payload; others pass through as they are."""
+        opened = []
+        for payload in payloads:
+            if payload.metadata.get("encoding") != ENCODING:
+                opened.append(payload)
+                continue
+            aad = payload.metadata.get(KEY_ID, b"")
+            cipher = self._ring.opener(aad.decode())
+            nonce, sealed = payload.data[:NONCE_BYTES], payload.data[NONCE_BYTES:]
+            try:
+                opened.append(Payload.FromString(cipher.decrypt(nonce, sealed, aad)))
+            except InvalidTag:
+                raise ValueError(f"payload does not open with key {aad.decode()!r}") from None
+        return opened
+
+
+def data_converter(ring: KeyRing) -> temporalio.converter.DataConverter:
+    """The default converter, with payloads and failure messages encrypted under ``ring``."""
+    return dataclasses.replace(
+        temporalio.converter.default(),
+        payload_codec=EncryptionCodec(ring),
+        failure_converter_class=temporalio.converter.DefaultFailureConverterWithEncodedAttributes,
+    )
+
+
+def key_ring(settings: Settings, *, create: bool = True) -> KeyRing:
+    """The configured ring (``COHORTFLOW_PAYLOAD_KEYS``), else the data dir's key file,
+    generated once (mode 0600) when ``create``; :class:`Invalid` for an unusable one."""
+    try:
+        if settings.payload_keys is not None:
+            return KeyRing.from_json(settings.payload_keys.get_secret_value())
+        return KeyRing.from_json(_key_file_text(settings.payload_key_file, create))
+    except ValueError as exc:
+        raise Invalid(str(exc), field="COHORTFLOW_PAYLOAD_KEYS") from exc
+
+
+def _key_file_text(path: Path, create: bool) -> str:
+    if path.exists() or not create:
+        try:
+            return path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ValueError(f"no payload key file at {path}: set the variable or run up") from exc
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({"k1": base64.b64encode(secrets.token_bytes(KEY_BYTES)).decode()})
+    # Written aside, then linked into place: two processes starting together end up with
+    # one ring, and no reader ever sees a half-written file.
+    fd, aside = tempfile.mkstemp(prefix=".payload-keys-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.link(aside, path)
+    except FileExistsError:
+        return path.read_text(encoding="utf-8")
+    finally:
+        os.unlink(aside)
+    return text
