@@ -21,6 +21,12 @@ from cohortflow.storage.db import Database, migrate
 # Temporal (time-skipping), a trained model and the sandbox CRM for campaign tests.
 pytest_plugins = ["tests.campaign_fixtures"]
 
+# The test session is one deployment: every process it starts on the shared dev server
+# (workers, APIs, CLI commands given the environment) seals payloads with one key ring, as
+# compose gives every container one. Tests of the generated key file pass their own.
+TEST_PAYLOAD_KEYS = '{"tests": "dGVzdHMtcGF5bG9hZC1rZXktMDEyMzQ1Njc4OWFiY2Q="}'
+os.environ.setdefault("COHORTFLOW_PAYLOAD_KEYS", TEST_PAYLOAD_KEYS)
+
 # ---------------------------------------------------------------- storage
 
 POSTGRES_URL_ENV = "COHORTFLOW_TEST_POSTGRES_URL"

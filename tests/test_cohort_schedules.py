@@ -82,7 +82,7 @@ async def test_the_incremental_path_keeps_the_membership_a_full_evaluation_gives
     await ingestor.ingest([e for u in users for e in purchases(rng, u, rng.randint(1, 4), "a")])
     cohort_id = "spenders"
     service = CohortService(db, Settings(pseudonymisation_key=KEY), None)
-    definition, _, _ = await service.apply(refunders_out(cohort_id))
+    definition, _, _ = await service.apply(refunders_out(cohort_id), "tests")
     first = await service.evaluate(cohort_id)
     assert 0 < first.evaluation.diff.members < len(users)
     refresher = CohortRefresher(service, page=25)
@@ -173,7 +173,9 @@ async def test_a_cohort_is_entered_and_launched_without_anyone_running_evaluate(
                 LaunchActivities(dev_client, db, idle).launch_entries,
             ],
         ):
-            await service.apply(refunders_out(cohort_id))  # makes the schedule, runs it once
+            await service.apply(
+                refunders_out(cohort_id), "tests"
+            )  # makes the schedule, runs it once
             expected = await membership(db, parse_cohort(refunders_out(cohort_id)))
             assert expected
             await until(lambda: _equal(members(db, cohort_id), expected))

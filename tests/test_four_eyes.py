@@ -21,6 +21,7 @@ from cohortflow.api.app import create_app
 from cohortflow.settings import Settings
 from cohortflow.storage import approvals
 from cohortflow.storage.tables import AuditRow
+from tests.conftest import TEST_PAYLOAD_KEYS
 from tests.harness import (
     Harness,
     api_settings,
@@ -188,6 +189,7 @@ async def cli(settings: Settings, *args: str, **env: str) -> subprocess.Complete
         "COHORTFLOW_TEMPORAL_PORT": str(settings.temporal_port),
         "COHORTFLOW_TASK_QUEUE": settings.task_queue,
         "COHORTFLOW_PSEUDONYMISATION_KEY": KEY,
+        "COHORTFLOW_PAYLOAD_KEYS": TEST_PAYLOAD_KEYS,
         "PYTHONPATH": str(REPO),
     }
     return await asyncio.to_thread(

@@ -79,14 +79,14 @@ async def test_a_rotated_ring_seals_with_its_newest_key_and_still_opens_the_old(
 def test_the_embedded_ring_is_generated_once_private_and_a_bad_one_is_named(
     tmp_path: Path,
 ) -> None:
-    settings = Settings(data_dir=tmp_path / "data")
+    settings = Settings(data_dir=tmp_path / "data", payload_keys=None)
     first = key_ring(settings)
     assert stat.S_IMODE(settings.payload_key_file.stat().st_mode) == 0o600
     assert key_ring(settings).sealer()[0] == first.sealer()[0] == "k1"
     assert list(settings.payload_key_file.parent.iterdir()) == [settings.payload_key_file]
 
     with pytest.raises(Invalid, match="no payload key file"):
-        key_ring(Settings(data_dir=tmp_path / "other"), create=False)
+        key_ring(Settings(data_dir=tmp_path / "other", payload_keys=None), create=False)
     short = json.dumps({"k1": base64.b64encode(b"short").decode()})
     with pytest.raises(Invalid, match="key 'k1' is 5 bytes, not 32") as caught:
         key_ring(Settings(data_dir=tmp_path, payload_keys=short))

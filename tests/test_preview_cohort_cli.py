@@ -202,7 +202,7 @@ async def cohort_ready(
     shutil.copytree(registry_root, tmp_path / "models")  # the data dir's models, for `score`
     await store(db, CUSTOMERS)
     service = CohortService(db, settings_for(database_url, tmp_path), client=None)
-    await service.apply(COHORT_DOCUMENT)
+    await service.apply(COHORT_DOCUMENT, "tests")
     report = await service.evaluate(COHORT, launch=False)
     members = {c.key for c in CUSTOMERS if c.monetary_total >= COHORT_MIN}
     assert set(report.evaluation.diff.entered) == members

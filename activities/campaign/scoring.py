@@ -119,12 +119,15 @@ class ScoringActivities:
 def _scored_payload(
     result: ScoreResult, customer: CustomerScore, shadow: dict[str, dict[str, Any]], index: int
 ) -> dict[str, Any]:
+    # The values of the features that weighed most, so the trail can say why in words.
+    weighed = {c.feature for cs in customer.top_contributions.values() for c in cs}
     return {
         "scores": customer.scores,
         "model_versions": result.model_versions,
         "top_contributions": {
             m: [asdict(c) for c in cs] for m, cs in customer.top_contributions.items()
         },
+        "features": {f: v for f, v in customer.features.items() if f in weighed},
         "shadow": {
             m: {"version": sh["version"], "score": sh["scores"][index]} if "scores" in sh else sh
             for m, sh in shadow.items()

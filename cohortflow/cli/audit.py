@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -27,6 +28,7 @@ from cohortflow.errors import Invalid
 if TYPE_CHECKING:
     from cohortflow.audit.chain import Anchor
     from cohortflow.audit.export import Selection
+    from cohortflow.settings import Settings
 
 audit_app = typer.Typer(help="The append-only, hash-chained audit trail.", no_args_is_help=True)
 
@@ -245,6 +247,30 @@ async def _write_export(database_url: str, selection: Selection, sink: TextIO) -
         await db.dispose()
 
 
+async def _trail(settings: Settings, customer: str) -> tuple[str, Any, Any]:
+    """One customer's key, audit rows and cohort transitions, in their own order; exit 2
+    for a customer never seen."""
+    from cohortflow.errors import NotFound
+    from cohortflow.storage import cohorts
+    from cohortflow.storage.audit import audit_for_customer
+    from cohortflow.storage.customers import get_customer
+    from cohortflow.storage.db import Database
+
+    key = (await ready(settings)).resolve(customer)
+    db = Database(settings.resolved_database_url)
+    try:
+        async with db.read_transaction() as session:
+            rows = await audit_for_customer(session, key)
+            if not rows and await get_customer(session, key) is None:
+                raise NotFound(f"customer: no customer {customer!r}", field="customer")
+            return key, rows, await cohorts.history(session, key)
+    finally:
+        await db.dispose()
+
+
+CustomerArg = Annotated[str, typer.Argument(help="Customer key (c_…) or source customer id.")]
+
+
 @audit_app.command("show")
 def audit_show(
     customer: Annotated[
@@ -253,28 +279,8 @@ def audit_show(
     data_dir: DataDir = None,
 ) -> None:
     """Print one customer's decisions, oldest first; exit 2 for a customer never seen."""
-    from cohortflow.errors import NotFound
-    from cohortflow.storage.audit import audit_for_customer
-    from cohortflow.storage.customers import get_customer
-    from cohortflow.storage.db import Database
-
     settings = settings_for(data_dir=data_dir)
-    key = ""
-
-    async def show() -> Any:
-        nonlocal key
-        key = (await ready(settings)).resolve(customer)
-        db = Database(settings.resolved_database_url)
-        try:
-            async with db.transaction() as session:
-                rows = await audit_for_customer(session, key)
-                if not rows and await get_customer(session, key) is None:
-                    raise NotFound(f"customer: no customer {customer!r}", field="customer")
-                return rows
-        finally:
-            await db.dispose()
-
-    rows = run(show)
+    key, rows, _ = run(lambda: _trail(settings, customer))
     table = Table(title=f"Audit trail of {key}")
     for column in ("seq", "time", "workflow", "step", "kind", "payload"):
         table.add_column(column, overflow="fold")
@@ -283,3 +289,27 @@ def audit_show(
     out.print(table)
     if not rows:
         err.print(f"no audit rows for customer {customer!r}")
+
+
+@audit_app.command("why")
+def audit_why(
+    customer: CustomerArg,
+    data_dir: DataDir = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+) -> None:
+    """One customer's story in order, in words: cohorts entered and left, scores and what
+    weighed most, branches, approvals and who gave them, CRM writes, consent, the end."""
+    from cohortflow.audit.story import story as story_of
+
+    settings = settings_for(data_dir=data_dir)
+    key, rows, transitions = run(lambda: _trail(settings, customer))
+    story = story_of(rows, transitions)
+    if as_json:
+        for c in story:
+            print_line(json.dumps({"at": c.at, "campaign": c.campaign, "text": c.text}))
+        return
+    print_line(f"{key}:")
+    for c in story:
+        print_line(f"  {c.line()}")
+    if not story:
+        err.print(f"nothing on record for customer {customer!r}")

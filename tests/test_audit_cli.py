@@ -1,5 +1,5 @@
-"""Audit exports an outsider can check: ``cohortflow audit export`` run as a real process,
-its file checked by ``cohortflow audit verify --file`` with no database at all, and the
+"""The audit commands run as real processes: exports an outsider can check (``audit export``,
+then ``audit verify --file`` with no database at all), ``audit why``, and the
 chain's rows written before content hashes were kept still verifying in the store."""
 
 from __future__ import annotations
@@ -189,3 +189,21 @@ async def test_rows_written_before_content_hashes_still_verify_and_are_linked_ov
     assert [json.loads(line).get("seq") for line in lines[1:]] == [1, 2]
     report_file = verify_export(lines)
     assert (report_file.ok, report_file.rows, report_file.evidence) == (True, 1, 1)
+
+
+def test_why_tells_one_customers_story_and_refuses_a_stranger(data_dir: Path) -> None:
+    key = Pseudonymiser.from_settings(Settings(data_dir=data_dir), create=False).customer_key
+    run = cohortflow("audit", "why", CUSTOMER, "--data-dir", data_dir)
+    assert run.code == 0, run
+    header, *lines = run.stdout.splitlines()
+    assert header == f"{key(CUSTOMER)}:"
+    # The seeded rows carry no payload a teller knows: told as stored, never dropped.
+    assert [line.split("Z ", 1)[1] for line in lines] == [
+        f'cli_campaign: {kind} {{"note":"{kind} for {key(CUSTOMER)}"}}'
+        for kind in ("scored", "approval_requested", "crm_written")
+    ]
+    as_json = cohortflow("audit", "why", key(CUSTOMER), "--json", "--data-dir", data_dir)
+    assert [json.loads(line)["campaign"] for line in as_json.stdout.splitlines()] == [
+        "cli_campaign"
+    ] * 3
+    assert_refused(cohortflow("audit", "why", "nobody-1", "--data-dir", data_dir), "nobody-1")
