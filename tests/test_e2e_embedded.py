@@ -11,6 +11,7 @@ no process behind.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -31,6 +32,7 @@ from temporalio.client import Client
 
 from cohortflow.demo.drip import buyers, signup_ids
 from cohortflow.demo.options import DEMO_TIMEZONES, DRIP_SPEC, WINBACK_SPEC, DemoOptions, seeded
+from cohortflow.payload_codec import data_converter, key_ring
 from cohortflow.pseudonymisation import Pseudonymiser
 from cohortflow.runtime.binaries import temporal_cli
 from cohortflow.runtime.ports import ensure_free, free_port
@@ -44,6 +46,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.devserver, pytest.mark.timeout(300)]
 REPO = Path(__file__).resolve().parents[1]
 WINBACK, DRIP = WINBACK_SPEC, DRIP_SPEC
 CUSTOMERS, SIGNUPS = 40, 20
+COUPON = "canary-coupon-7731"  # an event property no system around the engine may hold
 
 
 def env() -> dict[str, str]:
@@ -118,7 +121,9 @@ def processes_naming(data_dir: Path) -> list[int]:
 class Up:
     """A `cohortflow up` child process and its log."""
 
-    def __init__(self, data_dir: Path, ports: list[str], log: Path) -> None:
+    def __init__(
+        self, data_dir: Path, ports: list[str], log: Path, extra: dict[str, str] | None = None
+    ) -> None:
         self.log_path = log
         self._log: IO[bytes] = log.open("ab")
         self.proc = subprocess.Popen(
@@ -126,7 +131,7 @@ class Up:
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env=env(),
+            env={**env(), **(extra or {})},
         )
 
     def wait_ready(self, api_url: str) -> set[int]:
@@ -153,8 +158,8 @@ class Up:
 
 
 @contextlib.contextmanager
-def up(data_dir: Path, ports: list[str], log: Path) -> Iterator[Up]:
-    process = Up(data_dir, ports, log)
+def up(data_dir: Path, ports: list[str], log: Path, **extra: str) -> Iterator[Up]:
+    process = Up(data_dir, ports, log, extra)
     try:
         yield process
     finally:
@@ -178,9 +183,13 @@ def temporal_count(address: str, query: str) -> int:
     return int(match.group(1))
 
 
-def status_of(address: str, workflow_id: str) -> CampaignStatus:
+def status_of(address: str, data: Path, workflow_id: str) -> CampaignStatus:
+    """The campaign's status, read with the data dir's payload key ring as any of its
+    processes would."""
+
     async def query() -> CampaignStatus:
-        client = await Client.connect(address)
+        ring = key_ring(Settings(data_dir=data, payload_keys=None), create=False)
+        client = await Client.connect(address, data_converter=data_converter(ring))
         handle = client.get_workflow_handle_for(CampaignWorkflow.run, workflow_id)
         status: CampaignStatus = await handle.query(CampaignWorkflow.status)
         return status
@@ -188,10 +197,10 @@ def status_of(address: str, workflow_id: str) -> CampaignStatus:
     return asyncio.run(query())
 
 
-def reaches(address: str, workflow_id: str, state: CampaignState) -> Callable[[], bool]:
+def reaches(address: str, data: Path, workflow_id: str, state: CampaignState) -> Callable[[], bool]:
     def check() -> bool:
         with contextlib.suppress(Exception):
-            return status_of(address, workflow_id).state == state
+            return status_of(address, data, workflow_id).state == state
         return False
 
     return check
@@ -295,7 +304,7 @@ def test_demo_up_approve_kill_restart_verify_and_stop(tmp_path: Path) -> None:
         pending = [json.loads(row) for row in listed.stdout.splitlines()]
         assert len(pending) == winback["states"]["awaiting_approval"]
         treated = [
-            p for p in pending if status_of(address, p["workflow_id"]).variant == "treatment"
+            p for p in pending if status_of(address, data, p["workflow_id"]).variant == "treatment"
         ]
         approval, workflow_id = treated[0]["approval_id"], treated[0]["workflow_id"]
         # The spec lists alice and bob as approvers; the demo applied it, so both may.
@@ -305,7 +314,7 @@ def test_demo_up_approve_kill_restart_verify_and_stop(tmp_path: Path) -> None:
         )  # fmt: skip
         assert approved.returncode == 0, approved.stderr
         assert approved.stdout.strip() == f"{approval} approved"
-        wait_until(reaches(address, workflow_id, CampaignState.COMPLETED), 60, "the approved")
+        wait_until(reaches(address, data, workflow_id, CampaignState.COMPLETED), 60, "the approved")
         contact = httpx.get(f"{crm}/crm/v3/objects/contacts/{treated[0]['customer_key']}")
         assert contact.status_code == 200, contact.text
         assert contact.json()["properties"]["cohort_label"] == "lapsing_high_value"
@@ -317,7 +326,7 @@ def test_demo_up_approve_kill_restart_verify_and_stop(tmp_path: Path) -> None:
         waiting = waiting_campaigns(address, DRIP)
         assert len(waiting) == len(patient)
         drip_id = waiting[0]
-        status = status_of(address, drip_id)
+        status = status_of(address, data, drip_id)
         assert (status.state, status.waiting_for_event) == (CampaignState.WAITING, "purchase")
         first.proc.send_signal(signal.SIGKILL)
         first.proc.wait(10)
@@ -327,14 +336,15 @@ def test_demo_up_approve_kill_restart_verify_and_stop(tmp_path: Path) -> None:
 
     # -- a new `up` brings the waits back; a purchase through the API ends one on the
     # thank-you branch, and no CRM write was repeated by the restart
-    with up(data, ports, tmp_path / "up2.log") as second:
+    # Spans exported to the console too: the leak scan reads them in the logs.
+    with up(data, ports, tmp_path / "up2.log", COHORTFLOW_OTEL_CONSOLE="true") as second:
         second_pids = second.wait_ready(api)
-        assert reaches(address, drip_id, CampaignState.WAITING)()
+        assert reaches(address, data, drip_id, CampaignState.WAITING)()
         buyer = source_of[status.customer_key]
         now = datetime.now(UTC).isoformat()
         purchase = {
             "type": "track", "event": "purchase", "messageId": f"e2e-{buyer}", "userId": buyer,
-            "timestamp": now, "properties": {"amount": 42.0},
+            "timestamp": now, "properties": {"amount": 42.0, "coupon": COUPON},
         }  # fmt: skip
         ingest = cohortflow("token", "create", "--name", "e2e-sdk", "--role", "ingest",
                             "--data-dir", data)  # fmt: skip
@@ -347,7 +357,7 @@ def test_demo_up_approve_kill_restart_verify_and_stop(tmp_path: Path) -> None:
         )
         assert posted.status_code == 200, posted.text
         assert (posted.json()["accepted"], posted.json()["signalled"]) == (1, 1)
-        wait_until(reaches(address, drip_id, CampaignState.COMPLETED), 60, "the thank-you")
+        wait_until(reaches(address, data, drip_id, CampaignState.COMPLETED), 60, "the thank-you")
         contact = httpx.get(f"{crm}/crm/v3/objects/contacts/{status.customer_key}")
         assert contact.json()["properties"]["onboarding"] == "converted"
         for wf, steps in (
@@ -360,6 +370,13 @@ def test_demo_up_approve_kill_restart_verify_and_stop(tmp_path: Path) -> None:
             completed = f'CampaignId = "{campaign["campaign_id"]}" AND CampaignState = "completed"'
             assert temporal_count(address, completed) == campaign["states"]["completed"] + 1
 
+        # -- what an SRE without the codec reads: every history and search attribute
+        workflow_ids, listing = every_workflow(address)
+        assert len(workflow_ids) >= winback["entered"] + drip["entered"]
+        shown = [listing, *(workflow_show(address, wf) for wf in workflow_ids)]
+        canaries = [*signup_ids(SIGNUPS), "@example.com", "demo-signup-", "demo-identify-", COUPON]
+        assert {c: n for c in canaries if (n := sum(c in text for text in shown))} == {}
+
         verified = cohortflow("audit", "verify", "--data-dir", data)
         assert verified.returncode == 0, verified.stderr
         assert verified.stdout.startswith("audit chain ok:")
@@ -370,3 +387,53 @@ def test_demo_up_approve_kill_restart_verify_and_stop(tmp_path: Path) -> None:
         assert not any(map(alive, second_pids)), [p for p in second_pids if alive(p)]
         assert processes_naming(data) == []
         assert "stopped" in second.log_path.read_text()
+
+    # -- the leak scan: source ids, e-mail addresses, message ids and event properties reach
+    # the CRM and our own tables, never anything around the engine
+    assert leaks(canaries, [data / "cohortflow.db"]), "the scan finds what our store holds"
+    around = [*data.glob("temporal.db*"), *(data / "logs").glob("*"), *tmp_path.glob("up*.log")]
+    assert len([f for f in around if f.name.startswith("temporal.db")]) >= 1
+    assert leaks(canaries, around) == {}
+
+
+def leaks(canaries: list[str], files: list[Path]) -> dict[str, list[str]]:
+    """Which canaries each file holds, byte for byte (files holding none left out)."""
+    found = {}
+    for path in files:
+        data = path.read_bytes()
+        held = [c for c in canaries if c.encode() in data]
+        if held:
+            found[path.name] = held
+    return found
+
+
+def every_workflow(address: str) -> tuple[list[str], str]:
+    """Every workflow id the server holds, and ``temporal workflow list``'s own output (its
+    rows carry the search attributes, which no codec covers)."""
+    done = subprocess.run(
+        [str(temporal_cli()), "workflow", "list", "--address", address, "--output", "json",
+         "--limit", "5000"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    text = done.stdout.strip()
+    rows = json.loads(text) if text.startswith("[") else [json.loads(x) for x in text.splitlines()]
+    return [row["execution"]["workflowId"] for row in rows], done.stdout
+
+
+def workflow_show(address: str, workflow_id: str) -> str:
+    """``temporal workflow show`` as an SRE without the codec sees it, with every base64
+    string decoded beside it (so a clear payload would show)."""
+    done = subprocess.run(
+        [str(temporal_cli()), "workflow", "show", "--workflow-id", workflow_id,
+         "--address", address, "--output", "json"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    blobs = re.findall(r'"([A-Za-z0-9+/]{8,}={0,2})"', done.stdout)
+    return "\n".join([done.stdout, *map(_unbase64, blobs)])
+
+
+def _unbase64(text: str) -> str:
+    try:
+        return base64.b64decode(text + "=" * (-len(text) % 4)).decode("utf-8", "replace")
+    except ValueError:
+        return ""

@@ -29,6 +29,7 @@ from cohortflow.settings import Settings
 from cohortflow.spec import ReentrySpec, parse_spec
 from cohortflow.storage import campaigns, cohorts, customers
 from cohortflow.storage.db import Database, migrate
+from cohortflow.temporal_client import connect
 from tests.harness import spec_document
 from workflows.campaign.contract import SA, campaign_workflow_id
 from workflows.launch import LaunchCampaignsWorkflow, LaunchInput, LaunchProgress
@@ -306,8 +307,14 @@ async def test_evaluating_twice_launches_once_and_exits_signal_running_campaigns
 
 async def _serve_launches(address: str, url: str, launch_queue: str, campaign_queue: str) -> None:
     """The worker process the kill test starts (and kills): the bulk launcher alone."""
-    client = await Client.connect(address)
-    settings = Settings(database_url=url, task_queue=campaign_queue, pseudonymisation_key="k" * 32)
+    settings = Settings(
+        temporal_address=address,
+        database_url=url,
+        task_queue=campaign_queue,
+        pseudonymisation_key="k" * 32,
+    )
+    # The ring from the environment the test passes on, as the test's own client uses.
+    client = await connect(settings, tracing=False)
     db = Database(url)
     async with Worker(
         client,

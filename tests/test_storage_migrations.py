@@ -18,7 +18,7 @@ from cohortflow.storage.tables import Base
 
 REPO = Path(__file__).resolve().parent.parent
 TABLES = set(Base.metadata.tables)
-HEAD = "0013"
+HEAD = "0014"
 
 
 def _table_names(connection: Connection) -> set[str]:

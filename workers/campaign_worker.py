@@ -26,7 +26,7 @@ from activities.cohort_evaluation import CohortEvaluationActivities
 from activities.launch import LaunchActivities
 from cohortflow.cohorts.refresh import CohortRefresher
 from cohortflow.cohorts.service import CohortService
-from cohortflow.crm.factory import make_connector
+from cohortflow.crm.factory import configured_connector
 from cohortflow.settings import Settings
 from cohortflow.storage.db import Database
 from scoring.registry import ModelRegistry
@@ -96,20 +96,7 @@ def crm_batcher(settings: Settings, db: Database) -> CrmBatcher:
             window=timedelta(seconds=settings.crm_rate_window_seconds),
         ),
     )
-    token = settings.crm_token.get_secret_value() if settings.crm_token else None
-    connector = make_connector(
-        settings.crm_kind,
-        settings.resolved_crm_url,
-        token,
-        settings.crm_timeout_seconds,
-        paths=settings.crm_api_paths,
-        id_property=settings.crm_id_property,
-        sender_email=settings.crm_sender_email,
-        user_id=settings.crm_user_id,
-        daily_reset_timezone=settings.crm_daily_reset_timezone,
-        sequence_unenroll_path=settings.crm_sequence_unenroll_path,
-        request_gate=ceiling.slot,
-    )
+    connector = configured_connector(settings, request_gate=ceiling.slot)
     return CrmBatcher(connector, linger=timedelta(milliseconds=settings.crm_batch_linger_ms))
 
 

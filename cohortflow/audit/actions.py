@@ -1,4 +1,5 @@
-"""Operator actions on record: who applied a campaign or cohort, or promoted a model.
+"""Operator actions on record: who applied a campaign or cohort, promoted a model, or
+erased a customer.
 
 They sit in the same chain as the campaigns' decisions, outside any workflow: the row's
 ``workflow_id`` names what was acted on, its step the action and the time, so the same
@@ -24,6 +25,7 @@ async def record_action(
     by: str,
     *,
     campaign_id: str = "-",
+    customer_key: str = "-",
     now: datetime | None = None,
     **details: Any,
 ) -> None:
@@ -36,7 +38,7 @@ async def record_action(
             step_id=f"{kind.value}:{at.isoformat()}",
             kind=kind,
             campaign_id=campaign_id,
-            customer_key="-",
+            customer_key=customer_key,
             payload={"by": by, **details},
         ),
         now=at,

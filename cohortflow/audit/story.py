@@ -84,6 +84,8 @@ _TELLERS: dict[str, str | Callable[[Payload], str]] = {
     "fallback": "put in the safe segment {segment}: {reason}",
     "consent_granted": "consent {channel}/{purpose} granted via {how} by {by}",
     "consent_revoked": "consent {channel}/{purpose} revoked via {how} by {by}",
+    "customer_erased": "personal data erased by {by}: {reason}",
+    "erasure_refused": "erasure refused by legal hold ({legal_hold})",
 }
 
 

@@ -25,6 +25,7 @@ from cohortflow.cli.common import (
     setup_observability,
 )
 from cohortflow.cli.consume import consume
+from cohortflow.cli.customers import customer_app
 from cohortflow.cli.events import events_app
 from cohortflow.cli.models import models_app
 from cohortflow.cli.operators import approvals_app, consent_app, decisions_app
@@ -58,6 +59,7 @@ app.add_typer(events_app, name="events")
 app.add_typer(cohort_app, name="cohort")
 app.add_typer(synth_app, name="synth")
 app.add_typer(token_app, name="token")
+app.add_typer(customer_app, name="customer")
 app.command()(consume)
 
 

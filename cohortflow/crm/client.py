@@ -174,6 +174,12 @@ class CrmClient(AsyncClosing):
             _str(data, "contact_id"), _str(data, "list_id"), _str(data, "status")
         )
 
+    async def delete_contact(self, contact_id: str) -> None:
+        """Delete a contact and its memberships (nothing to do when there is none)."""
+        response = await self._send("DELETE", f"/crm/v3/objects/contacts/{_segment(contact_id)}")
+        if response.status_code != 204:
+            _decode(response)  # raises for anything but success
+
     async def get_contact(self, contact_id: str) -> ContactRecord | None:
         """The contact with its properties, sequences and lists, or None if the CRM has none."""
         response = await self._send("GET", f"/crm/v3/objects/contacts/{_segment(contact_id)}")

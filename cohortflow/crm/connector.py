@@ -148,5 +148,9 @@ class CrmConnector(Protocol):
         CRMs, HubSpot among them, answer only the properties asked for): a read-back after
         an ambiguous failure in another process names the ones the write set."""
 
+    async def delete_contact(self, contact_key: str) -> RecordOutcome:
+        """Delete the contact for good, with what the CRM ties to it (a data subject's
+        erasure); ok when the CRM had none."""
+
     async def aclose(self) -> None:
         """Release connections."""

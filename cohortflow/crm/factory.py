@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from cohortflow.crm._http import RequestGate
 from cohortflow.crm.connector import CrmConnector
+from cohortflow.settings import Settings
 
 
 def make_connector(
@@ -47,3 +48,23 @@ def make_connector(
 
         return SandboxConnector(url, token=token, timeout=timeout, request_gate=request_gate)
     raise ValueError(f"unknown CRM kind {kind!r}: sandbox or hubspot")
+
+
+def configured_connector(
+    settings: Settings, request_gate: RequestGate | None = None
+) -> CrmConnector:
+    """The connector ``settings`` configure (kind, URL, token and HubSpot's options)."""
+    token = settings.crm_token.get_secret_value() if settings.crm_token else None
+    return make_connector(
+        settings.crm_kind,
+        settings.resolved_crm_url,
+        token,
+        settings.crm_timeout_seconds,
+        paths=settings.crm_api_paths,
+        id_property=settings.crm_id_property,
+        sender_email=settings.crm_sender_email,
+        user_id=settings.crm_user_id,
+        daily_reset_timezone=settings.crm_daily_reset_timezone,
+        sequence_unenroll_path=settings.crm_sequence_unenroll_path,
+        request_gate=request_gate,
+    )

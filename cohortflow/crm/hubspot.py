@@ -103,6 +103,7 @@ class HubSpotPaths:
     upsert: str
     batch_read: str
     contact: str
+    gdpr_delete: str
     enroll: str
     enrollment: str
     list_add: str
@@ -118,6 +119,7 @@ class HubSpotPaths:
             upsert=f"{objects}/batch/upsert",
             batch_read=f"{objects}/batch/read",
             contact=f"{objects}/{{contact_id}}",
+            gdpr_delete=f"{objects}/gdpr-delete",
             enroll=sequences,
             enrollment=f"{sequences}/contact/{{contact_id}}",
             list_add=f"{lists}/{{list_id}}/memberships/add",
@@ -131,6 +133,7 @@ class HubSpotPaths:
             upsert="/crm/v3/objects/contacts/batch/upsert",
             batch_read="/crm/v3/objects/contacts/batch/read",
             contact="/crm/v3/objects/contacts/{contact_id}",
+            gdpr_delete="/crm/v3/objects/contacts/gdpr-delete",
             enroll="/automation/v4/sequences/enrollments",
             enrollment="/automation/v4/sequences/enrollments/contact/{contact_id}",
             list_add="/crm/v3/lists/{list_id}/memberships/add",
@@ -526,6 +529,16 @@ class HubSpotConnector(AsyncClosing):
         raise CrmError(f"the CRM pages list memberships past {_MAX_LIST_PAGES} pages")
 
     # ------------------------------------------------------------------ read-back
+
+    async def delete_contact(self, contact_key: str) -> RecordOutcome:
+        """HubSpot's GDPR delete, by our key property: the contact and everything tied to it,
+        for good (ok when HubSpot has no such contact)."""
+        body = {"objectId": contact_key, "idProperty": self.id_property}
+        response = await self._send("POST", self.paths.gdpr_delete, json=body)
+        if response.status_code != 404 and not response.is_success:
+            self._raise_for(response)
+        self._ids.pop(contact_key, None)
+        return RecordOutcome(contact_key, ok=True)
 
     async def read_contact(
         self, contact_key: str, properties: Sequence[str] = ()

@@ -137,6 +137,12 @@ class SandboxConnector(AsyncClosing):
             outcomes.append(_ok(member.key, result.contact_id, result.status))
         return outcomes
 
+    async def delete_contact(self, contact_key: str) -> RecordOutcome:
+        """Delete the contact and its memberships (ok when there was none)."""
+        async with _translated():
+            await self.client.delete_contact(contact_key)
+        return RecordOutcome(contact_key, ok=True)
+
     async def read_contact(
         self, contact_key: str, properties: Sequence[str] = ()
     ) -> ContactState | None:

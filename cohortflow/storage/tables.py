@@ -91,6 +91,10 @@ class Customer(Base):
     timezone: Mapped[str | None] = mapped_column(String(64))  # None: the spec's default
     attributes: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime]
+    # Set once the customer's personal data was erased (``cohortflow customer forget``).
+    erased_at: Mapped[datetime | None]
+    # Why the customer may not be erased (a legal hold), or None.
+    legal_hold: Mapped[str | None] = mapped_column(String(300))
 
 
 class CustomerFeatures(Base):

@@ -161,6 +161,8 @@ class AuditKind(enum.StrEnum):
     CAMPAIGN_APPLIED = "campaign_applied"
     COHORT_APPLIED = "cohort_applied"
     MODEL_PROMOTED = "model_promoted"
+    CUSTOMER_ERASED = "customer_erased"
+    ERASURE_REFUSED = "erasure_refused"
 
 
 class DecideRefusal(enum.StrEnum):

@@ -627,6 +627,11 @@ def _crm_routes(sandbox: _Sandbox) -> APIRouter:
             "lists": contact.lists,
         }
 
+    @router.delete("/objects/contacts/{contact_id}", status_code=204)
+    async def delete_contact(contact_id: str) -> None:
+        """Delete a contact and its memberships (204 also when there was none)."""
+        await asyncio.to_thread(sandbox.store.delete_contact, contact_id)
+
     @router.post("/sequences/{sequence_id}/enrollments")
     async def enroll(sequence_id: str, body: _MembershipRequest) -> dict[str, str]:
         status = await asyncio.to_thread(

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from cohortflow.crm.sandbox.hubspot_store import (
@@ -163,6 +163,13 @@ class _BatchRead(BaseModel):
     properties: list[str] = Field(default_factory=list)
 
 
+class _GdprDelete(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    objectId: str = Field(min_length=1)
+    idProperty: str | None = None
+
+
 class _Enrollment(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -253,6 +260,13 @@ def hubspot_routes(backend: HubSpotBackend) -> APIRouter:
                 )
             )
         return _batch_response(results, errors)
+
+    async def gdpr_delete(request: Request, body: _GdprDelete) -> Response:
+        _check_version(request)
+        found = await asyncio.to_thread(backend.store().gdpr_delete, body.idProperty, body.objectId)
+        if not found:
+            raise HubSpotError(404, "OBJECT_NOT_FOUND", "Object not found.")
+        return Response(status_code=204)
 
     async def get_contact(
         request: Request,
@@ -391,6 +405,7 @@ def hubspot_routes(backend: HubSpotBackend) -> APIRouter:
         router.add_api_route(f"{prefix}/contacts/batch/upsert", upsert, methods=["POST"])
         router.add_api_route(f"{prefix}/contacts/batch/read", batch_read, methods=["POST"])
         router.add_api_route(f"{prefix}/contacts/{{contact_id}}", get_contact, methods=["GET"])
+        router.add_api_route(f"{prefix}/contacts/gdpr-delete", gdpr_delete, methods=["POST"])
     for prefix in SEQUENCES:
         router.add_api_route(f"{prefix}/enrollments", enroll, methods=["POST"])
         router.add_api_route(

@@ -187,6 +187,18 @@ class HubSpotStore:
             assert enrollment is not None
             return enrollment
 
+    def gdpr_delete(self, id_property: str | None, value: str) -> bool:
+        """Delete the contact and everything tied to it (keys, enrolments, list memberships),
+        as HubSpot's GDPR delete does; False when there was no such contact."""
+        with self._store.transaction() as db:
+            contact_id = _resolve(db, id_property, value)
+            if contact_id is None:
+                return False
+            for table in ("hs_contact_keys", "hs_enrollments", "hs_list_members"):
+                db.execute(f"DELETE FROM {table} WHERE contact_id = ?", (contact_id,))
+            db.execute("DELETE FROM hs_contacts WHERE id = ?", (contact_id,))
+            return True
+
     def active_enrollment(self, contact_id: str) -> HsEnrollment | None:
         """The contact's latest active enrolment."""
         with self._store.reading() as db:

@@ -249,6 +249,13 @@ class SandboxStore:
             )
             return deleted.rowcount == 1
 
+    def delete_contact(self, contact_id: str) -> bool:
+        """Delete the contact and its memberships; False when there was none."""
+        with self._transaction() as db:
+            db.execute("DELETE FROM memberships WHERE contact_id = ?", (contact_id,))
+            deleted = db.execute("DELETE FROM contacts WHERE contact_id = ?", (contact_id,))
+            return deleted.rowcount == 1
+
     def get_contact(self, contact_id: str) -> StoredContact | None:
         """The contact with its memberships, or None."""
         with self._lock:
