@@ -376,6 +376,8 @@ def test_demo_up_approve_kill_restart_verify_and_stop(tmp_path: Path) -> None:
         shown = [listing, *(workflow_show(address, wf) for wf in workflow_ids)]
         canaries = [*signup_ids(SIGNUPS), "@example.com", "demo-signup-", "demo-identify-", COUPON]
         assert {c: n for c in canaries if (n := sum(c in text for text in shown))} == {}
+        # What the scan reads does hold the campaigns' own (pseudonymous) keys.
+        assert sum(status.customer_key in text for text in shown) >= 2
 
         verified = cohortflow("audit", "verify", "--data-dir", data)
         assert verified.returncode == 0, verified.stderr
@@ -394,6 +396,8 @@ def test_demo_up_approve_kill_restart_verify_and_stop(tmp_path: Path) -> None:
     around = [*data.glob("temporal.db*"), *(data / "logs").glob("*"), *tmp_path.glob("up*.log")]
     assert len([f for f in around if f.name.startswith("temporal.db")]) >= 1
     assert leaks(canaries, around) == {}
+    # The spans the second `up` exported are among what was scanned.
+    assert any(b'"trace_id"' in path.read_bytes() for path in around)
 
 
 def leaks(canaries: list[str], files: list[Path]) -> dict[str, list[str]]:

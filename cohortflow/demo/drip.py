@@ -10,12 +10,15 @@ Message ids are derived from the signup id, so a rerun is a duplicate, not a sec
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+from temporalio.client import Client
 
+from cohortflow.campaigns import visibility
 from cohortflow.demo.launching import Launch, save_version
 from cohortflow.demo.options import (
     CHANNEL,
@@ -31,6 +34,7 @@ from cohortflow.settings import Settings
 from cohortflow.spec import load_spec_file
 from cohortflow.storage import customers
 from cohortflow.storage.db import Database
+from workflows.campaign.contract import SA
 
 Progress = Callable[[str], None]
 SIGNED_UP = "signed_up"
@@ -180,3 +184,24 @@ async def first_purchases(
         f"{totals['duplicates']} already known, {totals['signalled']} campaigns signalled"
     )
     return {"purchases": len(chosen), **totals}
+
+
+async def purchases_heard(
+    client: Client, drip: Launch, settings: Settings, options: DemoOptions
+) -> None:
+    """Wait until no buyer's drip campaign still waits for the purchase it was sent
+    (TimeoutError after the demo's settle timeout)."""
+    pseudonymiser = Pseudonymiser.from_settings(settings)
+    keys = [pseudonymiser.customer_key(i) for i in buyers(signup_ids(options.signups), options)]
+    if not keys:
+        return
+    query = visibility.running(
+        visibility.equals(SA.CAMPAIGN_ID, drip.campaign_id),
+        visibility.equals(SA.CAMPAIGN_STATE, "waiting"),
+        visibility.one_of(SA.CUSTOMER_KEY, keys),
+    )
+    deadline = time.monotonic() + options.settle_timeout_seconds
+    while (await client.count_workflows(query)).count:
+        if time.monotonic() > deadline:
+            raise TimeoutError("buyers' drip campaigns did not hear their purchases in time")
+        await asyncio.sleep(0.2)

@@ -32,7 +32,7 @@ from temporalio.client import Client
 
 from cohortflow.auth.tokens import TokenService
 from cohortflow.cohorts.service import CohortService
-from cohortflow.demo.drip import first_purchases, prepare_drip
+from cohortflow.demo.drip import first_purchases, prepare_drip, purchases_heard
 from cohortflow.demo.launching import Entered, Launch, enter_cohort
 from cohortflow.demo.options import DemoOptions
 from cohortflow.demo.settle import CampaignCounts, wait_until_settled
@@ -140,6 +140,9 @@ async def run_demo_job(
             await _settle(client, expected, options, err, "campaigns running")
             launched_seconds = time.monotonic() - launch_started
             purchases = await first_purchases(api, options, note)
+            # The signals may still be on their way (the API's relay delivers what its fast
+            # path did not): settle only once every buyer's campaign has heard its purchase.
+            await purchases_heard(client, drip, settings, options)
             counts = await _settle(client, expected, options, err, "purchases arriving")
     finally:
         await db.dispose()
