@@ -15,6 +15,10 @@ from cohortflow.errors import Invalid
 RoleName = Literal["ingest", "operator", "approver", "admin"]
 
 
+# Every feature window (90 days at most) must lie inside what retention keeps.
+MIN_RETENTION_DAYS = 120
+
+
 class Settings(BaseSettings):
     """Runtime configuration. Defaults give the embedded, single-machine setup."""
 
@@ -177,6 +181,12 @@ class Settings(BaseSettings):
         None, ge=1, description="hubspot mode: requests per day (reset at local midnight)."
     )
 
+    event_retention_days: int | None = Field(
+        None,
+        ge=MIN_RETENTION_DAYS,
+        description="Purge raw events older than this many days (hourly, in the worker), their"
+        " totals kept for the features; unset keeps every event.",
+    )
     temporal_ui_origins: list[str] = Field(
         default_factory=list,
         description="Origins of a Temporal Web UI allowed to decode payloads at the codec"

@@ -18,7 +18,7 @@ from cohortflow.storage.tables import Base
 
 REPO = Path(__file__).resolve().parent.parent
 TABLES = set(Base.metadata.tables)
-HEAD = "0014"
+HEAD = "0015"
 
 
 def _table_names(connection: Connection) -> set[str]:
@@ -73,6 +73,7 @@ async def test_upgrade_downgrade_upgrade(database_url: str) -> None:
         "signal_outbox",
         "cohort_refresh",
         "consent_history",
+        "event_rollups",
     } == TABLES
     await migrate(database_url)
     assert _tables_without_alembic(await _tables(database_url)) == TABLES

@@ -27,6 +27,7 @@ from activities.launch import LaunchActivities
 from cohortflow.cohorts.refresh import CohortRefresher
 from cohortflow.cohorts.service import CohortService
 from cohortflow.crm.factory import configured_connector
+from cohortflow.events.purger import run_purges
 from cohortflow.settings import Settings
 from cohortflow.storage.db import Database
 from scoring.registry import ModelRegistry
@@ -141,7 +142,8 @@ async def run_workers(workers: Sequence[Worker], stop: asyncio.Event) -> None:
 
 async def serve(settings: Settings, client: Client, stop: asyncio.Event) -> None:
     """Run a worker process's workers against ``client`` with real dependencies, and beside
-    them the incremental cohort refresher (``cohortflow.cohorts.refresh``)."""
+    them the incremental cohort refresher (``cohortflow.cohorts.refresh``) and, when
+    configured, the hourly event purge (``cohortflow.events.purger``)."""
     db = Database(settings.resolved_database_url)
     batcher = crm_batcher(settings, db)
     scorer = Scorer(ModelRegistry(settings.resolved_models_dir))
@@ -158,11 +160,13 @@ async def serve(settings: Settings, client: Client, stop: asyncio.Event) -> None
     log.info("worker started", task_queue=settings.task_queue, crm=settings.crm_task_queue)
     # Cohorts applied while Temporal was away get their schedules now.
     log.info("cohort schedules ensured", cohorts=await cohorts.ensure_schedules())
-    refreshing = asyncio.create_task(CohortRefresher(cohorts).run(stop))
+    background = [asyncio.create_task(CohortRefresher(cohorts).run(stop))]
+    if settings.event_retention_days is not None:
+        background.append(asyncio.create_task(run_purges(db, settings.event_retention_days, stop)))
     try:
         await run_workers(workers, stop)
     finally:
         stop.set()
-        await refreshing
+        await asyncio.gather(*background)
         await batcher.aclose()
         await db.dispose()

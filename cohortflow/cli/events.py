@@ -102,6 +102,48 @@ def import_file(
         raise typer.Exit(2)
 
 
+@events_app.command("purge")
+def purge_events(
+    older_than_days: Annotated[
+        int | None,
+        typer.Option(
+            "--older-than-days",
+            help="Purge events older than this (default: COHORTFLOW_EVENT_RETENTION_DAYS).",
+        ),
+    ] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Purge raw events older than the retention period now (the worker does it hourly);
+    their totals are kept, so features stay what the whole log would give."""
+    from cohortflow.events.purger import purge
+    from cohortflow.settings import MIN_RETENTION_DAYS
+    from cohortflow.storage.db import Database
+
+    settings = settings_for(data_dir=data_dir)
+    days = older_than_days if older_than_days is not None else settings.event_retention_days
+    if days is None:
+        raise Invalid(
+            "older_than_days: give --older-than-days or set COHORTFLOW_EVENT_RETENTION_DAYS",
+            field="older_than_days",
+        )
+    if days < MIN_RETENTION_DAYS:
+        raise Invalid(
+            f"older_than_days: {days} is under {MIN_RETENTION_DAYS}, the days every feature"
+            " window needs",
+            field="older_than_days",
+        )
+
+    async def main() -> int:
+        await ready(settings)
+        db = Database(settings.resolved_database_url)
+        try:
+            return await purge(db, days)
+        finally:
+            await db.dispose()
+
+    print_line(f"purged {run(main)} events older than {days} days")
+
+
 @events_app.command("recompute")
 def recompute(data_dir: DataDir = None) -> None:
     """Recompute every customer's features from the whole event log."""

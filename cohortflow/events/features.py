@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
+from cohortflow.events.rollup import PURCHASE, Rollup
 from scoring.features import FEATURE_NAMES, RECENT_WINDOW_DAYS
 
-PURCHASE = "purchase"
 ACTIVITY_WINDOW_DAYS = 30
 # Feature keys whose value grows by one a day while nothing happens (aged by evaluators).
 DAY_COUNTERS: tuple[str, ...] = ("recency_days", "age_days")
@@ -143,15 +143,17 @@ class ComputedFeatures:
     recent: RecentDays
 
 
-def compute_features(events: Iterable[FeatureEvent]) -> ComputedFeatures:
-    """Features of one customer as of the day of their latest event; raises ValueError
-    without events.
+def compute_features(
+    events: Iterable[FeatureEvent], rollup: Rollup | None = None
+) -> ComputedFeatures:
+    """Features of one customer as of the day of their latest event, starting from the
+    ``rollup`` of their purged events if any; raises ValueError without events.
 
     Only ``track`` events count (an ``identify`` is not behaviour).
     """
     purchase_days: dict[date, tuple[float, float]] = {}
-    last_by_event: dict[str, date] = {}
-    count_by_event: dict[str, int] = {}
+    last_by_event: dict[str, date] = dict(rollup.last_days) if rollup else {}
+    count_by_event: dict[str, int] = dict(rollup.counts) if rollup else {}
     days: list[date] = []
     for e in events:
         if e.type != "track":
@@ -166,12 +168,13 @@ def compute_features(events: Iterable[FeatureEvent]) -> ComputedFeatures:
                 amount + float(e.properties.get("amount", 0.0)),
                 items + float(e.properties.get("quantity", 1)),
             )
-    if not days:
+    ends = [*days, *([rollup.last_day] if rollup and rollup.last_day else [])]
+    if not ends:
         raise ValueError("no track events")
-    as_of = max(days)
+    as_of = max(ends)
     features: dict[str, float | None] = dict.fromkeys(FEATURE_NAMES)
-    features |= _rfm(purchase_days, as_of)
-    features["events_total"] = float(len(days))
+    features |= _rfm(purchase_days, as_of, rollup or Rollup())
+    features["events_total"] = float(len(days) + (rollup.track_events if rollup else 0))
     window_start = as_of - timedelta(days=ACTIVITY_WINDOW_DAYS)
     features["events_30d"] = float(sum(1 for d in days if d > window_start))
     for name in sorted(count_by_event):
@@ -195,15 +198,21 @@ def _recent(
     )
 
 
-def _rfm(purchase_days: Mapping[date, tuple[float, float]], as_of: date) -> dict[str, float | None]:
-    """``rfm_features`` for one customer; all None (missing) without a purchase."""
-    if not purchase_days:
+def _rfm(
+    purchase_days: Mapping[date, tuple[float, float]], as_of: date, rollup: Rollup
+) -> dict[str, float | None]:
+    """``rfm_features`` for one customer over their events and the rollup of those purged;
+    all None (missing) without a purchase."""
+    count = len(purchase_days) + rollup.purchase_days
+    if not count:
         return {}
-    first, last = min(purchase_days), max(purchase_days)
-    total = sum(amount for amount, _ in purchase_days.values())
+    ends = [*purchase_days, *(d for d in (rollup.first_purchase, rollup.last_purchase) if d)]
+    first, last = min(ends), max(ends)
+    total = sum(amount for amount, _ in purchase_days.values()) + rollup.monetary_total
+    items = sum(i for _, i in purchase_days.values()) + rollup.items_total
     recent_start = as_of - timedelta(days=RECENT_WINDOW_DAYS)
     recent = [amount for day, (amount, _) in purchase_days.items() if day > recent_start]
-    frequency = len(purchase_days) - 1
+    frequency = count - 1
     tenure = (last - first).days
     return {
         "recency_days": float((as_of - last).days),
@@ -211,8 +220,8 @@ def _rfm(purchase_days: Mapping[date, tuple[float, float]], as_of: date) -> dict
         "tenure_days": float(tenure),
         "age_days": float((as_of - first).days),
         "monetary_total": total,
-        "monetary_avg": total / len(purchase_days),
-        "cds_total": sum(items for _, items in purchase_days.values()),
+        "monetary_avg": total / count,
+        "cds_total": items,
         "purchases_90d": float(len(recent)),
         "monetary_90d": float(sum(recent)),
         "mean_interpurchase_days": tenure / frequency if frequency else math.nan,

@@ -24,9 +24,9 @@ from cohortflow.events.features import (
     ACTIVITY_WINDOW_DAYS,
     COUNT_PREFIX,
     DAYS_SINCE_PREFIX,
-    PURCHASE,
     as_of_instant,
 )
+from cohortflow.events.rollup import PURCHASE
 from cohortflow.pseudonymisation import Pseudonymiser
 from cohortflow.storage._sql import chunked, rows_per_statement
 from cohortflow.storage.customers import upsert_features

@@ -16,6 +16,7 @@ from cohortflow.events.features import (
 from cohortflow.storage.customers import FeatureRow, upsert_features
 from cohortflow.storage.db import Database
 from cohortflow.storage.events import customer_keys_with_events, events_of
+from cohortflow.storage.retention import rollups_of
 
 RECOMPUTE_PAGE = 2_000
 
@@ -23,13 +24,15 @@ RECOMPUTE_PAGE = 2_000
 async def update_features(
     session: AsyncSession, customer_keys: Sequence[str], *, now: datetime | None = None
 ) -> int:
-    """Recompute and store the features of these customers from their events.
+    """Recompute and store the features of these customers from their events (and the
+    rollup of those retention purged).
 
     Called in the transaction that stored their new events, so features never reflect half
     a batch. Customers with only ``identify`` events get no feature row. Returns how many
     rows were written.
     """
     history = await events_of(session, customer_keys)
+    rollups = await rollups_of(session, customer_keys)
     rows: list[FeatureRow] = []
     recent: dict[str, RecentDays] = {}
     for key, events in history.items():
@@ -39,7 +42,7 @@ async def update_features(
             if e.type == "track"
         ]
         if tracked:
-            computed = compute_features(tracked)
+            computed = compute_features(tracked, rollups.get(key))
             rows.append((key, computed.features, as_of_instant(computed.as_of)))
             recent[key] = computed.recent
     return await upsert_features(session, rows, now=now, recent=recent)

@@ -299,6 +299,18 @@ class Event(Base):
     raw: Mapped[dict[str, Any] | None]
 
 
+class EventRollup(Base):
+    """The totals of a customer's events purged by retention (``events.rollup``), which
+    their features start from; ``through`` is the cutoff the last purge used."""
+
+    __tablename__ = "event_rollups"
+
+    customer_key: Mapped[str] = mapped_column(String(KEY_LEN), primary_key=True)
+    summary: Mapped[dict[str, Any]]
+    through: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+
 class ProfileAlias(Base):
     """An identity merged into a customer: an anonymous id (on ``identify`` or ``alias``) or
     an earlier user id (on ``alias``), by its pseudonymous key. Later events under the alias
