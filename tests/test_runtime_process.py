@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from cohortflow.runtime.ports import PortInUse, ensure_free, free_port
 from cohortflow.runtime.supervisor import (
     Child,
     ChildFailed,
+    RestartPolicy,
     Supervisor,
     alive_for,
     cohortflow_command,
@@ -192,6 +194,48 @@ def test_http_probe_waits_for_the_child_to_serve(tmp_path: Path) -> None:
     assert not http_ok(f"http://127.0.0.1:{port}/")()
 
 
+# Exits with 7 on its first run (its marker file absent), then stays up.
+DIES_ONCE = """
+import pathlib, sys, time
+marker = pathlib.Path(sys.argv[1])
+if not marker.exists():
+    marker.write_text("ran")
+    print("first run: dying"); sys.exit(7)
+print("second run: staying"); time.sleep(300)
+"""
+
+
+def test_a_child_that_dies_is_restarted_and_one_that_keeps_dying_stops_the_stack(
+    tmp_path: Path,
+) -> None:
+    policy = RestartPolicy(first_backoff=0.1, max_restarts=2, window=60)
+    supervisor = Supervisor(tmp_path, restart=policy)
+    once = Child("once", [sys.executable, "-c", DIES_ONCE, str(tmp_path / "m")], alive_for(0))
+    waiting = threading.Thread(target=supervisor.wait)
+    try:
+        supervisor.start([once])  # healthy at once, then it dies
+        waiting.start()
+        assert wait_until(lambda: len(supervisor.restarts.get("once", [])) == 1, 20.0)
+        assert wait_until(lambda: "second run: staying" in (tmp_path / "once.log").read_text(), 20)
+        ((_, proc),) = supervisor.running
+        assert proc.poll() is None  # the restarted child runs
+    finally:
+        supervisor.request_stop()
+        waiting.join(20)
+        supervisor.stop()
+
+    always = Supervisor(tmp_path, restart=policy)
+    crash = Child("crash", [sys.executable, "-c", "raise SystemExit(5)"], alive_for(0))
+    try:
+        always.start([crash])
+        with pytest.raises(ChildFailed) as caught:
+            always.wait()
+    finally:
+        always.stop()
+    assert "crash keeps dying: exited with code 5 after 2 restarts" in str(caught.value)
+    assert len(always.restarts["crash"]) == 2
+
+
 # Records the SIGTERM it gets, in order, in a shared file.
 RECORDER = """
 import signal, sys, time
@@ -205,6 +249,7 @@ time.sleep(300)
 DRIVER = """
 import sys
 import sysconfig
+import threading
 from pathlib import Path
 from cohortflow.runtime.supervisor import Child, Supervisor, alive_for
 log_dir, record, ready = (Path(a) for a in sys.argv[1:4])

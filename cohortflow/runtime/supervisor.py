@@ -15,6 +15,7 @@ from pathlib import Path
 from types import FrameType
 
 import httpx
+import structlog
 from pydantic import SecretStr
 
 from cohortflow.runtime import process
@@ -22,6 +23,7 @@ from cohortflow.runtime.devserver import DevServer
 from cohortflow.settings import Settings
 
 Probe = Callable[[], bool]
+log = structlog.get_logger(__name__)
 
 
 def cohortflow_command(subcommand: str, *args: str) -> list[str]:
@@ -86,8 +88,21 @@ class ChildFailed(RuntimeError):
     """A child exited on its own or never became healthy."""
 
 
+@dataclass(frozen=True)
+class RestartPolicy:
+    """How a child that dies after it started is restarted: after ``first_backoff`` seconds,
+    doubling to ``max_backoff``; more than ``max_restarts`` within ``window`` seconds means
+    it keeps dying, and the stack stops."""
+
+    first_backoff: float = 1.0
+    max_backoff: float = 30.0
+    max_restarts: int = 5
+    window: float = 300.0
+
+
 class Supervisor:
-    """Starts children one by one, waits on them, stops them last-started-first."""
+    """Starts children one by one, restarts one that dies (with backoff), stops them
+    last-started-first."""
 
     def __init__(
         self,
@@ -97,6 +112,7 @@ class Supervisor:
         devserver: DevServer | None = None,
         startup_timeout: float = 60.0,
         stop_timeout: float = 10.0,
+        restart: RestartPolicy | None = None,
     ) -> None:
         """Children log to ``log_dir/<name>.log``; ``devserver`` is stopped after them."""
         self.log_dir = log_dir
@@ -104,13 +120,20 @@ class Supervisor:
         self.devserver = devserver
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
+        self.restart = restart or RestartPolicy()
         self.running: list[tuple[Child, subprocess.Popen[bytes]]] = []
+        # When each child was restarted (monotonic), for the backoff and the give-up rule.
+        self.restarts: dict[str, list[float]] = {}
         self._stop_requested = threading.Event()
 
     @property
     def stopping(self) -> bool:
         """True once SIGINT or SIGTERM asked us to stop."""
         return self._stop_requested.is_set()
+
+    def request_stop(self) -> None:
+        """End :meth:`start` and :meth:`wait` (from any thread); :meth:`stop` still runs."""
+        self._stop_requested.set()
 
     def install_signal_handlers(self) -> None:
         """Make SIGINT and SIGTERM end :meth:`start` and :meth:`wait`; a second one aborts.
@@ -122,7 +145,7 @@ class Supervisor:
             if self._stop_requested.is_set():
                 # An impatient second Ctrl-C: children still get SIGTERM through PDEATHSIG.
                 raise KeyboardInterrupt
-            self._stop_requested.set()
+            self.request_stop()
 
         signal.signal(signal.SIGINT, handle)
         signal.signal(signal.SIGTERM, handle)
@@ -136,26 +159,53 @@ class Supervisor:
         for child in children:
             if self.stopping:
                 return
-            log_path = self.log_dir / f"{child.name}.log"
-            proc = process.spawn(child.args, env=self.env, log_path=log_path)
-            self.running.append((child, proc))
-            deadline = time.monotonic() + self.startup_timeout
-            while not child.healthy():
-                self._check_alive(child, proc)
-                if time.monotonic() > deadline:
-                    raise ChildFailed(
-                        f"{child.name} was not healthy after {self.startup_timeout:g}s; "
-                        f"{log_path} ends with:\n{process.tail(log_path)}"
-                    )
-                if self._stop_requested.wait(0.2):
-                    return
+            self.running.append((child, self._launch(child)))
+
+    def _launch(self, child: Child) -> subprocess.Popen[bytes]:
+        """Spawn ``child`` and wait until it is healthy (or a stop is requested)."""
+        log_path = self.log_dir / f"{child.name}.log"
+        proc = process.spawn(child.args, env=self.env, log_path=log_path)
+        deadline = time.monotonic() + self.startup_timeout
+        while not child.healthy():
             self._check_alive(child, proc)
+            if time.monotonic() > deadline:
+                process.stop(proc, self.stop_timeout)
+                raise ChildFailed(
+                    f"{child.name} was not healthy after {self.startup_timeout:g}s; "
+                    f"{log_path} ends with:\n{process.tail(log_path)}"
+                )
+            if self._stop_requested.wait(0.2):
+                return proc
+        self._check_alive(child, proc)
+        return proc
 
     def wait(self) -> None:
-        """Block until a stop is requested; raise :class:`ChildFailed` if a child exits first."""
+        """Block until a stop is requested, restarting a child that exits (see
+        :class:`RestartPolicy`); raise :class:`ChildFailed` for one that keeps dying."""
         while not self._stop_requested.wait(0.5):
-            for child, proc in self.running:
-                self._check_alive(child, proc)
+            for index, (child, proc) in enumerate(self.running):
+                if proc.poll() is not None and not self.stopping:
+                    self.running[index] = (child, self._restarted(child, proc.returncode))
+
+    def _restarted(self, child: Child, code: int) -> subprocess.Popen[bytes]:
+        """Restart ``child``, which exited with ``code``, after its backoff."""
+        now = time.monotonic()
+        recent = [t for t in self.restarts.get(child.name, []) if now - t < self.restart.window]
+        log_path = self.log_dir / f"{child.name}.log"
+        if len(recent) >= self.restart.max_restarts:
+            raise ChildFailed(
+                f"{child.name} keeps dying: exited with code {code} after {len(recent)} restarts"
+                f" in {self.restart.window:g}s; {log_path} ends with:\n{process.tail(log_path)}"
+            )
+        backoff = min(self.restart.first_backoff * 2 ** len(recent), self.restart.max_backoff)
+        self.restarts[child.name] = [*recent, now]
+        total = sum(len(v) for v in self.restarts.values())
+        log.warning(
+            "child restarted", child=child.name, exit_code=code, backoff_s=backoff,
+            restarts_recent=len(recent) + 1, restarts_total=total,
+        )  # fmt: skip
+        self._stop_requested.wait(backoff)
+        return self._launch(child)
 
     def stop(self) -> None:
         """Stop every child, last started first, then the dev server."""
