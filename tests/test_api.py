@@ -178,6 +178,11 @@ async def test_approvals_list_decide_and_every_bad_decision(
 
         after = await counts(dev_harness)
         assert after[1] == [(approval_id, "approved")]
+        # The same decision sent again by its maker (a client retrying after a timeout)
+        # gets the earlier result; nothing is decided twice.
+        retried = await http.post(decision, json=good)
+        assert (retried.status_code, retried.json()) == (200, approved.json())
+        assert await counts(dev_harness) == after
         again = await http.post(decision, json=good, headers=bearer(bob_token))
         assert again.status_code == 409
         assert error_loc(again) == [["path", "approval_id"]]

@@ -6,6 +6,7 @@ the database through storage. Every request is validated before anything is writ
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from dataclasses import dataclass
@@ -131,6 +132,11 @@ class Controls:
             tags = await campaigns.campaign_tags(session, row.campaign_id)
         if not identity.may_reach(row.campaign_id, tags):
             raise Forbidden(f"{identity.name}'s token does not reach campaign {row.campaign_id}")
+        earlier = _earlier(row, approve, identity)
+        if earlier is not None:
+            # The same decision by the same identity, sent again (a retry after a timeout):
+            # the earlier result, not a conflict for a decision that took effect.
+            return earlier
         if row.status != "pending":
             raise Conflict(f"approval {approval_id} is already {row.status}", field="approval_id")
         if _aware(row.expires_at) <= datetime.now(UTC):
@@ -146,7 +152,12 @@ class Controls:
         try:
             result = await handle.execute_update(CampaignWorkflow.decide, request)
         except WorkflowUpdateFailedError as exc:
-            raise _refused(exc) from exc
+            refusal = _refused(exc)
+            if isinstance(refusal, Conflict):
+                landed = await self._landed(approval_id, approve, identity)
+                if landed is not None:
+                    return landed
+            raise refusal from exc
         except RPCError as exc:
             if exc.status in _TRANSIENT:
                 raise Unavailable(f"approval {approval_id}: Temporal: {exc.message}") from exc
@@ -161,6 +172,20 @@ class Controls:
             remaining=result.remaining,
         )
         return result
+
+    async def _landed(
+        self, approval_id: str, approve: bool, identity: Identity
+    ) -> DecideResult | None:
+        """The earlier result when the workflow refused this decision as already made and it
+        was this identity's own (its record may trail the workflow by a moment)."""
+        for _ in range(10):
+            async with self._db.read_transaction() as session:
+                row = await approvals.get_approval(session, approval_id)
+            earlier = None if row is None else _earlier(row, approve, identity)
+            if earlier is not None or (row is not None and row.status != "pending"):
+                return earlier
+            await asyncio.sleep(0.2)
+        return None
 
     # ------------------------------------------------------------------ consent
 
@@ -312,6 +337,14 @@ def _require_text(field: str, value: str, limit: int = _NAME_LIMIT) -> None:
         raise Invalid(f"{field}: must not be empty", field=field)
     if len(value) > limit:
         raise Invalid(f"{field}: longer than {limit} characters", field=field)
+
+
+def _earlier(row: Approval, approve: bool, identity: Identity) -> DecideResult | None:
+    """The result ``identity`` already got for this same decision, if it made it."""
+    wanted = "approved" if approve else "rejected"
+    if row.status == wanted and row.decided_by == identity.name:
+        return DecideResult(row.approval_id, wanted)
+    return None
 
 
 def _aware(moment: datetime) -> datetime:
