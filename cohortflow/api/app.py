@@ -7,10 +7,12 @@ import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import structlog
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from sqlalchemy import text
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from cohortflow.api.approvals import approvals_router
 from cohortflow.api.campaigns import campaigns_router
@@ -23,6 +25,8 @@ from cohortflow.api.models import models_router
 from cohortflow.api.tokens import tokens_router
 from cohortflow.errors import OperatorError, RateLimited, Unauthenticated
 from cohortflow.settings import Settings
+
+log = structlog.get_logger(__name__)
 
 # Controls name what the operator means ("customer"); requests carry it as "customer_id".
 _FIELD_NAMES = {"customer": "customer_id", "campaign": "campaign_id"}
@@ -45,6 +49,9 @@ fit, 429 (with `Retry-After`) past its request rate. Whoever decides an approval
 token's identity: the four-eyes rules (not the owner, author or applier of the campaign
 version; `approval.required` distinct approvers) are checked by the campaign itself.
 """
+
+
+DATABASE_RETRY_AFTER_SECONDS = 5
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -84,6 +91,20 @@ def create_app(settings: Settings) -> FastAPI:
             status_code=exc.http_status,
             content={"detail": [{"loc": loc, "msg": exc.message, "type": type(exc).__name__}]},
             headers=headers,
+        )
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    @app.exception_handler(OSError)
+    async def _database_away(request: Request, exc: Exception) -> JSONResponse:
+        # The database is unreachable or locked past its timeout: a fault of ours to wait
+        # out, not of the request, so 503 and when to try again, never 500.
+        log.warning("database unavailable", path=request.url.path, error=type(exc).__name__)
+        message = "the database is unavailable; try again shortly"
+        return JSONResponse(
+            status_code=503,
+            content={"detail": [{"loc": [], "msg": message, "type": "Unavailable"}]},
+            headers={"Retry-After": str(DATABASE_RETRY_AFTER_SECONDS)},
         )
 
     @app.get("/healthz", tags=["health"])

@@ -41,6 +41,7 @@ AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"description": "no token, or an unknown, revoked or expired one", **_PROBLEM},
     403: {"description": "the token's roles or scope do not allow this", **_PROBLEM},
     429: {"description": "too many requests from this token; see Retry-After", **_PROBLEM},
+    503: {"description": "a part the request needs is unavailable; see Retry-After", **_PROBLEM},
 }
 
 
