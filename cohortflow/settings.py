@@ -109,6 +109,13 @@ class Settings(BaseSettings):
         "cohortflow.dead-letters",
         description="Where events that fail validation go, with their errors (own stream).",
     )
+    worker_metrics_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="Where the worker serves Prometheus metrics (the Temporal SDK's and the"
+        " campaigns' own) on api_host; unset serves none.",
+    )
     consume_metrics_port: int | None = Field(
         None,
         ge=1,

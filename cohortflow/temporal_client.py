@@ -15,6 +15,7 @@ from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest, Describe
 from temporalio.client import Client, Interceptor
 from temporalio.common import SearchAttributeIndexedValueType
 from temporalio.contrib.opentelemetry import TracingInterceptor
+from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.service import RPCError, RPCStatusCode
 
 from cohortflow.payload_codec import data_converter, key_ring
@@ -47,17 +48,27 @@ class SearchAttributeConflict(RuntimeError):
     """A search attribute is registered on the server with another type than ours."""
 
 
-async def connect(settings: Settings, *, tracing: bool = True) -> Client:
+async def connect(
+    settings: Settings, *, tracing: bool = True, runtime: Runtime | None = None
+) -> Client:
     """A client for the configured cluster and namespace, payloads encrypted under the
     configured key ring (workers built on it inherit that), with OpenTelemetry spans if
-    asked."""
+    asked, on ``runtime`` (default: the SDK's)."""
     interceptors: list[Interceptor] = [TracingInterceptor()] if tracing else []
     return await Client.connect(
         settings.resolved_temporal_address,
         namespace=settings.temporal_namespace,
         interceptors=interceptors,
         data_converter=data_converter(key_ring(settings)),
+        runtime=runtime,
     )
+
+
+def metrics_runtime(host: str, port: int) -> Runtime:
+    """A Temporal runtime serving its metrics (the SDK's and what workflows and activities
+    count through its meter) for Prometheus at ``http://host:port/metrics``."""
+    prometheus = PrometheusConfig(bind_address=f"{host}:{port}", durations_as_seconds=True)
+    return Runtime(telemetry=TelemetryConfig(metrics=prometheus))
 
 
 async def ensure_search_attributes(client: Client, namespace: str) -> None:

@@ -114,6 +114,9 @@ class CrmActivities:
             )
         await self._record.submit((inp, effect))
         log.info("crm written", action=inp.action, how=effect.how, attempt=activity.info().attempt)
+        activity.metric_meter().create_counter(
+            "cohortflow_crm_writes", "Outbound actions the CRM took, by how it was confirmed"
+        ).add(1, {"action": inp.action, "how": effect.how})
         return CrmWriteResult(
             outcome=CrmOutcome.WRITTEN,
             crm_record_id=effect.crm_id,

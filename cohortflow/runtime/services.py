@@ -9,7 +9,12 @@ import structlog
 import uvicorn
 
 from cohortflow.settings import Settings
-from cohortflow.temporal_client import connect, ensure_search_attributes, wait_for_server
+from cohortflow.temporal_client import (
+    connect,
+    ensure_search_attributes,
+    metrics_runtime,
+    wait_for_server,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -29,7 +34,9 @@ async def run_worker(settings: Settings) -> None:
     await wait_for_server(
         settings.resolved_temporal_address, settings.temporal_namespace, SERVER_WAIT_SECONDS
     )
-    client = await connect(settings)
+    port = settings.worker_metrics_port
+    runtime = None if port is None else metrics_runtime(settings.api_host, port)
+    client = await connect(settings, runtime=runtime)
     await ensure_search_attributes(client, settings.temporal_namespace)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

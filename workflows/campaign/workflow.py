@@ -26,7 +26,7 @@ from temporalio.common import SearchAttributeUpdate
 from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from workflows.campaign import details, interpreter
+    from workflows.campaign import details, interpreter, metrics
     from workflows.campaign.activity_io import (
         CrmOutcome,
         CrmWriteResult,
@@ -101,6 +101,8 @@ class CampaignWorkflow:
     @workflow.run
     async def run(self, inp: CampaignInput) -> CampaignResult:
         """Load the spec, then run its steps until a terminal state (or continue as new)."""
+        if inp.carried is None:
+            metrics.started(inp.campaign_id)
         self.calls.ride_along = workflow.patched(DECISIONS_RIDE_ALONG.id)
         loaded = await self.calls.load_spec()
         if isinstance(loaded, CampaignSpecDef):
@@ -131,6 +133,7 @@ class CampaignWorkflow:
         self._transition(ending.state, ending.reason, safe_segment=segment)
         await workflow.wait_condition(workflow.all_handlers_finished)
         fallen = segment if ending.state == CampaignState.FALLBACK else ""
+        metrics.finished(inp.campaign_id, ending.state.value, state.fallback_reason)
         return CampaignResult(ending.state, ending.reason, list(state.steps_run), fallen)
 
     async def _run_spec(self) -> Ending:
