@@ -23,7 +23,7 @@ from tests.harness import Harness, api_settings, bearer, issue_token, serve_app
 
 pytestmark = pytest.mark.devserver
 
-OPEN = {"/healthz"}
+OPEN = {"/healthz", "/metrics"}
 KEY = "access-test-pseudonymisation-key-0123456"
 
 

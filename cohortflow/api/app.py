@@ -21,6 +21,7 @@ from cohortflow.api.cohorts import cohorts_router
 from cohortflow.api.deps import AppState
 from cohortflow.api.events import events_router
 from cohortflow.api.inbox import inbox_router
+from cohortflow.api.metrics import metrics_router
 from cohortflow.api.models import models_router
 from cohortflow.api.tokens import tokens_router
 from cohortflow.errors import OperatorError, RateLimited, Unauthenticated
@@ -122,5 +123,6 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(cohorts_router(state.db, settings))
     app.include_router(models_router(settings))
     app.include_router(codec_router())
+    app.include_router(metrics_router())
     app.add_middleware(CodecCors, origins=settings.codec_origins)
     return app
