@@ -45,10 +45,11 @@ def _loc(request: Request, field: str | None) -> list[str]:
 _DESCRIPTION = """
 Every route but `/healthz` and `/metrics` needs a bearer token (`Authorization: Bearer
 cft_…`) made with `cohortflow token create`; each route lists the roles it admits under
-`x-roles`. A token answers 401 when missing, unknown, revoked or expired, 403 when its roles or scope do not
-fit, 429 (with `Retry-After`) past its request rate. Whoever decides an approval is the
-token's identity: the four-eyes rules (not the owner, author or applier of the campaign
-version; `approval.required` distinct approvers) are checked by the campaign itself.
+`x-roles`. A token answers 401 when missing, unknown, revoked or expired, 403 when its
+roles or scope do not fit, 429 (with `Retry-After`) past its request rate. Whoever decides
+an approval is the token's identity: the four-eyes rules (not the owner, author or applier
+of the campaign version; `approval.required` distinct approvers) are checked by the
+campaign itself.
 """
 
 
