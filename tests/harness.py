@@ -417,6 +417,15 @@ async def save_history_if_asked(handle: WorkflowHandle[Any, Any], name: str) -> 
         path.write_text(history.to_json())
 
 
+async def save_launch_history(handle: WorkflowHandle[Any, Any], name: str) -> None:
+    """With ``COHORTFLOW_SAVE_HISTORIES=1``, keep the history of the run ``handle`` names as
+    ``launch_v1_{name}.json`` (never overwritten), for the replay tests of the bulk
+    launcher. Histories from the dev server are sealed with the tests' key ring."""
+    path = HISTORIES / f"launch_v1_{name}.json"
+    if os.environ.get("COHORTFLOW_SAVE_HISTORIES") == "1" and not path.exists():
+        path.write_text((await handle.fetch_history()).to_json())
+
+
 async def save_cohort_evaluation_history(client: Client, cohort_id: str, name: str) -> None:
     """With ``COHORTFLOW_SAVE_HISTORIES=1``, keep the history of the cohort's first scheduled
     evaluation as ``cohort_evaluation_v1_{name}.json`` (never overwritten), for the replay

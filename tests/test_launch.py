@@ -30,7 +30,7 @@ from cohortflow.spec import ReentrySpec, parse_spec
 from cohortflow.storage import campaigns, cohorts, customers
 from cohortflow.storage.db import Database, migrate
 from cohortflow.temporal_client import connect
-from tests.harness import spec_document
+from tests.harness import save_launch_history, spec_document
 from workflows.campaign.contract import SA, campaign_workflow_id
 from workflows.launch import LaunchCampaignsWorkflow, LaunchInput, LaunchProgress
 
@@ -188,6 +188,10 @@ async def test_bulk_launch_killed_midway_launches_each_entry_exactly_once(
     # The continue-as-new chain made more than one run.
     description = await handle.describe()
     assert description.status == WorkflowExecutionStatus.COMPLETED
+    first_run = dev_client.get_workflow_handle(handle.id, run_id=handle.result_run_id)
+    assert (await first_run.describe()).status == WorkflowExecutionStatus.CONTINUED_AS_NEW
+    await save_launch_history(first_run, "killed_first_run_continued")
+    await save_launch_history(dev_client.get_workflow_handle(handle.id), "last_run_completed")
     print(  # the launcher's own cost, reported by `pytest -s`
         f"\nbulk launch: {entries} entries, killed once, {elapsed:.1f} s, "
         f"{1000 * elapsed / entries:.1f} ms per entry"

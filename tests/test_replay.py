@@ -1,6 +1,6 @@
 """Every saved history of a released CampaignWorkflow version (and of the scheduled
-CohortEvaluationWorkflow) still replays on today's code, and the patch registry
-(``contract.PATCHES``) says exactly which histories carry which patch.
+CohortEvaluationWorkflow and the bulk launcher) still replays on today's code, and the
+patch registry (``contract.PATCHES``) says exactly which histories carry which patch.
 
 A change to the workflow's logic that would break these must go behind ``workflow.patched``
 (or a new workflow type); then the old histories keep replaying and new ones are saved here
@@ -25,6 +25,7 @@ from workflows.campaign.messages import CampaignResult
 from workflows.campaign.state import CampaignInput
 from workflows.campaign.workflow import CampaignWorkflow
 from workflows.cohort_evaluation import CohortEvaluationWorkflow
+from workflows.launch import LaunchCampaignsWorkflow
 
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("campaign_v*.json"))
 
@@ -84,6 +85,30 @@ def test_a_history_of_the_scheduled_cohort_evaluation_is_kept() -> None:
 @pytest.mark.parametrize("path", COHORT_EVALUATIONS, ids=lambda p: p.stem)
 async def test_saved_cohort_evaluation_replays_on_current_code(path: Path) -> None:
     await Replayer(workflows=[CohortEvaluationWorkflow]).replay_workflow(load(path))
+
+
+LAUNCHES = sorted((Path(__file__).parent / "histories").glob("launch_v*.json"))
+
+
+def test_histories_of_the_bulk_launcher_are_kept() -> None:
+    assert {p.stem for p in LAUNCHES} >= {
+        # A worker killed mid-page, its activity retried, the run continued as new.
+        "launch_v1_killed_first_run_continued",
+        "launch_v1_last_run_completed",
+    }
+
+
+@pytest.mark.parametrize("path", LAUNCHES, ids=lambda p: p.stem)
+async def test_saved_launch_replays_on_current_code(path: Path) -> None:
+    # Imported here, not at the top: the sandbox imports this module again to validate
+    # UnpatchedChange below, and cryptography's extension does not load in the sandbox.
+    from cohortflow.payload_codec import KeyRing, data_converter
+    from tests.conftest import TEST_PAYLOAD_KEYS
+
+    # Recorded on the dev server, so sealed with the tests' key ring.
+    converter = data_converter(KeyRing.from_json(TEST_PAYLOAD_KEYS))
+    replayer = Replayer(workflows=[LaunchCampaignsWorkflow], data_converter=converter)
+    await replayer.replay_workflow(load(path))
 
 
 def test_every_patch_in_a_saved_history_is_registered() -> None:
