@@ -12,7 +12,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from cohortflow.cli.common import DataDir, err, print_line, ready, run, settings_for
 from cohortflow.errors import Invalid
 
-events_app = typer.Typer(help="Events: import files, recompute features.", no_args_is_help=True)
+events_app = typer.Typer(
+    help="Events: import files, recompute features, purge past retention.", no_args_is_help=True
+)
 
 Format = Literal["auto", "jsonl", "csv", "cdnow"]
 
