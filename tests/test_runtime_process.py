@@ -293,3 +293,15 @@ def test_cohortflow_command_runs_this_interpreter() -> None:
         "--log-format",
         "json",
     ]
+
+
+def test_the_worker_writes_bytecode_for_the_sandboxed_workflow_modules() -> None:
+    import importlib.util
+
+    import workflows.campaign.workflow as module
+    from cohortflow.runtime.services import compile_workflow_sources
+
+    cached = Path(importlib.util.cache_from_source(module.__file__))
+    cached.unlink(missing_ok=True)  # as an install without bytecode leaves it
+    assert compile_workflow_sources()
+    assert cached.exists() and cached.stat().st_size > 0
