@@ -188,6 +188,13 @@ class Settings(BaseSettings):
         None, ge=1, description="hubspot mode: requests per day (reset at local midnight)."
     )
 
+    decide_timeout_seconds: float = Field(
+        20.0,
+        gt=0,
+        le=300,
+        description="How long a decision waits for its campaign to confirm it before the"
+        " operator is told it may still land (503; repeating the decision tells the outcome).",
+    )
     event_retention_days: int | None = Field(
         None,
         ge=MIN_RETENTION_DAYS,

@@ -10,14 +10,18 @@ import asyncio
 import math
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 import structlog
 from temporalio.api.enums.v1 import TaskQueueType
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
-from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.client import (
+    Client,
+    WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
+)
 from temporalio.exceptions import ApplicationError, FailureError
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -149,8 +153,17 @@ class Controls:
         request = DecideRequest(
             approval_id, approve, identity.name, reason.strip(), sorted(identity.roles)
         )
+        wait = self._settings.decide_timeout_seconds
         try:
-            result = await handle.execute_update(CampaignWorkflow.decide, request)
+            result = await handle.execute_update(
+                CampaignWorkflow.decide, request, rpc_timeout=timedelta(seconds=wait)
+            )
+        except WorkflowUpdateRPCTimeoutOrCancelledError as exc:
+            raise Unavailable(
+                f"approval {approval_id}: the campaign did not confirm the decision within"
+                f" {wait:g}s; it may still land: send the same decision again to learn its"
+                " outcome"
+            ) from exc
         except WorkflowUpdateFailedError as exc:
             refusal = _refused(exc)
             if isinstance(refusal, Conflict):
