@@ -19,6 +19,7 @@ from cohortflow.errors import Unavailable
 from cohortflow.pseudonymisation import Pseudonymiser
 from cohortflow.settings import Settings
 from cohortflow.storage import approvals
+from cohortflow.temporal_client import wait_for_pollers
 from tests.harness import migrated, who
 from workflows.campaign.contract import CAMPAIGN_WORKFLOW
 from workflows.campaign.messages import DecideRequest, DecideResult
@@ -60,6 +61,7 @@ async def test_an_unconfirmed_decision_is_unavailable_after_its_timeout(
             handle = await dev_client.start_workflow(
                 Unanswering.run, id=workflow_id, task_queue=queue
             )
+            await wait_for_pollers(dev_client, queue)  # the decision checks one polls
             started = time.monotonic()
             with pytest.raises(Unavailable) as caught:
                 await controls.decide(
