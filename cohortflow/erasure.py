@@ -74,8 +74,7 @@ class Forgetter:
         """Erase the customer (source id or key); :class:`Conflict` under a legal hold,
         after exporting their audit trail into ``export_dir``."""
         policy.require(identity, policy.ADMIN, "erase customers")
-        key = await self._existing(customer)
-        hold = await self._hold_of(key)
+        key, hold = await self._existing(customer)
         if hold:
             exported = await self._refuse(key, identity, hold, export_dir)
             raise Conflict(
@@ -107,22 +106,19 @@ class Forgetter:
     async def hold(self, customer: str, identity: Identity, reason: str | None) -> str:
         """Place (``reason``) or lift (None) a legal hold; the customer's key."""
         policy.require(identity, policy.ADMIN, "place legal holds")
-        key = await self._existing(customer)
+        key, _ = await self._existing(customer)
         async with self._db.transaction() as session:
             await set_legal_hold(session, key, reason)
         return key
 
-    async def _existing(self, customer: str) -> str:
+    async def _existing(self, customer: str) -> tuple[str, str | None]:
+        """The customer's key and legal hold (None without one); NotFound for a stranger."""
         key = self._pseudonymiser.resolve(customer)
         async with self._db.read_transaction() as session:
-            if await customers.get_customer(session, key) is None:
-                raise NotFound(f"customer: no customer {customer!r}", field="customer")
-        return key
-
-    async def _hold_of(self, key: str) -> str | None:
-        async with self._db.read_transaction() as session:
             row = await customers.get_customer(session, key)
-        return None if row is None else row.legal_hold
+        if row is None:
+            raise NotFound(f"customer: no customer {customer!r}", field="customer")
+        return key, row.legal_hold
 
     async def _refuse(self, key: str, identity: Identity, hold: str, export_dir: Path) -> Path:
         """Export the held customer's audit trail and put the refusal on record."""

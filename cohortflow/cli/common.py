@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
@@ -15,6 +17,8 @@ from cohortflow.errors import Invalid
 from cohortflow.settings import Settings
 
 if TYPE_CHECKING:
+    from temporalio.client import Client
+
     from cohortflow.auth.identity import Identity
     from cohortflow.campaigns.controls import Controls
     from cohortflow.pseudonymisation import Pseudonymiser
@@ -134,11 +138,22 @@ def control(data_dir: Path | None, action: Callable[[Controls, Identity], Awaita
     return run(lambda: _with_controls(settings, action))
 
 
-async def _with_controls(
-    settings: Settings, action: Callable[[Controls, Identity], Awaitable[T]]
-) -> T:
-    """Run ``action`` with Controls over the configured database and Temporal."""
-    from cohortflow.campaigns.controls import Controls
+@dataclass(frozen=True)
+class OperatorSession:
+    """What an operator command acts with: resolved settings, the key maker, the database,
+    Temporal (None when unreachable) and who is asking."""
+
+    settings: Settings
+    pseudonymiser: Pseudonymiser
+    db: Database
+    client: Client | None
+    identity: Identity
+
+
+@asynccontextmanager
+async def operator_session(settings: Settings) -> AsyncIterator[OperatorSession]:
+    """An :class:`OperatorSession` over the configured (or embedded) database and Temporal,
+    as this command's identity; the database is disposed of on exit."""
     from cohortflow.storage.db import Database
     from cohortflow.temporal_client import connect
 
@@ -149,14 +164,25 @@ async def _with_controls(
     setup_observability(settings, "cohortflow-cli")
     db = Database(settings.resolved_database_url)
     try:
-        client = await connect(settings, tracing=False)
-    except RuntimeError:
-        client = None
-    try:
+        try:
+            client = await connect(settings, tracing=False)
+        except RuntimeError:
+            client = None
         identity = await identity_of(settings, db)
-        return await action(Controls(db, settings, pseudonymiser, client), identity)
+        yield OperatorSession(settings, pseudonymiser, db, client, identity)
     finally:
         await db.dispose()
+
+
+async def _with_controls(
+    settings: Settings, action: Callable[[Controls, Identity], Awaitable[T]]
+) -> T:
+    """Run ``action`` with Controls over the configured database and Temporal."""
+    from cohortflow.campaigns.controls import Controls
+
+    async with operator_session(settings) as s:
+        controls = Controls(s.db, s.settings, s.pseudonymiser, s.client)
+        return await action(controls, s.identity)
 
 
 def print_line(text: str) -> None:

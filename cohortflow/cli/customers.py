@@ -8,17 +8,7 @@ from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
-from cohortflow.cli.common import (
-    DataDir,
-    embedded_endpoints,
-    err,
-    identity_of,
-    print_line,
-    ready,
-    run,
-    settings_for,
-    setup_observability,
-)
+from cohortflow.cli.common import DataDir, err, operator_session, print_line, run, settings_for
 
 if TYPE_CHECKING:
     from cohortflow.auth.identity import Identity
@@ -39,24 +29,14 @@ async def _with_forgetter(
     """Run ``action`` on a :class:`Forgetter` as this command's identity."""
     from cohortflow.crm.factory import configured_connector
     from cohortflow.erasure import Forgetter
-    from cohortflow.storage.db import Database
-    from cohortflow.temporal_client import connect
 
-    pseudonymiser = await ready(settings)
-    settings = embedded_endpoints(settings)
-    setup_observability(settings, "cohortflow-cli")
-    db = Database(settings.resolved_database_url)
-    connector = configured_connector(settings)
-    try:
+    async with operator_session(settings) as s:
+        connector = configured_connector(s.settings)
         try:
-            client = await connect(settings, tracing=False)
-        except RuntimeError:
-            client = None
-        forgetter = Forgetter(db, pseudonymiser, connector, client)
-        return await action(forgetter, await identity_of(settings, db))
-    finally:
-        await connector.aclose()
-        await db.dispose()
+            forgetter = Forgetter(s.db, s.pseudonymiser, connector, s.client)
+            return await action(forgetter, s.identity)
+        finally:
+            await connector.aclose()
 
 
 @customer_app.command("forget")

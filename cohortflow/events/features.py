@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
-from cohortflow.events.rollup import PURCHASE, Rollup
+from cohortflow.events.rollup import Rollup, tally
 from scoring.features import FEATURE_NAMES, RECENT_WINDOW_DAYS
 
 ACTIVITY_WINDOW_DAYS = 30
@@ -151,23 +151,8 @@ def compute_features(
 
     Only ``track`` events count (an ``identify`` is not behaviour).
     """
-    purchase_days: dict[date, tuple[float, float]] = {}
-    last_by_event: dict[str, date] = dict(rollup.last_days) if rollup else {}
-    count_by_event: dict[str, int] = dict(rollup.counts) if rollup else {}
-    days: list[date] = []
-    for e in events:
-        if e.type != "track":
-            continue
-        day = e.occurred_at.astimezone(UTC).date()
-        days.append(day)
-        last_by_event[e.event] = max(day, last_by_event.get(e.event, day))
-        count_by_event[e.event] = count_by_event.get(e.event, 0) + 1
-        if e.event == PURCHASE:
-            amount, items = purchase_days.get(day, (0.0, 0.0))
-            purchase_days[day] = (
-                amount + float(e.properties.get("amount", 0.0)),
-                items + float(e.properties.get("quantity", 1)),
-            )
+    found = tally(events, rollup)
+    days, purchase_days = found.days, found.purchase_days
     ends = [*days, *([rollup.last_day] if rollup and rollup.last_day else [])]
     if not ends:
         raise ValueError("no track events")
@@ -177,9 +162,9 @@ def compute_features(
     features["events_total"] = float(len(days) + (rollup.track_events if rollup else 0))
     window_start = as_of - timedelta(days=ACTIVITY_WINDOW_DAYS)
     features["events_30d"] = float(sum(1 for d in days if d > window_start))
-    for name in sorted(count_by_event):
-        features[COUNT_PREFIX + name] = float(count_by_event[name])
-        features[DAYS_SINCE_PREFIX + name] = float((as_of - last_by_event[name]).days)
+    for name in sorted(found.counts):
+        features[COUNT_PREFIX + name] = float(found.counts[name])
+        features[DAYS_SINCE_PREFIX + name] = float((as_of - found.last_days[name]).days)
     return ComputedFeatures(features, as_of, _recent(purchase_days, days, as_of))
 
 

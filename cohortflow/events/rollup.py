@@ -79,30 +79,51 @@ def _latest(a: date | None, b: date) -> date:
     return b if a is None else max(a, b)
 
 
-def fold(rollup: Rollup | None, events: Iterable[Any]) -> Rollup:
-    """``rollup`` with ``events`` (``FeatureEvent``-shaped: type, event, occurred_at,
-    properties) added; only ``track`` events count, as in the features."""
-    folded = rollup or Rollup()
-    days: dict[date, tuple[float, float]] = {}
-    counts, last_days = dict(folded.counts), dict(folded.last_days)
-    tracked, last_day = folded.track_events, folded.last_day
+@dataclass(frozen=True)
+class Tally:
+    """One pass over ``track`` events: their days in order, each purchase day's (amount,
+    items), and per event name its count and last day, on top of a rollup's."""
+
+    days: list[date]
+    purchase_days: dict[date, tuple[float, float]]
+    counts: dict[str, int]
+    last_days: dict[str, date]
+
+
+def tally(events: Iterable[Any], rollup: Rollup | None = None) -> Tally:
+    """Tally ``events`` (``FeatureEvent``-shaped: type, event, occurred_at, properties); the
+    one reading of events that the features and the rollups share."""
+    found = Tally(
+        [], {}, dict(rollup.counts) if rollup else {}, dict(rollup.last_days) if rollup else {}
+    )
     for e in events:
         if e.type != "track":
             continue
         day = e.occurred_at.astimezone(UTC).date()
-        tracked += 1
-        last_day = _latest(last_day, day)
-        counts[e.event] = counts.get(e.event, 0) + 1
-        last_days[e.event] = _latest(last_days.get(e.event), day)
+        found.days.append(day)
+        found.counts[e.event] = found.counts.get(e.event, 0) + 1
+        found.last_days[e.event] = _latest(found.last_days.get(e.event), day)
         if e.event == PURCHASE:
-            amount, items = days.get(day, (0.0, 0.0))
-            days[day] = (
+            amount, items = found.purchase_days.get(day, (0.0, 0.0))
+            found.purchase_days[day] = (
                 amount + float(e.properties.get("amount", 0.0)),
                 items + float(e.properties.get("quantity", 1)),
             )
+    return found
+
+
+def fold(rollup: Rollup | None, events: Iterable[Any]) -> Rollup:
+    """``rollup`` with ``events`` added; only ``track`` events count, as in the features."""
+    folded = rollup or Rollup()
+    t = tally(events, folded)
     folded = replace(
-        folded, track_events=tracked, last_day=last_day, counts=counts, last_days=last_days
+        folded,
+        track_events=folded.track_events + len(t.days),
+        last_day=max([*t.days, *([folded.last_day] if folded.last_day else [])], default=None),
+        counts=t.counts,
+        last_days=t.last_days,
     )
+    days = t.purchase_days
     if not days:
         return folded
     return replace(
