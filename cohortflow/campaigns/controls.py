@@ -40,14 +40,10 @@ from workflows.campaign.messages import ConsentChanged, DecideRequest, DecideRes
 from workflows.campaign.workflow import CampaignWorkflow
 
 # Answers of a Temporal server too busy or restarting: the request may be sent again.
-_TRANSIENT = frozenset(
-    {
-        RPCStatusCode.CANCELLED,
-        RPCStatusCode.DEADLINE_EXCEEDED,
-        RPCStatusCode.RESOURCE_EXHAUSTED,
-        RPCStatusCode.UNAVAILABLE,
-    }
-)
+# Temporal's answers that settle a decision (the campaign is gone or closed); any other
+# failure of the call, a lost connection (UNKNOWN "transport error") included, says nothing
+# about the decision, so the operator is told to send it again.
+_SETTLED = frozenset({RPCStatusCode.NOT_FOUND, RPCStatusCode.FAILED_PRECONDITION})
 POLLER_CHECK_SECONDS = 5.0
 
 log = structlog.get_logger(__name__)
@@ -172,9 +168,9 @@ class Controls:
                     return landed
             raise refusal from exc
         except RPCError as exc:
-            if exc.status in _TRANSIENT:
-                raise Unavailable(f"approval {approval_id}: Temporal: {exc.message}") from exc
-            raise Conflict(f"approval {approval_id}: {exc.message}") from exc
+            if exc.status in _SETTLED:
+                raise Conflict(f"approval {approval_id}: {exc.message}") from exc
+            raise Unavailable(f"approval {approval_id}: Temporal: {exc.message}") from exc
         if result.remaining:
             async with self._db.transaction() as session:
                 await approvals.add_approver(session, approval_id, identity.name)
