@@ -101,9 +101,13 @@ async def test_two_distinct_approvers_neither_author_applier_nor_owner_over_the_
         alice = await issue_token(db, "alice", "approver")
         first = await decide(api_url, alice, approval_id)
         assert first.json() == {"approval_id": approval_id, "decision": "approved", "remaining": 1}
+        # Alice again (a retry after a lost answer): her earlier result; she counts once.
         twice = await decide(api_url, alice, approval_id)
-        assert twice.status_code == 403
-        assert "already approved" in refusal(twice)
+        assert twice.status_code == 200, twice.text
+        assert twice.json() == first.json()
+        rejects = await decide(api_url, alice, approval_id, decision="reject")
+        assert rejects.status_code == 403
+        assert "already approved" in refusal(rejects)
         async with db.transaction() as session:
             row = await approvals.get_approval(session, approval_id)
             assert row is not None and (row.status, row.approved_by) == ("pending", ["alice"])
@@ -222,8 +226,12 @@ async def test_the_same_rules_over_the_cli_as_a_token_or_the_local_identity(
         assert first.returncode == 0, first.stderr
         assert first.stdout.strip() == f"{approval_id} approved; 1 more approval(s) needed"
         again = await cli(settings, *approve, COHORTFLOW_LOCAL_IDENTITY="alice")
-        assert again.returncode == 2
-        assert "alice has already approved" in again.stderr
+        assert again.returncode == 0, again.stderr
+        assert again.stdout == first.stdout  # her earlier result: she counts once
+        turned = await cli(settings, "reject", approval_id, "--reason", "no",
+                           COHORTFLOW_LOCAL_IDENTITY="alice")  # fmt: skip
+        assert turned.returncode == 2
+        assert "alice has already approved" in turned.stderr
         no_role = await cli(
             settings,
             *approve,

@@ -230,6 +230,24 @@ def test_the_nth_distinct_approval_decides_and_any_rejection_ends_it_at_once() -
     assert rejected.decision is not None and not rejected.decision.approve
 
 
+def test_a_repeat_of_a_decision_already_taken_gets_the_earlier_result() -> None:
+    document = approvers()
+    document.approval.required = 2
+    state = awaiting()
+    first = interpreter.take_decision(state, document, ask("alice"))
+    # The same identity, the same approval, the same answer: what it got the first time.
+    assert interpreter.earlier_decision(state, document, ask("alice")) == first
+    assert interpreter.earlier_decision(state, document, ask("alice", approve=False)) is None
+    assert interpreter.earlier_decision(state, document, ask("bob")) is None
+    last = interpreter.take_decision(state, document, ask("bob"))
+    assert interpreter.earlier_decision(state, document, ask("bob")) == last
+    # Alice's approval counted towards bob's decision: she now hears it needs none more.
+    again = interpreter.earlier_decision(state, document, ask("alice"))
+    assert again is not None and (again.decision, again.remaining) == ("approved", 0)
+    other = DecideRequest("apr_2", True, "bob", "ok", APPROVER)
+    assert interpreter.earlier_decision(state, document, other) is None
+
+
 def test_only_a_revoked_channel_the_campaign_uses_stops_it() -> None:
     document = spec(StepDef("label", "crm", channel="email", purpose="marketing"))
     state = RunState()

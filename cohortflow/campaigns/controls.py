@@ -161,12 +161,10 @@ class Controls:
                 " outcome"
             ) from exc
         except WorkflowUpdateFailedError as exc:
-            refusal = _refused(exc)
-            if isinstance(refusal, Conflict):
-                landed = await self._landed(approval_id, approve, identity)
-                if landed is not None:
-                    return landed
-            raise refusal from exc
+            repeated = _repeated(exc, approval_id)
+            if repeated is None:
+                return await self._landed_or_refused(exc, approval_id, approve, identity)
+            result = repeated  # its answer was lost on the way: this is that answer
         except RPCError as exc:
             if exc.status in _SETTLED:
                 raise Conflict(f"approval {approval_id}: {exc.message}") from exc
@@ -181,6 +179,18 @@ class Controls:
             remaining=result.remaining,
         )
         return result
+
+    async def _landed_or_refused(
+        self, exc: WorkflowUpdateFailedError, approval_id: str, approve: bool, identity: Identity
+    ) -> DecideResult:
+        """The workflow's refusal as an operator error, unless it is a conflict with this
+        identity's own decision, already on record (then the earlier result)."""
+        refusal = _refused(exc)
+        if isinstance(refusal, Conflict):
+            landed = await self._landed(approval_id, approve, identity)
+            if landed is not None:
+                return landed
+        raise refusal from exc
 
     async def _landed(
         self, approval_id: str, approve: bool, identity: Identity
@@ -327,6 +337,15 @@ class Controls:
             )
         self._poller_seen = time.monotonic()
         return self._client
+
+
+def _repeated(exc: WorkflowUpdateFailedError, approval_id: str) -> DecideResult | None:
+    """The earlier result when the workflow refused a decision as this identity's repeat."""
+    cause = exc.cause
+    if not (isinstance(cause, ApplicationError) and cause.type == DecideRefusal.REPEATED):
+        return None
+    decision, remaining = (str(cause.details[0]), int(cause.details[1]))
+    return DecideResult(approval_id, decision, remaining=remaining)
 
 
 def _refused(exc: WorkflowUpdateFailedError) -> Invalid | Conflict | Forbidden:

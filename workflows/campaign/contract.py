@@ -171,12 +171,15 @@ class DecideRefusal(enum.StrEnum):
     ``INVALID``: the request itself is wrong (its first detail names the field);
     ``CONFLICT``: the approval is not pending here (decided, expired, or another one; its
     detail is ``approval_id``); ``FORBIDDEN``: this identity may not decide it (four eyes,
-    role, approver list; its detail is ``operator``).
+    role, approver list; its detail is ``operator``); ``REPEATED``: this identity took this
+    same decision already (a retry after a lost answer; its details are the earlier result's
+    decision and remaining approvals), so the caller hands back the earlier result.
     """
 
     INVALID = "DecideInvalid"
     CONFLICT = "DecideConflict"
     FORBIDDEN = "DecideForbidden"
+    REPEATED = "DecideRepeated"
 
 
 @dataclass(frozen=True)

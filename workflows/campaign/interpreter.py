@@ -376,6 +376,25 @@ def _four_eyes_refusal(
     return ""
 
 
+def earlier_decision(
+    state: RunState, spec: CampaignSpecDef | None, request: DecideRequest
+) -> DecideResult | None:
+    """The result ``request``'s identity already got for this same decision (approval,
+    approve or reject), or None: a repeat after a lost answer is not a new decision."""
+    wanted = (request.approval_id, request.approve, request.operator.strip())
+
+    def same(given: DecideRequest | None) -> bool:
+        return given is not None and (given.approval_id, given.approve, given.operator) == wanted
+
+    if same(state.decision):
+        return DecideResult(request.approval_id, "approved" if request.approve else "rejected")
+    if spec is not None and any(same(given) for given in state.approvals):
+        decided = state.decision is not None
+        remaining = 0 if decided else max(spec.approval.required - len(state.approvals), 0)
+        return DecideResult(request.approval_id, "approved", remaining=remaining)
+    return None
+
+
 def take_decision(state: RunState, spec: CampaignSpecDef, request: DecideRequest) -> DecideResult:
     """Record a validated decision: an approval short of the required number is kept and
     waits for more; the last approval, or any rejection, becomes the decision."""

@@ -48,6 +48,7 @@ with workflow.unsafe.imports_passed_through():
         ActivityName,
         AuditKind,
         CampaignState,
+        DecideRefusal,
         HandlerName,
     )
     from workflows.campaign.definition import CampaignSpecDef, StepDef
@@ -387,6 +388,16 @@ class CampaignWorkflow:
     def _validate_decide(self, request: DecideRequest) -> None:
         """Refuse, before anything enters history, a decision this approval cannot take:
         its type is a ``DecideRefusal``, its first detail the request field at fault."""
+        earlier = interpreter.earlier_decision(self.state, self._spec, request)
+        if earlier is not None:
+            # Taken once already: refused, so nothing enters history twice, with the result.
+            raise ApplicationError(
+                f"approval {request.approval_id}: {request.operator} {earlier.decision} it already",
+                earlier.decision,
+                earlier.remaining,
+                type=DecideRefusal.REPEATED,
+                non_retryable=True,
+            )
         refusal = interpreter.decide_refusal(
             self.state, self._spec, request, asking=self._asking, handing_over=self._handing_over
         )
