@@ -31,6 +31,6 @@ async def store_drift(
         # Scoring the whole store is CPU work: keep it off the event loop.
         return await asyncio.to_thread(champion_drift, registry, model, rows, threshold)
     except ModelNotFound as exc:
-        raise NotFound(str(exc)) from exc
+        raise NotFound(str(exc), field="model") from exc
     except ScoringError as exc:
-        raise Invalid(str(exc)) from exc
+        raise Invalid(str(exc), field="model") from exc

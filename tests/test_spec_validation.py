@@ -367,3 +367,13 @@ def test_validator_never_crashes_on_any_json(document: Any) -> None:
         parse_spec(document)
     except SpecError as exc:
         assert exc.problems
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@given(documents())
+def test_a_spec_that_parses_parses_the_same_from_its_own_json(document: dict[str, Any]) -> None:
+    try:
+        spec = parse_spec(copy.deepcopy(document))
+    except SpecError:
+        return
+    assert parse_spec(spec.model_dump(mode="json")) == spec

@@ -85,16 +85,25 @@ Who = Annotated[Identity, Depends(authenticate)]
 WriteKeyWho = Annotated[Identity, Depends(authenticate_write_key)]
 
 
+def _body(schema: dict[str, Any] | None) -> dict[str, Any]:
+    if schema is None:
+        return {}
+    content = {"application/json": {"schema": schema}}
+    return {"requestBody": {"required": True, "content": content}}
+
+
 def guard(
     roles: frozenset[Role],
     what: str,
     responses: dict[int, str] | None = None,
     *,
     write_key: bool = False,
+    body: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Route options admitting only ``roles``: ``@router.get(path, **guard(READ, "…"))``;
     ``responses`` documents the route's own error answers (status: description);
-    ``write_key`` also admits a token sent as a Segment write key."""
+    ``write_key`` also admits a token sent as a Segment write key; ``body`` is the JSON
+    Schema of a body the route reads itself (``api.schemas.body_schema``)."""
 
     async def check(identity: Who) -> Identity:
         policy.require(identity, roles, what)
@@ -108,7 +117,7 @@ def guard(
 
     return {
         "dependencies": [Depends(checker)],
-        "openapi_extra": {"x-roles": sorted(roles)},
+        "openapi_extra": {"x-roles": sorted(roles), **_body(body)},
         "responses": {
             **AUTH_RESPONSES,
             **{code: {"description": text, **_PROBLEM} for code, text in (responses or {}).items()},

@@ -9,7 +9,9 @@ from fastapi import APIRouter, Body, Query
 from temporalio.client import Client
 
 from cohortflow.api.auth import Who, guard
+from cohortflow.api.schemas import body_schema
 from cohortflow.auth import policy
+from cohortflow.cohorts.rules import CohortDefinition
 from cohortflow.cohorts.service import CohortService
 from cohortflow.settings import Settings
 from cohortflow.storage import cohorts
@@ -30,7 +32,14 @@ def cohorts_router(db: Database, settings: Settings) -> APIRouter:
                 clients.append(await connect(settings, tracing=False))
         return CohortService(db, settings, clients[0] if clients else None)
 
-    @router.post("", **guard(policy.ADMIN, "define cohorts", {422: "invalid definition"}))
+    # Any object is taken and validated by the service, whose 422 names each path; the
+    # document still says what a definition is.
+    definition = body_schema(CohortDefinition)
+
+    @router.post(
+        "",
+        **guard(policy.ADMIN, "define cohorts", {422: "invalid definition"}, body=definition),
+    )
     async def apply(document: Annotated[dict[str, Any], Body()], who: Who) -> dict[str, Any]:
         """Validate and store a definition; 422 names each offending field by path."""
         definition, version, changed = await (await service()).apply(document, who.name)

@@ -17,9 +17,10 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import AwareDatetime, BaseModel, Field, TypeAdapter, ValidationError
 
 from cohortflow.api.auth import guard
+from cohortflow.api.schemas import body_schema
 from cohortflow.auth import policy
 from cohortflow.events.ingest import Ingestor, IngestOutcome
 from cohortflow.events.relay import SignalRelay
@@ -29,6 +30,12 @@ from cohortflow.events.schema import (
     MAX_BATCH_EVENTS,
     MAX_EVENT_BYTES,
     SEGMENT_BATCH_BYTES,
+    AliasEvent,
+    GroupEvent,
+    IdentifyEvent,
+    IncomingEvent,
+    TrackEvent,
+    ViewEvent,
 )
 from cohortflow.pseudonymisation import Pseudonymiser
 from cohortflow.storage.db import Database
@@ -57,6 +64,35 @@ class BatchOut(BaseModel):
     results: list[EventResultOut]
 
 
+class BatchIn(BaseModel):
+    """A batch as the routes read it (for the OpenAPI document: the routes parse the body
+    themselves, so that each event is accepted or rejected alone)."""
+
+    batch: list[IncomingEvent] = Field(min_length=1, max_length=MAX_BATCH_EVENTS)
+    context: dict[str, Any] = Field(
+        default_factory=dict, description="Shared by every event; an event's own wins."
+    )
+    sentAt: AwareDatetime | None = Field(None, description="The sender's clock when sent.")
+
+
+_MESSAGES: dict[str, type[BaseModel]] = {
+    "track": TrackEvent,
+    "identify": IdentifyEvent,
+    "page": ViewEvent,
+    "screen": ViewEvent,
+    "group": GroupEvent,
+    "alias": AliasEvent,
+}
+
+
+def _message_schema(kind: str) -> dict[str, Any]:
+    """One Segment call's message: ``type`` may be left out, and is then the path's."""
+    schema = body_schema(_MESSAGES[kind])
+    schema["properties"]["type"] = {"const": kind, "type": "string"}
+    schema["required"] = [name for name in schema["required"] if name != "type"]
+    return schema
+
+
 class Problem(Exception):
     """A request refused as a whole: its status, the field's path and why."""
 
@@ -82,8 +118,22 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _json_media(content_type: str) -> bool:
+    media = content_type.partition(";")[0].strip().lower()
+    return media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    )
+
+
 async def read_json(request: Request, limit: int) -> Any:
-    """The request's JSON document, gzip-decoded when sent so, at most ``limit`` bytes."""
+    """The request's JSON document, gzip-decoded when sent so, at most ``limit`` bytes.
+
+    Only a body declared JSON is read: a web page can send text/plain and form bodies
+    across origins without a preflight, carrying a browser's saved credentials."""
+    if not _json_media(request.headers.get("content-type", "")):
+        raise Problem(
+            415, ["header", "content-type"], "must be application/json", "unsupported_media_type"
+        )
     body = await request.body()
     if request.headers.get("content-encoding", "").lower() == "gzip":
         inflater = zlib.decompressobj(wbits=31)
@@ -193,8 +243,10 @@ def events_router(db: Database, pseudonymiser: Pseudonymiser, relay: SignalRelay
             {
                 400: "malformed JSON or gzip",
                 413: "batch too large",
+                415: "not application/json",
                 422: "wrong shape, or every event rejected",
             },
+            body=body_schema(BatchIn),
         ),
     )
     async def post_events(request: Request) -> Any:
@@ -211,6 +263,7 @@ def events_router(db: Database, pseudonymiser: Pseudonymiser, relay: SignalRelay
     segment_answers = {
         400: "malformed JSON or gzip, or every event rejected",
         413: "larger than Segment's limits (500 KB a batch, 32 KB an event)",
+        415: "not application/json",
         422: "not a batch",
     }
 
@@ -218,7 +271,9 @@ def events_router(db: Database, pseudonymiser: Pseudonymiser, relay: SignalRelay
         "/v1/batch",
         response_model=BatchOut,
         tags=["segment"],
-        **guard(policy.INGEST, "post events", segment_answers, write_key=True),
+        **guard(
+            policy.INGEST, "post events", segment_answers, write_key=True, body=body_schema(BatchIn)
+        ),
     )
     async def segment_batch(request: Request) -> Any:
         """Segment's batch call, as its SDKs send it: track, identify, page, screen, group
@@ -238,7 +293,13 @@ def events_router(db: Database, pseudonymiser: Pseudonymiser, relay: SignalRelay
             response_model=BatchOut,
             tags=["segment"],
             summary=f"Segment {kind} call",
-            **guard(policy.INGEST, "post events", segment_answers, write_key=True),
+            **guard(
+                policy.INGEST,
+                "post events",
+                segment_answers,
+                write_key=True,
+                body=_message_schema(kind),
+            ),
         )
     return router
 

@@ -60,7 +60,11 @@ def _text_id(value: Any) -> Any:
 
 EventName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\- ]+$")]
 MessageId = Annotated[str, Field(min_length=1, max_length=128)]
-UserId = Annotated[str, BeforeValidator(_text_id), Field(min_length=1, max_length=200)]
+UserId = Annotated[
+    str,
+    BeforeValidator(_text_id, json_schema_input_type=str | int),
+    Field(min_length=1, max_length=200),
+]
 
 
 @dataclass(frozen=True)
@@ -208,13 +212,17 @@ def corrected_timestamp(
     """The event's time in our clock, as Segment computes it: ``receivedAt - (sentAt -
     timestamp)`` when the sender's ``sentAt`` is known (its own, or its batch's), so a device
     whose clock is off by hours still records when the event happened; without a timestamp,
-    the receive time."""
+    the receive time. ValueError when that time is not a date (before year 1 or after 9999:
+    a ``sentAt`` centuries from its ``timestamp``, or 0001-01-01 east of UTC)."""
     sent = sent_at or (received.sent_at if received else None)
     if timestamp is None:
         return received.at if received else datetime.now(UTC)
-    if received is None or sent is None:
-        return timestamp.astimezone(UTC)
-    return (received.at - (sent - timestamp)).astimezone(UTC)
+    try:
+        if received is None or sent is None:
+            return timestamp.astimezone(UTC)
+        return (received.at - (sent - timestamp)).astimezone(UTC)
+    except OverflowError as exc:
+        raise ValueError("timestamp: out of range in UTC after correcting the clock") from exc
 
 
 class TrackEvent(_Event):
