@@ -236,13 +236,15 @@ class CampaignWorkflow:
             await self.calls.audit(step.id, AuditKind.HOLDOUT_SKIPPED, {"action": "approval"})
             return None
         resumed = self._take_deadline()
-        if resumed is not None and state.pending_approval is not None:
-            timeout = resumed - workflow.now()  # asked and audited by an earlier run
-        else:
-            timeout = await self.approvals.ask(step, self.spec.approval)
-        self._transition(CampaignState.AWAITING_APPROVAL, "waiting for an operator")
+        # Asking from here: the request's record lands (and an operator may answer it) before
+        # the run hears that it did; an answer in that moment is taken, not refused.
+        self._asking = True
         try:
-            self._asking = True
+            if resumed is not None and state.pending_approval is not None:
+                timeout = resumed - workflow.now()  # asked and audited by an earlier run
+            else:
+                timeout = await self.approvals.ask(step, self.spec.approval)
+            self._transition(CampaignState.AWAITING_APPROVAL, "waiting for an operator")
             await self.approvals.wait(
                 step,
                 self.spec.approval,
