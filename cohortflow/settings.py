@@ -216,6 +216,11 @@ class Settings(BaseSettings):
         " file in the data dir.",
     )
     models_dir: Path | None = None
+    feature_snapshot_dir: Path | None = Field(
+        None,
+        description="Where full cohort evaluations keep the columnar feature snapshot; unset"
+        " means the data dir. Shared by the processes that evaluate, or each takes its own.",
+    )
 
     log_format: Literal["console", "json"] = "console"
     log_level: str = "INFO"
@@ -300,6 +305,11 @@ class Settings(BaseSettings):
     def resolved_models_dir(self) -> Path:
         """The model registry directory."""
         return self.models_dir or self.data_dir / "models"
+
+    @property
+    def resolved_feature_snapshot_dir(self) -> Path:
+        """The feature snapshot directory."""
+        return self.feature_snapshot_dir or self.data_dir / "feature-snapshots"
 
     @property
     def temporal_db_path(self) -> Path:

@@ -160,7 +160,7 @@ async def test_the_store_and_the_evaluator_read_the_same_features_as_of_today(
     definition = CohortDefinition.model_validate({"cohort_id": "c", "name": "all", "rule": rule})
     async with db.transaction() as session:
         read = await customers.get_features(session, list(keys.values()), NOW)
-        population = await load_population(session, definition, NOW)
+    population = await load_population(db, definition, NOW)
     position = {k: i for i, k in enumerate(population.keys.tolist())}
     for profile, key in keys.items():
         expected = legacy_expected() if profile == "legacy" else snapshot(profile)
@@ -188,8 +188,8 @@ async def test_a_cohort_rule_on_every_registered_models_score_works(
         rule = {"score": model, "op": ">=", "value": 0.0}
         definition = CohortDefinition.model_validate({"cohort_id": "s", "name": "s", "rule": rule})
         members = await membership(db, definition, NOW, model_scores(scorer))
+        population = await load_population(db, definition, NOW, model_scores(scorer))
         async with db.transaction() as session:
-            population = await load_population(session, definition, NOW, model_scores(scorer))
             read = await customers.get_features(session, list(keys.values()), NOW)
         # Everyone with features has a score: the browser's missing RFM features included.
         assert members == set(keys.values()), model
@@ -217,7 +217,7 @@ async def test_the_campaign_the_cohort_and_a_training_snapshot_score_alike(
                 AuditRow.workflow_id == handle.id, AuditRow.kind == "scored"
             )
         )
-        population = await load_population(session, definition, NOW, model_scores(scorer))
+    population = await load_population(harness.db, definition, NOW, model_scores(scorer))
     assert payload is not None
     scored = json.loads(payload)
     day = date.fromisoformat(scored["features_as_of"])

@@ -18,7 +18,7 @@ from cohortflow.storage.tables import Base
 
 REPO = Path(__file__).resolve().parent.parent
 TABLES = set(Base.metadata.tables)
-HEAD = "0015"
+HEAD = "0016"
 
 
 def _table_names(connection: Connection) -> set[str]:
@@ -74,6 +74,8 @@ async def test_upgrade_downgrade_upgrade(database_url: str) -> None:
         "cohort_refresh",
         "consent_history",
         "event_rollups",
+        "feature_changes",
+        "feature_snapshot",
     } == TABLES
     await migrate(database_url)
     assert _tables_without_alembic(await _tables(database_url)) == TABLES

@@ -1,8 +1,11 @@
 """Evaluate a cohort: its rule over every customer's features, as column arrays.
 
-Only the features the rule names are read, each extracted by the database from the JSON
-feature vector (``JSON_EXTRACT`` / ``->>``), so Python never parses a million documents; the
-rule then runs as numpy comparisons over whole columns. Features are read true on the
+Only the features the rule names are read. A full evaluation reads them from the columnar
+snapshot (``storage.feature_snapshot``: DuckDB over Parquet, one column per feature) and,
+for the customers changed since it, from the operational copy, where the incremental path
+reads its few customers too (the database extracts each feature from the JSON vector). Keys,
+the costly part, are read from the snapshot only for the members. The rule then runs as
+numpy comparisons over whole columns. Features are read true on the
 evaluation day, as ``events.features.features_as_of`` says: day counters are aged from each
 row's ``as_of`` over the whole column; a windowed count whose window has passed entirely is
 zero, and one whose window has only partly moved is re-counted by ``windowed`` from that
@@ -11,16 +14,21 @@ customer's recent days (only those rows parse JSON). Event rules are counted in 
 
 from __future__ import annotations
 
+import asyncio
+import json
 import operator
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
+from pathlib import Path
 from typing import Any
 
+import duckdb
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import ColumnElement, extract, func, select
+import pandas as pd
+from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from cohortflow.cohorts.rules import (
@@ -44,7 +52,16 @@ from cohortflow.spec import parse_duration
 from cohortflow.storage._sql import chunked, rows_per_statement, utc
 from cohortflow.storage.cohorts import Diff, apply_membership
 from cohortflow.storage.db import Database
-from cohortflow.storage.tables import CustomerFeatures, Event
+from cohortflow.storage.feature_snapshot import (
+    EPOCH_DATE,
+    Snapshot,
+    changed_keys,
+    default_directory,
+    epoch_day,
+    registered,
+    take,
+)
+from cohortflow.storage.tables import CustomerFeatures, Event, FeatureChange
 from scoring.features import FEATURE_NAMES
 from scoring.scorer import Scorer
 
@@ -61,38 +78,118 @@ _OPS: dict[str, Callable[[Any, Any], Any]] = {
     ">=": operator.ge,
     ">": operator.gt,
 }
-_SECONDS_PER_DAY = 86_400
-_JULIAN_DAY_OF_EPOCH = 2_440_587.5
-_EPOCH_DATE = date(1970, 1, 1)
+# A full evaluation takes a new snapshot once more customers than this (or a hundredth of
+# the snapshot) changed since the last: reading them row by row would cost more.
+RETAKE_AFTER = 50_000
+
+
+class Keys:
+    """The customer keys of a population, by position: held in memory."""
+
+    def __init__(self, keys: npt.NDArray[np.object_]) -> None:
+        self._keys = keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def tolist(self) -> list[str]:
+        """Every key, in position order."""
+        return list(self._keys.tolist())
+
+    def where(self, mask: Mask) -> list[str]:
+        """The keys at the positions ``mask`` selects."""
+        return list(self._keys[mask].tolist())
+
+    async def recent(self, session: AsyncSession, mask: Mask) -> list[RecentDays | None]:
+        """The stored recent days of the customers ``mask`` selects, in position order."""
+        chosen = self.where(mask)
+        found: dict[str, RecentDays | None] = {}
+        for chunk in chunked(chosen, rows_per_statement(session, 1)):
+            rows = await session.execute(
+                select(CustomerFeatures.customer_key, CustomerFeatures.recent).where(
+                    CustomerFeatures.customer_key.in_(chunk)
+                )
+            )
+            found |= {k: None if r is None else RecentDays.from_json(r) for k, r in rows}
+        return [found.get(key) for key in chosen]
+
+
+class SnapshotKeys(Keys):
+    """Keys of a snapshot's customers followed by those of the changed rows (``delta``),
+    read from the snapshot file only for the positions asked for. The snapshot's rows of
+    the changed customers (``changed``) stay in place and are never returned as keys: one
+    scan of the key column both drops them and reads the members."""
+
+    def __init__(self, path: Path, size: int, delta: Keys, changed: Sequence[str]) -> None:
+        super().__init__(np.empty(0, dtype=object))
+        self._path = path
+        self._size = size
+        self._delta = delta
+        self._changed = changed
+
+    def __len__(self) -> int:
+        return self._size + len(self._delta)
+
+    def tolist(self) -> list[str]:
+        """Every key in position order: a changed customer's stale snapshot row too, before
+        its current row (so a key's last position is its current one)."""
+        stored: list[str] = _positional(self._path, "customer_key", np.ones(self._size, bool))
+        return stored + self._delta.tolist()
+
+    def where(self, mask: Mask) -> list[str]:
+        """The current keys at the positions ``mask`` selects."""
+        found: list[str] = _positional(
+            self._path, "customer_key", mask[: self._size], self._changed
+        )
+        return found + self._delta.where(mask[self._size :])
+
+    async def recent(self, session: AsyncSession, mask: Mask) -> list[RecentDays | None]:
+        """The recent days of the customers ``mask`` selects, in position order."""
+        rows = mask[: self._size]
+        stored = await asyncio.to_thread(_positional, self._path, "recent", rows)
+        days = [
+            None if r in (None, "null") else RecentDays.from_json(json.loads(r)) for r in stored
+        ]
+        return days + await self._delta.recent(session, mask[self._size :])
+
+
+def _positional(path: Path, column: str, mask: Mask, excluded: Sequence[str] = ()) -> list[Any]:
+    """``column`` of the snapshot's rows that ``mask`` selects, in file order, leaving out
+    the customers ``excluded``."""
+    if not mask.any():
+        return []
+    query = f"SELECT {column} FROM read_parquet($path) POSITIONAL JOIN selected WHERE selected"
+    with duckdb.connect() as con:
+        con.register("selected", pd.DataFrame({"selected": mask}))
+        if excluded:
+            con.register("excluded", pd.DataFrame({"key": list(excluded)}))
+            query += " AND customer_key NOT IN (SELECT key FROM excluded)"
+        rows = con.execute(query, {"path": str(path)}).fetchall()
+    return [value for (value,) in rows]
 
 
 @dataclass
 class Population:
     """Every customer with features, and the columns a rule needs, aligned by position."""
 
-    keys: npt.NDArray[np.object_]
+    keys: Keys
     features: dict[str, Column]
     events: dict[tuple[str, str], Column]
     scores: dict[str, Column]
 
 
-def _epoch_day(session: AsyncSession, column: Any) -> ColumnElement[Any]:
-    """Days since 1970-01-01 of a UTC timestamp column, computed by the database (parsing
-    a million timestamps in Python would dominate the evaluation)."""
-    if session.get_bind().dialect.name == "sqlite":
-        return func.julianday(column) - _JULIAN_DAY_OF_EPOCH
-    return extract("epoch", column) / _SECONDS_PER_DAY
+@dataclass
+class _Read:
+    """Stored columns as read, before they are made true on the evaluation day."""
+
+    keys: Keys
+    features: dict[str, Column]
+    days: Column | None  # each row's as_of as days since 1970-01-01
+    has_recent: Mask | None = None  # which rows store recent days (None: ask for each)
 
 
-async def load_population(
-    session: AsyncSession,
-    definition: CohortDefinition,
-    now: datetime,
-    score: ScoreFn | None = None,
-    only: Sequence[str] | None = None,
-) -> Population:
-    """Read what ``definition``'s rule needs for every customer with features (only those
-    of ``only`` when given: the incremental path)."""
+def _needs(definition: CohortDefinition) -> tuple[list[str], list[str], bool]:
+    """The stored features a rule reads, its models, and whether it needs each as_of."""
     comparisons = leaves(definition.rule)
     names = sorted({c.feature for c in comparisons if isinstance(c, FeatureRule)})
     models = sorted({c.score for c in comparisons if isinstance(c, ScoreRule)})
@@ -100,87 +197,190 @@ async def load_population(
         names = sorted(set(names) | set(FEATURE_NAMES))
     if WINDOWS.keys() & set(names):
         names = sorted(set(names) | WINDOWS.keys())  # ``windowed`` reads them together
+    return names, models, any(aged(n) or n in WINDOWS for n in names)
+
+
+async def _read_rows(
+    session: AsyncSession, names: list[str], dated: bool, only: Sequence[str]
+) -> _Read:
+    """The named features of these customers from the operational copy."""
     columns: list[ColumnElement[Any]] = [CustomerFeatures.features[n].as_float() for n in names]
-    dated = any(aged(n) or n in WINDOWS for n in names)
     if dated:
-        columns.append(_epoch_day(session, CustomerFeatures.as_of))
+        columns.append(epoch_day(session, CustomerFeatures.as_of))
     query = select(CustomerFeatures.customer_key, *columns).order_by(CustomerFeatures.customer_key)
-    if only is None:
-        rows = list((await session.execute(query)).all())
-    else:
-        rows = []
-        for chunk in chunked(sorted(set(only)), rows_per_statement(session, 1)):
-            found = await session.execute(query.where(CustomerFeatures.customer_key.in_(chunk)))
-            rows.extend(found.all())
+    rows: list[Any] = []
+    for chunk in chunked(sorted(set(only)), rows_per_statement(session, 1)):
+        found = await session.execute(query.where(CustomerFeatures.customer_key.in_(chunk)))
+        rows.extend(found.all())
     # Column-wise from here: one C-level conversion per column, None becoming NaN.
     transposed = list(zip(*rows, strict=True)) if rows else [() for _ in range(len(columns) + 1)]
-    keys = np.array(transposed[0], dtype=object)
-    features: dict[str, Column] = {}
-    for index, name in enumerate(names, start=1):
-        features[name] = np.array(transposed[index], dtype=np.float64)
+    features = {
+        name: np.array(transposed[i], dtype=np.float64) for i, name in enumerate(names, start=1)
+    }
+    days = np.floor(np.array(transposed[-1], dtype=np.float64) + 1e-9) if dated else None
+    return _Read(Keys(np.array(transposed[0], dtype=object)), features, days)
+
+
+def _read_snapshot(snapshot: Snapshot, names: list[str], dated: bool, windows: bool) -> _Read:
+    """The named feature columns of every customer in the snapshot (blocking: DuckDB)."""
+    wanted = [
+        f"{snapshot.columns[n]} AS c{i}" if n in snapshot.columns else f"NULL::DOUBLE AS c{i}"
+        for i, n in enumerate(names)
+    ]
     if dated:
+        wanted.append("as_of_day")
+    if windows:
+        wanted.append("has_recent")
+    with duckdb.connect() as con:
+        found = con.execute(
+            f"SELECT {', '.join(wanted) or 'NULL AS none'} FROM read_parquet($path)",
+            {"path": str(snapshot.path)},
+        ).fetchnumpy()
+    features = {name: _floats(found[f"c{i}"]) for i, name in enumerate(names)}
+    days = _floats(found["as_of_day"]) if dated else None
+    has_recent = np.asarray(found["has_recent"], dtype=bool) if windows else None
+    return _Read(Keys(np.empty(0, dtype=object)), features, days, has_recent)
+
+
+def _floats(values: Any) -> Column:
+    # DuckDB hands a column with NULLs back masked; a missing value is NaN here.
+    return np.ma.filled(np.ma.asarray(values).astype(np.float64), np.nan)
+
+
+async def _read_all(session: AsyncSession, directory: Path, names: list[str], dated: bool) -> _Read:
+    """Every customer's named features: the snapshot's rows, then the current rows of the
+    customers changed since it (none for one whose features were deleted)."""
+    # Changes before the snapshot's id: a snapshot registered in between covers them.
+    changed = await changed_keys(session)
+    snapshot = await registered(session, directory)
+    if snapshot is None:
+        raise LookupError("no snapshot")
+    windows = bool(WINDOWS.keys() & set(names))
+    stored = await asyncio.to_thread(_read_snapshot, snapshot, names, dated, windows)
+    delta = await _read_rows(session, names, dated, changed)
+    # The snapshot's rows of changed customers stay, evaluated but never returned as keys.
+    features = {n: np.concatenate([stored.features[n], delta.features[n]]) for n in names}
+    days = None
+    if stored.days is not None and delta.days is not None:
+        days = np.concatenate([stored.days, delta.days])
+    has_recent = None
+    if stored.has_recent is not None:
+        has_recent = np.concatenate([stored.has_recent, np.ones(len(delta.keys), dtype=bool)])
+    keys = SnapshotKeys(snapshot.path, snapshot.customers, delta.keys, changed)
+    return _Read(keys, features, days, has_recent)
+
+
+async def _fresh_snapshot(db: Database, directory: Path) -> None:
+    """Take a snapshot when there is none here or too many customers changed since."""
+    async with db.read_transaction() as session:
+        snapshot = await registered(session, directory)
+        changes = await session.scalar(select(func.count()).select_from(FeatureChange))
+    if snapshot is None or int(changes or 0) > max(RETAKE_AFTER, snapshot.customers // 100):
+        await take(db, directory)
+
+
+async def load_population(
+    db: Database,
+    definition: CohortDefinition,
+    now: datetime,
+    score: ScoreFn | None = None,
+    only: Sequence[str] | None = None,
+    *,
+    snapshots: Path | None = None,
+) -> Population:
+    """Read what ``definition``'s rule needs for every customer with features, from the
+    snapshot in ``snapshots`` and the rows changed since (only those of ``only`` when
+    given, from the operational copy: the incremental path)."""
+    directory = snapshots or default_directory(db.url)
+    for _ in range(3):  # a snapshot replaced between two reads is read again
+        if only is None:
+            await _fresh_snapshot(db, directory)
+        async with db.read_transaction() as session:
+            try:
+                return await _population(session, directory, definition, now, score, only)
+            except (LookupError, duckdb.IOException):
+                continue
+    raise RuntimeError("the feature snapshot kept changing while being read")
+
+
+async def _population(
+    session: AsyncSession,
+    directory: Path,
+    definition: CohortDefinition,
+    now: datetime,
+    score: ScoreFn | None,
+    only: Sequence[str] | None,
+) -> Population:
+    names, models, dated = _needs(definition)
+    if only is None:
+        read = await _read_all(session, directory, names, dated)
+    else:
+        read = await _read_rows(session, names, dated, only)
+    features = read.features
+    if read.days is not None:
         # Whole days from each row's as_of (a UTC midnight) to the evaluation day.
-        today = float((utc(now).date() - _EPOCH_DATE).days)
-        elapsed = today - np.floor(np.array(transposed[-1], dtype=np.float64) + 1e-9)
+        elapsed = float((utc(now).date() - EPOCH_DATE).days) - read.days
         for name in names:
             if aged(name):
                 features[name] = features[name] + elapsed
         if WINDOWS.keys() & set(names):
-            await _rewindow(session, keys, features, elapsed, utc(now).date())
-    events: dict[tuple[str, str], Column] = {}
-    position = {key: i for i, key in enumerate(keys)} if keys.size else {}
-    for rule in comparisons:
-        if isinstance(rule, EventRule) and (rule.event, rule.within) not in events:
-            counts = np.zeros(len(keys), dtype=np.float64)
-            start = utc(now) - parse_duration(rule.within)
-            counted = (
-                select(Event.customer_key, func.count())
-                .where(Event.event == rule.event, Event.occurred_at > start)
-                .where(Event.occurred_at <= utc(now), Event.type == "track")
-                .group_by(Event.customer_key)
-            )
-            if only is not None:
-                counted = counted.where(Event.customer_key.in_(sorted(position)))
-            for key, count in await session.execute(counted):
-                at_position = position.get(key)
-                if at_position is not None:
-                    counts[at_position] = count
-            events[(rule.event, rule.within)] = counts
+            await _rewindow(session, read, elapsed, utc(now).date())
+    events = await _count_events(session, definition, now, read.keys, only is not None)
     scores: dict[str, Column] = {}
     for model in models:
         if score is None:
             raise ValueError(f"the rule uses score {model!r} but no scorer is configured")
-        scores[model] = score(model, features) if len(keys) else np.zeros(0)
-    return Population(keys, features, events, scores)
+        scores[model] = score(model, features) if len(read.keys) else np.zeros(0)
+    return Population(read.keys, features, events, scores)
 
 
-async def _rewindow(
-    session: AsyncSession,
-    keys: npt.NDArray[np.object_],
-    features: dict[str, Column],
-    elapsed: Column,
-    day: date,
-) -> None:
+async def _count_events(
+    session: AsyncSession, definition: CohortDefinition, now: datetime, keys: Keys, only: bool
+) -> dict[tuple[str, str], Column]:
+    """Each event rule's count per customer, counted in SQL."""
+    events: dict[tuple[str, str], Column] = {}
+    rules = [r for r in leaves(definition.rule) if isinstance(r, EventRule)]
+    if not rules:
+        return events
+    position = {key: i for i, key in enumerate(keys.tolist())}
+    for rule in rules:
+        if (rule.event, rule.within) in events:
+            continue
+        counts = np.zeros(len(keys), dtype=np.float64)
+        start = utc(now) - parse_duration(rule.within)
+        counted = (
+            select(Event.customer_key, func.count())
+            .where(Event.event == rule.event, Event.occurred_at > start)
+            .where(Event.occurred_at <= utc(now), Event.type == "track")
+            .group_by(Event.customer_key)
+        )
+        if only:
+            counted = counted.where(Event.customer_key.in_(sorted(position)))
+        for key, count in await session.execute(counted):
+            at_position = position.get(key)
+            if at_position is not None:
+                counts[at_position] = count
+        events[(rule.event, rule.within)] = counts
+    return events
+
+
+async def _rewindow(session: AsyncSession, read: _Read, elapsed: Column, day: date) -> None:
     """Move the windowed columns to the windows ending ``day`` (see the module's doc)."""
+    features = read.features
     for name, window in WINDOWS.items():
         passed = (elapsed >= window) & ~np.isnan(features[name])
         features[name] = np.where(passed, 0.0, features[name])
-    moving = np.flatnonzero((elapsed > 0) & (elapsed < max(WINDOWS.values())))
-    if not moving.size:
+    moving = (elapsed > 0) & (elapsed < max(WINDOWS.values()))
+    if read.has_recent is not None:
+        moving &= read.has_recent  # without recent days the stored counts stay
+    if not moving.any():
         return
-    position = {keys[i]: int(i) for i in moving}
-    for chunk in chunked(list(position), rows_per_statement(session, 1)):
-        found = await session.execute(
-            select(CustomerFeatures.customer_key, CustomerFeatures.recent).where(
-                CustomerFeatures.customer_key.in_(chunk)
-            )
-        )
-        for key, recent in found:
-            i = position[key]
-            stored = {n: None if np.isnan(v := features[n][i]) else float(v) for n in WINDOWS}
-            days = RecentDays.from_json(recent) if recent is not None else None
-            for name, value in windowed(stored, days, day, int(elapsed[i])).items():
-                features[name][i] = np.nan if value is None else value
+    for i, days in zip(
+        np.flatnonzero(moving), await read.keys.recent(session, moving), strict=True
+    ):
+        stored = {n: None if np.isnan(v := features[n][i]) else float(v) for n in WINDOWS}
+        for name, value in windowed(stored, days, day, int(elapsed[i])).items():
+            features[name][i] = np.nan if value is None else value
 
 
 def apply_rule(rule: Rule, population: Population) -> Mask:
@@ -218,13 +418,14 @@ async def membership(
     now: datetime | None = None,
     score: ScoreFn | None = None,
     keys: Sequence[str] | None = None,
+    *,
+    snapshots: Path | None = None,
 ) -> set[str]:
-    """The customer keys the cohort holds at ``now`` (of ``keys`` only, when given)."""
-    at = utc(now)
-    async with db.read_transaction() as session:
-        population = await load_population(session, definition, at, score, keys)
+    """The customer keys the cohort holds at ``now`` (of ``keys`` only, when given), reading
+    the feature snapshot in ``snapshots`` (see :func:`load_population`)."""
+    population = await load_population(db, definition, utc(now), score, keys, snapshots=snapshots)
     mask = apply_rule(definition.rule, population)
-    return set(population.keys[mask].tolist())
+    return set(population.keys.where(mask))
 
 
 def model_scores(scorer: Scorer) -> ScoreFn:
@@ -253,6 +454,8 @@ async def evaluate(
     now: datetime | None = None,
     score: ScoreFn | None = None,
     keys: Sequence[str] | None = None,
+    *,
+    snapshots: Path | None = None,
 ) -> Evaluation:
     """Compute membership and store the difference as entered/exited transitions; with
     ``keys``, for those customers only (the others keep their membership).
@@ -260,7 +463,7 @@ async def evaluate(
     Evaluating again with nothing changed stores nothing.
     """
     at = utc(now) if now is not None else datetime.now(UTC)
-    members = await membership(db, definition, at, score, keys)
+    members = await membership(db, definition, at, score, keys, snapshots=snapshots)
     evaluation_id = uuid.uuid4().hex
     among = set(keys) if keys is not None else None
     async with db.transaction() as session:

@@ -135,7 +135,14 @@ class CohortService:
         """
         definition = await self.definition(cohort_id)
         report = EvaluationReport(
-            await evaluate(self.db, definition, now, self._scores(definition), keys)
+            await evaluate(
+                self.db,
+                definition,
+                now,
+                self._scores(definition),
+                keys,
+                snapshots=self._settings.resolved_feature_snapshot_dir,
+            )
         )
         diff = report.evaluation.diff
         after = 0 if keys is None else (diff.first_seq or 1) - 1

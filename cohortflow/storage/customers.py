@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from cohortflow.events.features import RecentDays, features_as_of
 from cohortflow.storage._sql import chunked, in_list, rows_per_statement, upsert, utc
+from cohortflow.storage.feature_snapshot import mark_changed
 from cohortflow.storage.tables import Customer, CustomerFeatures
 
 FeatureRow = tuple[str, Mapping[str, float | None], datetime]
@@ -122,7 +123,7 @@ async def upsert_features(
         }
         for key, (features, as_of) in newest.items()
     ]
-    written = 0
+    written: list[str] = []
     for chunk in chunked(values, rows_per_statement(session, 5)):
         stmt = upsert(session, CustomerFeatures).values(list(chunk))
         result = await session.execute(
@@ -137,8 +138,9 @@ async def upsert_features(
                 where=CustomerFeatures.as_of <= stmt.excluded.as_of,
             ).returning(CustomerFeatures.customer_key)
         )
-        written += len(result.all())
-    return written
+        written.extend(result.scalars())
+    await mark_changed(session, written)
+    return len(written)
 
 
 async def get_features(

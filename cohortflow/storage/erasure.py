@@ -20,6 +20,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from cohortflow.storage._sql import utc
+from cohortflow.storage.feature_snapshot import mark_changed
 from cohortflow.storage.tables import (
     CohortMember,
     CohortRefresh,
@@ -86,6 +87,7 @@ async def erase_customer(
     )
     for table in (CustomerFeatures, CohortRefresh, SignalOutbox):
         await session.execute(delete(table).where(table.customer_key == customer_key))
+    await mark_changed(session, [customer_key])
     return Erased(
         events,
         aliases.rowcount or 0,  # type: ignore[attr-defined]

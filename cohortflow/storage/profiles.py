@@ -16,6 +16,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from cohortflow.storage._sql import chunked, rows_per_statement, upsert, utc
+from cohortflow.storage.feature_snapshot import mark_changed
 from cohortflow.storage.tables import Customer, CustomerFeatures, Event, ProfileAlias
 
 
@@ -70,6 +71,7 @@ async def _merge(
     await session.execute(
         delete(CustomerFeatures).where(CustomerFeatures.customer_key == alias_key)
     )
+    await mark_changed(session, [alias_key])
     return bool(getattr(moved, "rowcount", 0))
 
 

@@ -111,6 +111,31 @@ class CustomerFeatures(Base):
     recent: Mapped[dict[str, Any] | None]
 
 
+class FeatureChange(Base):
+    """A customer whose stored features changed (written or deleted) after the columnar
+    snapshot was taken: evaluations read these from ``customer_features`` instead of the
+    snapshot, and taking the next snapshot deletes the ones it covers
+    (``storage.feature_snapshot``). Append-only; a key may appear more than once."""
+
+    __tablename__ = "feature_changes"
+
+    seq: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    customer_key: Mapped[str] = mapped_column(String(KEY_LEN))
+
+
+class FeatureSnapshotRow(Base):
+    """The current columnar snapshot of ``customer_features`` (one row, ``slot`` 1): its
+    file's id, how many customers it holds and the feature name of each column."""
+
+    __tablename__ = "feature_snapshot"
+
+    slot: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    snapshot_id: Mapped[str] = mapped_column(String(32))
+    customers: Mapped[int] = mapped_column(BigInteger)
+    columns: Mapped[list[str]] = mapped_column(JSON)
+    taken_at: Mapped[datetime]
+
+
 class Consent(Base):
     """Consent per customer, channel and purpose. No row means no consent (opt-in)."""
 
