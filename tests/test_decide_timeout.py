@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from temporalio import workflow
 from temporalio.client import Client
+from temporalio.exceptions import ApplicationError
 from temporalio.worker import Worker
 
 from cohortflow.campaigns.controls import Controls
@@ -30,10 +31,29 @@ from cohortflow.storage import approvals
 from cohortflow.storage.db import Database
 from cohortflow.temporal_client import connect, wait_for_pollers
 from tests.harness import migrated, who
-from workflows.campaign.contract import CAMPAIGN_WORKFLOW
+from workflows.campaign.contract import CAMPAIGN_WORKFLOW, DecideRefusal
 from workflows.campaign.messages import DecideRequest, DecideResult
 
 pytestmark = pytest.mark.devserver
+
+
+@workflow.defn(name=CAMPAIGN_WORKFLOW, sandboxed=False)
+class Behind:
+    """A campaign that has not reached its approval again: its worker lost the workflow task
+    that asked, after the request's record landed, and the retried task is not there yet."""
+
+    @workflow.run
+    async def run(self) -> None:
+        await workflow.wait_condition(lambda: False)
+
+    @workflow.update
+    async def decide(self, request: DecideRequest) -> DecideResult:
+        raise AssertionError("refused by the validator")
+
+    @decide.validator
+    def _not_asking(self, request: DecideRequest) -> None:
+        message = f"approval {request.approval_id} is not pending"
+        raise ApplicationError(message, "approval_id", type=DecideRefusal.CONFLICT)
 
 
 @workflow.defn(name=CAMPAIGN_WORKFLOW, sandboxed=False)
@@ -124,3 +144,33 @@ async def test_a_decision_cut_off_by_a_server_crash_is_unavailable_not_a_conflic
         server.stop()
         await db.dispose()
     assert caught.value.message.startswith("approval apr_stuck0000001: Temporal:")
+
+
+async def test_a_request_the_campaign_has_not_reached_again_is_unavailable_until_it_has(
+    dev_client: Client, dev_settings: Settings, tmp_path: Path
+) -> None:
+    queue = f"behind-{uuid.uuid4().hex[:8]}"
+    settings = dev_settings.model_copy(update={"task_queue": queue})
+    workflow_id = f"campaign:stuck:c_{uuid.uuid4().hex[:24]}:1"
+    db = await pending(tmp_path, workflow_id)
+    controls = Controls(db, settings, Pseudonymiser(b"k" * 32), dev_client)
+    alice = who("alice", "approver")
+    try:
+        async with Worker(dev_client, task_queue=queue, workflows=[Behind]):
+            handle = await dev_client.start_workflow(Behind.run, id=workflow_id, task_queue=queue)
+            await wait_for_pollers(dev_client, queue)
+            # The record says pending, the campaign says not yet: send it again later.
+            with pytest.raises(Unavailable) as behind:
+                await controls.decide("apr_stuck0000001", approve=True, identity=alice, reason="ok")
+            # Once the record says someone else decided it, the refusal is a conflict.
+            async with db.transaction() as session:
+                await approvals.mark_decided(
+                    session, "apr_stuck0000001", status="approved", operator="bob", reason="ok",
+                    decided_at=datetime.now(UTC),
+                )  # fmt: skip
+            with pytest.raises(Conflict):
+                await controls.decide("apr_stuck0000001", approve=True, identity=alice, reason="ok")
+            await handle.terminate("test over")
+    finally:
+        await db.dispose()
+    assert "has not caught up with this request yet" in behind.value.message

@@ -183,28 +183,27 @@ class Controls:
     async def _landed_or_refused(
         self, exc: WorkflowUpdateFailedError, approval_id: str, approve: bool, identity: Identity
     ) -> DecideResult:
-        """The workflow's refusal as an operator error, unless it is a conflict with this
-        identity's own decision, already on record (then the earlier result)."""
+        """The workflow's refusal as an operator error. A conflict may only mean the campaign
+        and its record disagree for a moment: this identity's decision is landing (its
+        record trails the workflow: the earlier result), or the record shows a request the
+        run has not reached again, because the workflow task that asked was lost with its
+        worker and is being retried (still pending here after 2 s: 503, send it again)."""
         refusal = _refused(exc)
-        if isinstance(refusal, Conflict):
-            landed = await self._landed(approval_id, approve, identity)
-            if landed is not None:
-                return landed
-        raise refusal from exc
-
-    async def _landed(
-        self, approval_id: str, approve: bool, identity: Identity
-    ) -> DecideResult | None:
-        """The earlier result when the workflow refused this decision as already made and it
-        was this identity's own (its record may trail the workflow by a moment)."""
+        if not isinstance(refusal, Conflict):
+            raise refusal from exc
         for _ in range(10):
             async with self._db.read_transaction() as session:
                 row = await approvals.get_approval(session, approval_id)
-            earlier = None if row is None else _earlier(row, approve, identity)
-            if earlier is not None or (row is not None and row.status != "pending"):
+            if row is None or row.status != "pending":
+                earlier = None if row is None else _earlier(row, approve, identity)
+                if earlier is None:
+                    raise refusal from exc
                 return earlier
             await asyncio.sleep(0.2)
-        return None
+        raise Unavailable(
+            f"approval {approval_id}: the campaign has not caught up with this request yet"
+            " (a worker is resuming it); send the decision again"
+        ) from exc
 
     # ------------------------------------------------------------------ consent
 
