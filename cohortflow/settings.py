@@ -225,6 +225,12 @@ class Settings(BaseSettings):
     log_format: Literal["console", "json"] = "console"
     log_level: str = "INFO"
     otel_console: bool = Field(False, description="Export OpenTelemetry spans to the console.")
+    otel_exporter_otlp_endpoint: str | None = Field(
+        None,
+        description="Base URL of an OTLP/HTTP collector (e.g. http://otel-collector:4318) to"
+        " export spans to, at <url>/v1/traces; unset falls back to the standard"
+        " OTEL_EXPORTER_OTLP_ENDPOINT, and without either no spans are exported over OTLP.",
+    )
 
     @field_validator("crm_daily_reset_timezone")
     @classmethod

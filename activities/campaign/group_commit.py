@@ -15,12 +15,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Generic, TypeVar
 
+from opentelemetry import context
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from cohortflow.observability import batch_span
 from cohortflow.storage.db import Database
 
 _I = TypeVar("_I")
@@ -33,6 +35,8 @@ RunMany = Callable[[AsyncSession, Sequence[_I]], Awaitable[list[_R]]]
 class _Waiting(Generic[_I, _R]):
     item: _I
     result: asyncio.Future[_R]
+    # The submitting activity's trace, which the shared transaction joins.
+    trace: context.Context = field(default_factory=context.get_current)
 
 
 class GroupCommit(Generic[_I, _R]):
@@ -84,8 +88,9 @@ class GroupCommit(Generic[_I, _R]):
             if not live:
                 continue
             try:
-                async with self._db.transaction() as session:
-                    results = await self._run_many(session, [w.item for w in live])
+                with batch_span("group commit", [w.trace for w in live]):
+                    async with self._db.transaction() as session:
+                        results = await self._run_many(session, [w.item for w in live])
             except Exception as exc:
                 _fail(live, exc)
                 continue

@@ -19,6 +19,7 @@ from temporalio.common import (
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from cohortflow.observability import tracer
 from cohortflow.settings import Settings
 from cohortflow.spec import CampaignSpec, ReentrySpec, StepSpec, parse_duration
 from cohortflow.storage import campaigns, launches
@@ -51,7 +52,16 @@ class Launcher:
         self._settings = settings
 
     async def launch(self, spec: CampaignSpec, version: int, entry: Entry) -> bool:
-        """Start the entry's workflow unless it already ran; True when this call recorded it."""
+        """Start the entry's workflow unless it already ran; True when this call recorded it.
+
+        One span holds the launch's database write and the workflow's start, so the
+        campaign's trace begins here."""
+        with tracer.start_as_current_span(
+            "launch campaign", attributes={"cohortflow.campaign_id": spec.campaign_id}
+        ):
+            return await self._launch(spec, version, entry)
+
+    async def _launch(self, spec: CampaignSpec, version: int, entry: Entry) -> bool:
         workflow_id = campaign_workflow_id(spec.campaign_id, entry.customer_key, entry.entry_id)
         async with self._db.transaction() as session:
             new = await campaigns.record_entry(

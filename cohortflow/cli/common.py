@@ -64,11 +64,11 @@ def run(coro_factory: Callable[[], Awaitable[T]]) -> T:
 
 
 def setup_observability(settings: Settings, service: str) -> None:
-    """Structured logs and, when asked, console tracing for this process."""
+    """Structured logs and, when asked, tracing to the console or over OTLP for this process."""
     from cohortflow.observability import configure_logging, configure_tracing
 
     configure_logging(settings.log_format, settings.log_level)
-    configure_tracing(settings.otel_console, service)
+    configure_tracing(settings.otel_console, service, settings.otel_exporter_otlp_endpoint)
 
 
 # ---------------------------------------------------------------------- processes

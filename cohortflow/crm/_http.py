@@ -1,5 +1,5 @@
-"""HTTP plumbing the CRM connectors share: transport failures by what they mean, ``Retry-After``
-in both of its forms, and strict readers of JSON bodies.
+"""HTTP plumbing the CRM connectors share: a client span per request, transport failures by
+what they mean, ``Retry-After`` in both of its forms, and strict readers of JSON bodies.
 
 A library: no Temporal, no storage, no settings. Every reader raises :class:`CrmError` for a
 body of the wrong shape, never ``KeyError``, ``TypeError`` or ``ValueError``.
@@ -18,6 +18,7 @@ from types import TracebackType
 from typing import Any, Self
 
 import httpx
+from opentelemetry import trace
 
 from cohortflow.crm.errors import CrmError, CrmUnavailable
 
@@ -54,22 +55,48 @@ RequestGate = Callable[[], AbstractAsyncContextManager[WireStamp]]
 TraceCallback = Callable[[str, dict[str, Any]], Awaitable[None]]
 
 
-class _GatedTransport(httpx.AsyncBaseTransport):
-    """A transport that sends each request inside ``gate`` and stamps when it reached the
-    wire, through httpcore's ``trace`` extension: a request may wait in a busy event loop or
-    for a pooled connection after its gate opened, and the CRM counts it only on arrival."""
+class _CrmTransport(httpx.AsyncBaseTransport):
+    """A transport that sends each request in a client span and, with a ``gate``, inside it,
+    stamping when it reached the wire through httpcore's ``trace`` extension: a request may
+    wait in a busy event loop or for a pooled connection after its gate opened, and the CRM
+    counts it only on arrival. The span covers the wait for the gate too (the ceiling's use
+    shows in the trace); its attributes name the request's method, host and path, never its
+    query or body (contact data travels in the body)."""
 
-    def __init__(self, inner: httpx.AsyncBaseTransport, gate: RequestGate) -> None:
+    def __init__(self, inner: httpx.AsyncBaseTransport, gate: RequestGate | None) -> None:
         self._inner = inner
         self._gate = gate
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        url = request.url
+        attributes: dict[str, str | int] = {
+            "http.request.method": request.method,
+            "server.address": url.host,
+            "server.port": url.port or (443 if url.scheme == "https" else 80),
+            "url.path": url.path,
+        }
+        with _tracer.start_as_current_span(
+            f"CRM {request.method}", kind=trace.SpanKind.CLIENT, attributes=attributes
+        ) as span:
+            response = await self._send(request)
+            span.set_attribute("http.response.status_code", response.status_code)
+            if response.status_code >= 400:
+                span.set_status(trace.StatusCode.ERROR)
+                span.set_attribute("error.type", str(response.status_code))
+            return response
+
+    async def _send(self, request: httpx.Request) -> httpx.Response:
+        if self._gate is None:
+            return await self._inner.handle_async_request(request)
         async with self._gate() as stamp:
             request.extensions["trace"] = _stamping(stamp, request.extensions.get("trace"))
             return await self._inner.handle_async_request(request)
 
     async def aclose(self) -> None:
         await self._inner.aclose()
+
+
+_tracer = trace.get_tracer(__name__)
 
 
 def pooled_client(
@@ -79,15 +106,16 @@ def pooled_client(
     request_gate: RequestGate | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> httpx.AsyncClient:
-    """One pooled JSON client for a CRM: bearer ``token`` when given, every request sent
-    inside ``request_gate``."""
+    """One pooled JSON client for a CRM: bearer ``token`` when given, every request traced
+    and sent inside ``request_gate``."""
     headers = {"Accept": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    if request_gate is not None:
-        transport = _GatedTransport(transport or httpx.AsyncHTTPTransport(), request_gate)
     return httpx.AsyncClient(
-        base_url=base_url, headers=headers, timeout=timeout, transport=transport
+        base_url=base_url,
+        headers=headers,
+        timeout=timeout,
+        transport=_CrmTransport(transport or httpx.AsyncHTTPTransport(), request_gate),
     )
 
 

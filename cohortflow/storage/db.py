@@ -20,6 +20,8 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.pool import ConnectionPoolEntry
 
+from cohortflow.observability import trace_statements
+
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -36,7 +38,8 @@ def create_engine(url: str) -> AsyncEngine:
     SQLite: the file's directory is created; every connection runs in WAL mode with a busy
     timeout, and every transaction starts with ``BEGIN IMMEDIATE`` so writers queue on the
     lock instead of failing with "database is locked" when a read turns into a write.
-    PostgreSQL: a pre-pinged, recycled connection pool.
+    PostgreSQL: a pre-pinged, recycled connection pool. Statements are traced where the
+    process records spans.
     """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -45,15 +48,17 @@ def create_engine(url: str) -> AsyncEngine:
             Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
         engine = create_async_engine(url)
         _install_sqlite_transaction_control(engine)
-        return engine
-    return create_async_engine(
-        url,
-        pool_size=10,
-        max_overflow=10,
-        pool_timeout=30,
-        pool_recycle=1800,
-        pool_pre_ping=True,
-    )
+    else:
+        engine = create_async_engine(
+            url,
+            pool_size=10,
+            max_overflow=10,
+            pool_timeout=30,
+            pool_recycle=1800,
+            pool_pre_ping=True,
+        )
+    trace_statements(engine)
+    return engine
 
 
 def _install_sqlite_transaction_control(engine: AsyncEngine) -> None:
