@@ -18,6 +18,7 @@ from temporalio.contrib.opentelemetry import TracingInterceptor
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.service import RPCError, RPCStatusCode
 
+from cohortflow.metrics import HISTOGRAM_BUCKETS
 from cohortflow.payload_codec import data_converter, key_ring
 from cohortflow.settings import Settings
 from workflows.campaign.contract import SEARCH_ATTRIBUTES
@@ -67,7 +68,11 @@ async def connect(
 def metrics_runtime(host: str, port: int) -> Runtime:
     """A Temporal runtime serving its metrics (the SDK's and what workflows and activities
     count through its meter) for Prometheus at ``http://host:port/metrics``."""
-    prometheus = PrometheusConfig(bind_address=f"{host}:{port}", durations_as_seconds=True)
+    prometheus = PrometheusConfig(
+        bind_address=f"{host}:{port}",
+        durations_as_seconds=True,
+        histogram_bucket_overrides=HISTOGRAM_BUCKETS,
+    )
     return Runtime(telemetry=TelemetryConfig(metrics=prometheus))
 
 

@@ -1,5 +1,6 @@
 """``GET /metrics`` of the API: open, and the approvals queue and the outbox's backlog read
-fresh from the database at each scrape."""
+fresh from the database at each scrape (the running campaigns by state, read from Temporal, are
+tested with the worker's metrics)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import httpx
 from pydantic import SecretStr
 
 from cohortflow.api.app import create_app
+from cohortflow.runtime.ports import free_port
 from cohortflow.settings import Settings
 from cohortflow.storage import approvals, signal_outbox
 from cohortflow.storage.db import Database
@@ -31,7 +33,10 @@ async def test_metrics_show_the_approval_queue_and_the_outbox_backlog(
         owed = signal_outbox.OwedSignal("m-1", "c_0", {"event": "purchase"})
         await signal_outbox.owe(session, [owed], now=now - timedelta(seconds=90))
     settings = Settings(
-        data_dir=tmp_path, database_url=db.url, pseudonymisation_key=SecretStr("p" * 32)
+        data_dir=tmp_path,
+        database_url=db.url,
+        pseudonymisation_key=SecretStr("p" * 32),
+        temporal_port=free_port(),  # nothing answers there
     )
     with serve_app(create_app(settings)) as url:
         async with httpx.AsyncClient(base_url=url, timeout=30) as http:
@@ -43,3 +48,5 @@ async def test_metrics_show_the_approval_queue_and_the_outbox_backlog(
     assert 7190 < sample(text, "cohortflow_approval_oldest_wait_seconds") < 7300
     assert sample(text, "cohortflow_signals_owed") == 1
     assert 85 < sample(text, "cohortflow_signal_outbox_lag_seconds") < 300
+    # Without Temporal no count of running campaigns is shown, rather than zeros.
+    assert "cohortflow_campaigns_running" not in text

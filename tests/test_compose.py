@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -66,7 +67,8 @@ def published(service: dict[str, Any]) -> list[tuple[int, int]]:
 
 
 def test_every_service_has_an_image_or_a_build() -> None:
-    expected = {"postgresql", "temporal", "temporal-ui", "temporal-setup", *COHORTFLOW_SERVICES}
+    expected = {"postgresql", "temporal", "temporal-ui", "temporal-setup", "prometheus", "grafana"}
+    expected |= set(COHORTFLOW_SERVICES)
     assert expected <= set(SERVICES)
     for name, service in SERVICES.items():
         assert "image" in service or "build" in service, name
@@ -196,3 +198,107 @@ def test_the_consumer_reads_a_jetstream_nats_that_keeps_its_stream_on_a_volume()
     assert environment(consumer)["COHORTFLOW_NATS_URL"] == "nats://nats:4222"
     assert consumer["depends_on"]["nats"]["condition"] == "service_healthy"
     assert consumer["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+
+
+DEPLOY = REPO / "deploy"
+DASHBOARD: dict[str, Any] = json.loads((DEPLOY / "grafana" / "cohortflow.json").read_text())
+PROMQL_WORDS = {"sum", "max", "min", "avg", "rate", "increase", "histogram_quantile"}
+
+
+def queried_metrics(expr: str) -> set[str]:
+    """The metric names a PromQL expression reads (a histogram's series by its own name)."""
+    expr = re.sub(r"\{[^}]*\}|\[[^\]]*\]", "", expr)  # label matchers, ranges
+    expr = re.sub(r"\b(?:by|without)\s*\([^)]*\)", "", expr)  # grouping labels
+    words = set(re.findall(r"[A-Za-z_:][A-Za-z0-9_:]*", expr)) - PROMQL_WORDS
+    return {re.sub(r"_(?:bucket|sum|count)$", "", word) for word in words}
+
+
+def dashboard_metrics() -> set[str]:
+    """Every metric a panel of the Grafana dashboard queries."""
+    return {
+        name
+        for panel in DASHBOARD["panels"]
+        for target in panel["targets"]
+        for name in queried_metrics(target["expr"])
+    }
+
+
+def test_queried_metrics_reads_names_not_functions_or_labels() -> None:
+    expr = 'histogram_quantile(0.99, sum by (le, task_queue) (rate(a_b_bucket{state="x"}[5m])))'
+    assert queried_metrics(expr) == {"a_b"}
+    assert queried_metrics("sum(rate(c[5m])) * 60 + d") == {"c", "d"}
+
+
+def test_every_cohortflow_metric_on_the_dashboard_is_one_the_code_exports() -> None:
+    names = dashboard_metrics()
+    assert all(n.startswith(("cohortflow_", "temporal_")) for n in names), names
+    ours = {n for n in names if n.startswith("cohortflow_")}
+    # The issue's list: campaigns, fallbacks, approvals, CRM, scoring, outbox, cohorts.
+    assert len(ours) >= 15
+    sources = "".join(
+        p.read_text(encoding="utf-8")
+        for folder in ("cohortflow", "workflows", "activities")
+        for p in (REPO / folder).rglob("*.py")
+    )
+    assert {n for n in ours if f'"{n}"' not in sources} == set()
+
+
+def test_every_panel_reads_the_provisioned_prometheus() -> None:
+    datasource = yaml.safe_load(
+        (DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text()
+    )["datasources"][0]
+    assert datasource["type"] == "prometheus"
+    assert datasource["url"] == "http://prometheus:9090"
+    assert published(SERVICES["prometheus"]) == [(9090, 9090)]
+    for panel in DASHBOARD["panels"]:
+        for target in [panel, *panel["targets"]]:
+            assert target["datasource"] == {"type": "prometheus", "uid": datasource["uid"]}
+
+
+def mounts(service: dict[str, Any]) -> dict[str, str]:
+    """Bind mounts of ``service``: path in the container -> file in this repository."""
+    found = {}
+    for volume in service.get("volumes", []):
+        source, target, *_ = str(volume).split(":")
+        if source.startswith("./"):
+            assert (REPO / source).exists(), source
+            found[target] = source
+    return found
+
+
+def test_grafana_is_provisioned_with_the_dashboard() -> None:
+    grafana = SERVICES["grafana"]
+    mounted = mounts(grafana)
+    assert mounted["/etc/grafana/provisioning"] == "./deploy/grafana/provisioning"
+    provider = yaml.safe_load(
+        (DEPLOY / "grafana" / "provisioning" / "dashboards" / "cohortflow.yml").read_text()
+    )["providers"][0]
+    folder = provider["options"]["path"]
+    assert mounted[f"{folder}/cohortflow.json"] == "./deploy/grafana/cohortflow.json"
+    assert environment(grafana)["GF_SECURITY_ADMIN_PASSWORD"].startswith(
+        "${GRAFANA_ADMIN_PASSWORD:?"
+    )
+    assert "prometheus" in grafana["depends_on"]
+
+
+def test_prometheus_scrapes_every_metrics_endpoint_the_stack_serves() -> None:
+    prometheus = SERVICES["prometheus"]
+    assert mounts(prometheus)["/etc/prometheus/prometheus.yml"] == "./deploy/prometheus.yml"
+    config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    targets = {
+        job["job_name"]: (job.get("metrics_path", "/metrics"), target)
+        for job in config["scrape_configs"]
+        for static in job["static_configs"]
+        for target in static["targets"]
+    }
+    worker = environment(SERVICES["worker"])["COHORTFLOW_WORKER_METRICS_PORT"]
+    consumer = environment(SERVICES["consumer"])["COHORTFLOW_CONSUME_METRICS_PORT"]
+    api = environment(SERVICES["api"])["COHORTFLOW_API_PORT"]
+    assert targets == {
+        "cohortflow-worker": ("/metrics", f"worker:{worker}"),
+        "cohortflow-api": ("/metrics", f"api:{api}"),
+        "cohortflow-consumer": ("/metrics", f"consumer:{consumer}"),
+    }
+    # Served on every interface of the container, where Prometheus can reach them.
+    for name in ("worker", "api", "consumer"):
+        assert environment(SERVICES[name])["COHORTFLOW_API_HOST"] == "0.0.0.0", name

@@ -24,6 +24,9 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TypeVar
 
+from opentelemetry import context
+
+from cohortflow import metrics
 from cohortflow.crm.connector import (
     ContactState,
     ContactWrite,
@@ -34,6 +37,7 @@ from cohortflow.crm.connector import (
     Membership,
     RecordOutcome,
 )
+from cohortflow.observability import batch_span
 
 # A rate limit shorter than this is waited out inside the batcher; a longer one is the
 # waiting activities' to retry (Temporal then waits exactly as long, durably).
@@ -47,6 +51,8 @@ Record = ContactWrite | Membership
 class _Waiting:
     record: Record
     outcome: asyncio.Future[RecordOutcome]
+    # The submitting activity's trace, which the batch's call joins (see ``batch_span``).
+    trace: context.Context = field(default_factory=context.get_current)
 
 
 @dataclass
@@ -155,7 +161,8 @@ class CrmBatcher:
         self, kind: tuple[str, str], batch: list[_Waiting], queue: _Queue
     ) -> None:
         try:
-            outcomes = await self._call(kind, [w.record for w in batch])
+            with batch_span(f"CRM batch {kind[0]}", [w.trace for w in batch]):
+                outcomes = await self._call(kind, [w.record for w in batch])
         except CrmRetryAfter as exc:
             if self._hold(exc):
                 queue.waiting[:0] = batch  # first in line once the hold is over
@@ -190,6 +197,12 @@ class CrmBatcher:
     async def _call(self, kind: tuple[str, str], records: Sequence[Record]) -> list[RecordOutcome]:
         operation, target = kind
         self.stats.requests += 1
+        metrics.count(
+            "cohortflow_crm_records",
+            "Records sent to the CRM",
+            {"operation": operation},
+            len(records),
+        )
         if operation == "upsert":
             writes = [r for r in records if isinstance(r, ContactWrite)]
             return await self.connector.upsert_contacts(writes)
@@ -218,6 +231,9 @@ class CrmBatcher:
     def _hold(self, exc: CrmRetryAfter) -> bool:
         """Hold every queue for a short rate limit; False for one too long to wait here."""
         self.stats.rate_limited += 1
+        metrics.count(
+            "cohortflow_crm_rate_limited", "CRM answers that asked to slow down (429)", {}
+        )
         if exc.seconds > MAX_HOLD_SECONDS:
             return False
         self._held_until = max(self._held_until, time.monotonic() + exc.seconds)

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
 
+from cohortflow import metrics
 from cohortflow.crm._http import WireStamp
 from cohortflow.storage import crm_ledger
 from cohortflow.storage.db import Database
@@ -49,7 +51,14 @@ class RequestCeiling:
     async def slot(self) -> AsyncIterator[WireStamp]:
         """Enter once the request may be sent; on leaving it counts from when the request
         reached the wire, or from now when the transport could not tell."""
+        began = time.perf_counter()
         slot_id = await self._take()
+        metrics.count("cohortflow_crm_requests", "Requests sent to the CRM", {})
+        metrics.observe_seconds(
+            "cohortflow_crm_ceiling_wait_seconds",
+            "How long a CRM request waited for a slot under the shared ceiling",
+            time.perf_counter() - began,
+        )
         stamp = WireStamp()
         try:
             yield stamp
@@ -64,6 +73,11 @@ class RequestCeiling:
                 taken = await crm_ledger.take_request_slot(
                     session, self.config.name, self.config.limit, window
                 )
+            metrics.set_gauge(
+                "cohortflow_crm_ceiling_used",
+                "Share of the CRM's request ceiling in use when a request asked for a slot",
+                min(taken.used / self.config.limit, 1.0),
+            )
             if taken.id is not None:
                 return taken.id
             await asyncio.sleep(taken.wait.total_seconds())

@@ -13,6 +13,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities.campaign.audit import append_decisions, append_row
 from activities.campaign.log_context import bind
+from cohortflow import metrics
 from cohortflow.storage import customers
 from cohortflow.storage.db import Database
 from scoring.scorer import Scorer, ScoringError
@@ -53,7 +54,7 @@ class ScoringActivities:
                 non_retryable=True,
             )
         rows = [features[k] for k in inp.customer_keys]
-        result = await self._score(inp, rows)
+        result = await metrics.timed("cohortflow_scoring_seconds", "Score", self._score(inp, rows))
         shadow = await asyncio.to_thread(self._shadow_scores, inp.models, rows)
         day = at.date().isoformat()
         async with self._db.transaction() as session:

@@ -53,14 +53,18 @@ class AppState:
             TemporalSignaller(lambda: connect(settings, tracing=False), retry_seconds=5.0),
         )
 
-    async def controls(self) -> Controls:
-        """Operator controls over the database and (when reachable) Temporal."""
+    async def temporal(self) -> Client | None:
+        """The Temporal client, connected on first use; None while Temporal is unreachable."""
         if self.client is None:
             try:
                 self.client = await connect(self.settings)
             except RuntimeError as exc:
                 log.warning("temporal unreachable", error=str(exc))
-        return Controls(self.db, self.settings, self.pseudonymiser, self.client)
+        return self.client
+
+    async def controls(self) -> Controls:
+        """Operator controls over the database and (when reachable) Temporal."""
+        return Controls(self.db, self.settings, self.pseudonymiser, await self.temporal())
 
 
 def app_state(request: Request) -> AppState:

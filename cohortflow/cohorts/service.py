@@ -14,6 +14,7 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
+from cohortflow import metrics
 from cohortflow.audit.actions import record_action
 from cohortflow.campaigns import visibility
 from cohortflow.cohorts import schedules
@@ -135,13 +136,18 @@ class CohortService:
         """
         definition = await self.definition(cohort_id)
         report = EvaluationReport(
-            await evaluate(
-                self.db,
-                definition,
-                now,
-                self._scores(definition),
-                keys,
-                snapshots=self._settings.resolved_feature_snapshot_dir,
+            await metrics.timed(
+                "cohortflow_cohort_evaluation_seconds",
+                "How long evaluating a cohort's rule took, full or for touched customers",
+                evaluate(
+                    self.db,
+                    definition,
+                    now,
+                    self._scores(definition),
+                    keys,
+                    snapshots=self._settings.resolved_feature_snapshot_dir,
+                ),
+                mode="full" if keys is None else "incremental",
             )
         )
         diff = report.evaluation.diff

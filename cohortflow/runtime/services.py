@@ -7,6 +7,7 @@ import signal
 
 import structlog
 import uvicorn
+from temporalio.runtime import Runtime
 
 from cohortflow.settings import Settings
 from cohortflow.temporal_client import (
@@ -54,11 +55,14 @@ async def run_worker(settings: Settings) -> None:
 
     compile_workflow_sources()
 
+    port = settings.worker_metrics_port
+    runtime = None if port is None else metrics_runtime(settings.api_host, port)
+    if runtime is not None:
+        # What the process counts outside activities (the cohort refresher) goes here too.
+        Runtime.set_default(runtime)
     await wait_for_server(
         settings.resolved_temporal_address, settings.temporal_namespace, SERVER_WAIT_SECONDS
     )
-    port = settings.worker_metrics_port
-    runtime = None if port is None else metrics_runtime(settings.api_host, port)
     client = await connect(settings, runtime=runtime)
     await ensure_search_attributes(client, settings.temporal_namespace)
     stop = asyncio.Event()

@@ -113,10 +113,12 @@ def ceiling_lock_key(ceiling: str) -> int:
 
 @dataclass(frozen=True)
 class RequestSlot:
-    """A slot taken (``id`` set, ``wait`` zero), or how long until one frees."""
+    """A slot taken (``id`` set, ``wait`` zero), or how long until one frees; ``used``
+    counts the requests in the window before this one."""
 
     wait: timedelta
     id: int | None = None
+    used: int = 0
 
 
 async def take_request_slot(
@@ -151,10 +153,10 @@ async def take_request_slot(
         row = CrmRequest(ceiling=ceiling, sent_at=at)
         session.add(row)
         await session.flush()
-        return RequestSlot(timedelta(0), row.id)
+        return RequestSlot(timedelta(0), row.id, sent)
     # Full: the oldest request leaves the window first. SQLite returns it naive (UTC).
     leaves = utc(oldest if oldest.tzinfo else oldest.replace(tzinfo=at.tzinfo)) + window
-    return RequestSlot(max(leaves - at, timedelta(milliseconds=1)))
+    return RequestSlot(max(leaves - at, timedelta(milliseconds=1)), used=sent)
 
 
 async def request_sent(
