@@ -77,6 +77,11 @@ class _Derivation:
 class _LoadedModel:
     info: ModelInfo
     booster: xgb.Booster
+    # The same trees held to one thread, for one row: a second thread has nothing to share
+    # out, and waiting at OpenMP's barrier for a busy core cost tens of milliseconds at p99.
+    one_row: xgb.Booster
+    #: Feature names as an object array, to index by each row's contribution order.
+    names: npt.NDArray[np.object_]
     row_values: Callable[[Mapping[str, float | None]], Any]
     derivation: _Derivation | None
 
@@ -120,7 +125,10 @@ def _load(info: ModelInfo) -> _LoadedModel:
             f"{info.version}: booster features {booster.feature_names} differ from the "
             f"registry's {list(info.feature_names)}"
         )
-    return _LoadedModel(info, booster, itemgetter(*info.inputs), _derivation(info))
+    one_row = booster.copy()
+    one_row.set_param({"nthread": 1})
+    names = np.asarray(info.feature_names, dtype=object)
+    return _LoadedModel(info, booster, one_row, names, itemgetter(*info.inputs), _derivation(info))
 
 
 class Scorer:
@@ -178,14 +186,15 @@ class Scorer:
         if loaded.derivation is not None:
             # The matrices leave room for the derived columns: no copy to widen them.
             matrix[:, n_inputs:] = loaded.derivation.columns(matrix[:, :n_inputs])
-        scores = loaded.booster.inplace_predict(matrix).astype(np.float64).tolist()
+        predicted, contribs = _predict(loaded, matrix, contributions=top_k > 0)
+        scores = predicted.astype(np.float64).tolist()
         contributions: list[list[tuple[str, float]]]
-        if top_k == 0:
+        if contribs is None:
             # One shared empty list, read-only like the rest of BatchScores: 100,000 fresh
             # lists cost as much as the prediction itself (allocation and GC).
             contributions = [[]] * len(scores)
         else:
-            contributions = self._top_contributions(loaded, matrix, top_k)
+            contributions = _top_contributions(loaded, contribs, top_k)
         return BatchScores(info.name, info.version, scores, contributions)
 
     def _loaded(self, name: str, version: str | None) -> _LoadedModel:
@@ -241,18 +250,42 @@ class Scorer:
             raise ScoringError(f"feature columns must be numbers: {exc}") from exc
         return matrix
 
-    @staticmethod
-    def _top_contributions(
-        loaded: _LoadedModel, matrix: npt.NDArray[np.float32], top_k: int
-    ) -> list[list[tuple[str, float]]]:
-        names = loaded.info.feature_names
-        dmatrix = xgb.DMatrix(matrix, feature_names=list(names))
-        # The last column is the bias, not a feature.
-        contribs = loaded.booster.predict(dmatrix, pred_contribs=True)[:, :-1]
-        order = np.argsort(-np.abs(contribs), axis=1, kind="stable")[:, :top_k]
-        top_values = np.take_along_axis(contribs, order, axis=1).astype(np.float64).tolist()
-        top_names = np.asarray(names, dtype=object)[order].tolist()
-        return [
-            list(zip(row_names, row_values, strict=True))
-            for row_names, row_values in zip(top_names, top_values, strict=True)
-        ]
+
+def _predict(
+    loaded: _LoadedModel, matrix: npt.NDArray[np.float32], contributions: bool
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32] | None]:
+    """Probabilities for ``matrix`` and, if asked, XGBoost's ``pred_contribs`` (SHAP values,
+    the bias last)."""
+    if matrix.shape[0] > 1:
+        scores = loaded.booster.inplace_predict(matrix)
+        if not contributions:
+            return scores, None
+        dmatrix = xgb.DMatrix(matrix, feature_names=list(loaded.info.feature_names))
+        return scores, loaded.booster.predict(dmatrix, pred_contribs=True)
+    # One row (a campaign's customer), on the one-thread booster.
+    if not contributions:
+        return loaded.one_row.inplace_predict(matrix), None
+    # Building a DMatrix costs about what a prediction does, so one serves both; its scores
+    # equal inplace_predict's bit for bit (tested). Names are left off and not validated:
+    # the layout is the booster's by construction, checked at load.
+    dmatrix = xgb.DMatrix(matrix, nthread=1)
+    return (
+        loaded.one_row.predict(dmatrix, validate_features=False),
+        loaded.one_row.predict(dmatrix, pred_contribs=True, validate_features=False),
+    )
+
+
+def _top_contributions(
+    loaded: _LoadedModel, contribs: npt.NDArray[np.float32], top_k: int
+) -> list[list[tuple[str, float]]]:
+    """Per row, the ``top_k`` (feature, SHAP value) pairs of XGBoost's ``pred_contribs``
+    output, largest absolute value first (ties in feature order)."""
+    # The last column is the bias, not a feature.
+    contribs = contribs[:, :-1]
+    order = np.argsort(-np.abs(contribs), axis=1, kind="stable")[:, :top_k]
+    top_values = np.take_along_axis(contribs, order, axis=1).astype(np.float64).tolist()
+    top_names = loaded.names[order].tolist()
+    return [
+        list(zip(row_names, row_values, strict=True))
+        for row_names, row_values in zip(top_names, top_values, strict=True)
+    ]

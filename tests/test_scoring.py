@@ -437,3 +437,25 @@ def test_columns_score_like_rows(
     ragged = {n: np.ones(3) for n in FEATURE_NAMES} | {"age_days": np.ones(2)}
     with pytest.raises(ScoringError, match="one length"):
         scorer.score("churn", ragged)
+
+
+def test_one_row_scores_like_the_batch(
+    registry: ModelRegistry, trained: TrainedModel, features: pd.DataFrame
+) -> None:
+    """A campaign's customer scored alone (one thread, one DMatrix for the score and the
+    reasons) gets the very score and reasons the batch path gives them."""
+    registry.register(trained)
+    sample = features.sample(5000, random_state=4)
+    rows = as_rows(sample)
+    for row in rows[::7]:
+        row["monetary_90d"] = None  # a missing value takes the trees' default branches
+    assert any(row["mean_interpurchase_days"] is None for row in rows)
+    scorer = Scorer(registry)
+    every = len(trained.feature_names)
+    batch = scorer.score("churn", rows, top_k=every)
+    for i, row in enumerate(rows):
+        alone = scorer.score("churn", [row], top_k=every)
+        assert alone.scores == [batch.scores[i]]
+        assert alone.contributions == [batch.contributions[i]]
+        assert scorer.score("churn", [row]).contributions == [batch.contributions[i][:3]]
+        assert scorer.score("churn", [row], top_k=0).scores == [batch.scores[i]]

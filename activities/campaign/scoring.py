@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,6 +24,15 @@ log = structlog.get_logger(__name__)
 Row = dict[str, float | None]
 
 
+@dataclass(frozen=True)
+class Scored:
+    """What the score step found: the result the workflow gets, and the challengers'
+    shadow scores (or errors) by model, for the audit row only."""
+
+    result: ScoreResult
+    shadow: dict[str, dict[str, Any]]
+
+
 class ScoringActivities:
     """Scores customers from their stored features."""
 
@@ -44,18 +52,8 @@ class ScoringActivities:
         # Features true today, by this machine's clock: the clock their events were stamped
         # by (a time-skipping test server's clock runs ahead of both).
         at = datetime.now(UTC)
-        async with self._db.transaction() as session:
-            features = await customers.get_features(session, inp.customer_keys, at)
-        missing = [k for k in inp.customer_keys if k not in features]
-        if missing:
-            raise ApplicationError(
-                f"no features stored for {len(missing)} customer(s)",
-                type="ScoringError",
-                non_retryable=True,
-            )
-        rows = [features[k] for k in inp.customer_keys]
-        result = await metrics.timed("cohortflow_scoring_seconds", "Score", self._score(inp, rows))
-        shadow = await asyncio.to_thread(self._shadow_scores, inp.models, rows)
+        scored = await metrics.timed("cohortflow_scoring_seconds", "Score", self.score(inp, at))
+        result = scored.result
         day = at.date().isoformat()
         async with self._db.transaction() as session:
             # A campaign scores its one customer; a batch from elsewhere carries no decisions.
@@ -70,17 +68,39 @@ class ScoringActivities:
                     AuditKind.SCORED,
                     inp.campaign_id,
                     customer.customer_key,
-                    _scored_payload(result, customer, shadow, i) | {"features_as_of": day},
+                    _scored_payload(result, customer, scored.shadow, i) | {"features_as_of": day},
                 )
         log.info("scored", models=result.model_versions)
         result.decisions_recorded = len(inp.decisions)
         return result
 
-    async def _score(self, inp: ScoreInput, rows: list[Row]) -> ScoreResult:
-        try:
-            batches = await asyncio.to_thread(
-                lambda: [self._scorer.score(model, rows) for model in inp.models]
+    async def score(self, inp: ScoreInput, at: datetime) -> Scored:
+        """The step's own work, writing nothing: read the customers' features as of ``at``,
+        score them with each model's champion (with top reasons) and challenger (shadow).
+
+        Raises the non-retryable ``ScoringError`` that :meth:`score_customer` does.
+        """
+        # A read transaction: on SQLite it does not queue for the write lock that every
+        # other activity's transaction takes, on PostgreSQL it is READ ONLY.
+        async with self._db.read_transaction() as session:
+            features = await customers.get_features(session, inp.customer_keys, at)
+        missing = [k for k in inp.customer_keys if k not in features]
+        if missing:
+            raise ApplicationError(
+                f"no features stored for {len(missing)} customer(s)",
+                type="ScoringError",
+                non_retryable=True,
             )
+        rows = [features[k] for k in inp.customer_keys]
+        # On the event loop: a campaign's one row scores in a fraction of a millisecond,
+        # less than the hop to a thread and back (which under load cost milliseconds at
+        # p99). A model version's first load, once per process, blocks it for longer.
+        result = self._score(inp, rows)
+        return Scored(result, self._shadow_scores(inp.models, rows))
+
+    def _score(self, inp: ScoreInput, rows: list[Row]) -> ScoreResult:
+        try:
+            batches = [self._scorer.score(model, rows) for model in inp.models]
         except ScoringError as exc:
             raise ApplicationError(
                 f"{type(exc).__name__}: {exc}", type="ScoringError", non_retryable=True

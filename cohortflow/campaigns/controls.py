@@ -164,17 +164,34 @@ class Controls:
             repeated = _repeated(exc, approval_id)
             if repeated is None:
                 return await self._landed_or_refused(exc, approval_id, approve, identity)
-            result = repeated  # its answer was lost on the way: this is that answer
+            return await self._noted(repeated, request)  # the answer lost on its way
         except RPCError as exc:
             if exc.status in _SETTLED:
                 raise Conflict(f"approval {approval_id}: {exc.message}") from exc
             raise Unavailable(f"approval {approval_id}: Temporal: {exc.message}") from exc
-        if result.remaining:
-            async with self._db.transaction() as session:
-                await approvals.add_approver(session, approval_id, identity.name)
+        return await self._noted(result, request, decided_now=True)
+
+    async def _noted(
+        self, result: DecideResult, request: DecideRequest, *, decided_now: bool = False
+    ) -> DecideResult:
+        """Put a decision the campaign confirmed on the approval's record at once (the
+        campaign's own record follows by an activity; both write the same): the inbox and
+        a bulk decision resumed right after must not show it pending."""
+        async with self._db.transaction() as session:
+            if result.remaining:
+                await approvals.add_approver(session, request.approval_id, request.operator)
+            elif decided_now:
+                await approvals.mark_decided(
+                    session,
+                    request.approval_id,
+                    status="approved" if result.decision == "approved" else "rejected",
+                    operator=request.operator,
+                    reason=request.reason,
+                    decided_at=datetime.now(UTC),
+                )
         log.info(
             "approval decided",
-            approval_id=approval_id,
+            approval_id=request.approval_id,
             decision=result.decision,
             remaining=result.remaining,
         )

@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from cohortflow.events.features import RecentDays, features_as_of
-from cohortflow.storage._sql import chunked, in_list, rows_per_statement, upsert, utc
+from cohortflow.storage._sql import chunked, in_list, rows_per_statement, table_of, upsert, utc
 from cohortflow.storage.feature_snapshot import mark_changed
 from cohortflow.storage.tables import Customer, CustomerFeatures
 
@@ -143,6 +143,17 @@ async def upsert_features(
     return len(written)
 
 
+# Core and built once: for one customer (a campaign's score step) the ORM's work on a fresh
+# statement cost more than the read itself.
+_FEATURES_TABLE = table_of(CustomerFeatures)
+_FEATURES_OF = select(
+    _FEATURES_TABLE.c.customer_key,
+    _FEATURES_TABLE.c.features,
+    _FEATURES_TABLE.c.as_of,
+    _FEATURES_TABLE.c.recent,
+).where(_FEATURES_TABLE.c.customer_key.in_(bindparam("keys", expanding=True)))
+
+
 async def get_features(
     session: AsyncSession, keys: Sequence[str], at: datetime | None = None
 ) -> dict[str, dict[str, float | None]]:
@@ -152,14 +163,7 @@ async def get_features(
     day = utc(at).date()
     found: dict[str, dict[str, float | None]] = {}
     for chunk in chunked(list(dict.fromkeys(keys)), rows_per_statement(session, 1)):
-        result = await session.execute(
-            select(
-                CustomerFeatures.customer_key,
-                CustomerFeatures.features,
-                CustomerFeatures.as_of,
-                CustomerFeatures.recent,
-            ).where(CustomerFeatures.customer_key.in_(chunk))
-        )
+        result = await session.execute(_FEATURES_OF, {"keys": list(chunk)})
         for key, features, as_of, recent in result:
             days = RecentDays.from_json(recent) if recent is not None else None
             computed = utc(as_of).date()

@@ -19,6 +19,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.campaign.calls import ActivityCalls
     from workflows.campaign.contract import (
         APPROVAL_ESCALATION,
+        DECISION_AFTER_ACCEPTANCE,
         AuditKind,
         CampaignState,
         FallbackReason,
@@ -108,7 +109,13 @@ class ApprovalStep:
         payload["reason"] = decision.reason
         if policy.required > 1:
             payload["approved_by"] = interpreter.approvers_of(self._state, decision)
-        await self._calls.audit(step.id, AuditKind.APPROVAL_DECIDED, payload, pending)
+        # The decision came by an update, which is saved with the task that accepted it:
+        # recorded from inside that task, a task lost with its worker left a record (and an
+        # inbox) saying decided while the campaign, replayed, still waited.
+        after_task = workflow.patched(DECISION_AFTER_ACCEPTANCE.id)
+        await self._calls.audit(
+            step.id, AuditKind.APPROVAL_DECIDED, payload, pending, after_task=after_task
+        )
         if not decision.approve:
             return Ending(CampaignState.REJECTED, f"rejected by {decision.operator}")
         return None

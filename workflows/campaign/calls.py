@@ -88,6 +88,8 @@ FALLBACK = replace(CRM, retry=_retry(), fails_to=None)
 # An escalation gives up on its webhook by itself after a few attempts; only the database
 # is retried for as long as it takes.
 ESCALATION = ActivityOptions(timedelta(seconds=30), _retry())
+# A record is the database only: retried for as long as it takes.
+RECORD = ActivityOptions(timedelta(seconds=30), _retry())
 
 
 def crm_options(spec: CampaignSpecDef) -> ActivityOptions:
@@ -254,15 +256,19 @@ class ActivityCalls:
         approval: PendingApproval | None = None,
         *,
         now: bool = False,
+        after_task: bool = False,
     ) -> None:
         """Record a decision: with the next activity (DECISIONS_RIDE_ALONG) unless it changes
-        an approval or ``now`` asks for it at once, with every one not yet recorded."""
+        an approval or ``now`` asks for it at once, with every one not yet recorded.
+        ``after_task``: by an activity, which runs only once this workflow task is saved,
+        not a local one inside it (for what an update brought, which a lost task loses)."""
         unrecorded = self._state.unrecorded
         if self.ride_along and approval is None and not now:
             unrecorded.append(Decision(step_id, kind.value, payload))
             return
         carried = list(unrecorded)
-        await self._record(Decision(step_id, kind.value, payload), carried, approval)
+        decision = Decision(step_id, kind.value, payload)
+        await self._record(decision, carried, approval, after_task=after_task)
         del unrecorded[: len(carried)]
 
     async def record_unrecorded(self) -> None:
@@ -276,23 +282,40 @@ class ActivityCalls:
             del unrecorded[: len(earlier) + 1]
 
     async def _record(
-        self, decision: Decision, earlier: list[Decision], approval: PendingApproval | None
+        self,
+        decision: Decision,
+        earlier: list[Decision],
+        approval: PendingApproval | None,
+        *,
+        after_task: bool = False,
     ) -> None:
+        inp = AuditInput(
+            workflow_id=workflow.info().workflow_id,
+            step_id=decision.step_id,
+            kind=decision.kind,
+            campaign_id=self._input.campaign_id,
+            customer_key=self._input.customer_key,
+            payload=decision.payload,
+            approval=approval,
+            decisions=earlier,
+        )
+        summary = f"audit {decision.step_id} {decision.kind}"
+        if after_task:
+            await workflow.execute_activity(
+                ActivityName.RECORD_AUDIT,
+                inp,
+                result_type=AuditResult,
+                start_to_close_timeout=RECORD.start_to_close,
+                retry_policy=RECORD.retry,
+                summary=summary,
+            )
+            return
         await workflow.execute_local_activity(
             ActivityName.RECORD_AUDIT,
-            AuditInput(
-                workflow_id=workflow.info().workflow_id,
-                step_id=decision.step_id,
-                kind=decision.kind,
-                campaign_id=self._input.campaign_id,
-                customer_key=self._input.customer_key,
-                payload=decision.payload,
-                approval=approval,
-                decisions=earlier,
-            ),
+            inp,
             result_type=AuditResult,
             start_to_close_timeout=LOCAL_TIMEOUT,
-            summary=f"audit {decision.step_id} {decision.kind}",
+            summary=summary,
         )
 
     async def local_time(

@@ -235,6 +235,13 @@ APPROVAL_ESCALATION = Patch(
     "v6",
     "a request unanswered until approval.escalate_before its expiry is escalated once",
 )
+DECISION_AFTER_ACCEPTANCE = Patch(
+    "decision-after-acceptance",
+    "v7",
+    "an operator's decision is put on record by an activity scheduled once the workflow task"
+    " that accepted it is saved, so a task lost with its worker leaves no record of it",
+)
+
 PATCHES = (
     VARIANT_AUDIT,
     CONTROL_SKIPS_APPROVAL,
@@ -245,6 +252,7 @@ PATCHES = (
     WITHDRAW_ON_END,
     INTERRUPTIBLE_ACTIVITIES,
     APPROVAL_ESCALATION,
+    DECISION_AFTER_ACCEPTANCE,
 )
 
 
