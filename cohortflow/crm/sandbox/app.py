@@ -548,7 +548,14 @@ def create_app(config: SandboxConfig) -> FastAPI:
         finally:
             sandbox.close()
 
-    app = FastAPI(title=f"cohortflow sandbox CRM ({config.mode} mode)", lifespan=lifespan)
+    # No FastAPI telemetry where a tracer provider is installed: a test double's requests are
+    # no part of a campaign's trace, and its wrapped ``receive`` hides the transport that
+    # dropping a reply (``_cut_connection``) needs.
+    app = FastAPI(
+        title=f"cohortflow sandbox CRM ({config.mode} mode)",
+        lifespan=lifespan,
+        telemetry={"tracing": False, "metrics": False, "logs": False},
+    )
     app.add_middleware(_CrmGate, sandbox=sandbox)
     if sandbox.hubspot_mode:
         backend = HubSpotBackend(
