@@ -95,12 +95,11 @@ async def _bare(client: Client, n: int, queue: str) -> float:
         return n / (time.perf_counter() - started)
 
 
-async def run_campaigns(
-    client: Client, settings: Settings, n: int, workers: int, document: dict[str, Any] = SPEC
-) -> tuple[float, int]:
-    """Launch ``n`` campaigns of ``document`` run by ``workers`` worker processes; their
-    rate from the first launch to the last end, and one campaign's history events."""
-    db = Database(settings.resolved_database_url)
+async def seeded(
+    db: Database, document: dict[str, Any], n: int
+) -> tuple[CampaignSpec, int, list[str]]:
+    """``document`` applied (by "bench") and ``n`` new consenting customers with features;
+    the spec, its version and the customers' keys."""
     spec = CampaignSpec.model_validate(document)
     keys = [f"c_{uuid.uuid4().hex[:24]}" for _ in range(n)]
     features = dict.fromkeys(FEATURE_NAMES, 1.0)
@@ -115,6 +114,16 @@ async def run_campaigns(
         await consent.bulk_set_consent(
             session, [(k, "email", "marketing", True) for k in keys], source="bench"
         )
+    return spec, version, keys
+
+
+async def run_campaigns(
+    client: Client, settings: Settings, n: int, workers: int, document: dict[str, Any] = SPEC
+) -> tuple[float, int]:
+    """Launch ``n`` campaigns of ``document`` run by ``workers`` worker processes; their
+    rate from the first launch to the last end, and one campaign's history events."""
+    db = Database(settings.resolved_database_url)
+    spec, version, keys = await seeded(db, document, n)
     launcher = Launcher(client, db, settings)
     # `cohortflow worker` processes, as deployments run them.
     root = settings.data_dir
@@ -176,10 +185,9 @@ def sandbox_crm(root: Path, **config: Any) -> Iterator[str]:
         stop(proc)
 
 
-@contextlib.asynccontextmanager
-async def embedded(root: Path, **overrides: Any) -> AsyncIterator[Settings]:
-    """A trained churn model, a migrated app database and a dev server under ``root``, for as
-    long as the block runs; their settings, with ``overrides``."""
+async def prepared(root: Path, **overrides: Any) -> Settings:
+    """A trained churn model and a migrated app database under ``root``, and the settings of
+    a dev server on free ports there (not started), with ``overrides``."""
     registry = ModelRegistry(root / "models")
     registry.register(
         train_churn(load_transactions(), TrainConfig(bootstrap_resamples=0)),
@@ -188,7 +196,7 @@ async def embedded(root: Path, **overrides: Any) -> AsyncIterator[Settings]:
     # BENCH_DATABASE_URL runs the app database elsewhere (e.g. PostgreSQL).
     url = os.environ.get("BENCH_DATABASE_URL") or f"sqlite+aiosqlite:///{root / 'app.db'}"
     await migrate(url)
-    settings = Settings(
+    return Settings(
         data_dir=root,
         temporal_port=free_port(),
         temporal_ui_port=free_port(),
@@ -197,6 +205,13 @@ async def embedded(root: Path, **overrides: Any) -> AsyncIterator[Settings]:
         log_level="WARNING",
         **overrides,
     )
+
+
+@contextlib.asynccontextmanager
+async def embedded(root: Path, **overrides: Any) -> AsyncIterator[Settings]:
+    """:func:`prepared`'s settings with their dev server running, for as long as the block
+    runs."""
+    settings = await prepared(root, **overrides)
     server = DevServer(settings)
     await server.start()
     try:
