@@ -49,41 +49,25 @@ class SignalRelay:
 
     async def deliver(self, message_ids: Sequence[str] | None = None) -> Delivery:
         """Deliver what is due (only ``message_ids`` when given) until nothing due is left or
-        Temporal fails.
-
-        A caller may cancel it (a batch waits only so long for its own signals): the wait
-        for Temporal is cut, but a database transaction under way runs to its end. Cut in
-        the middle, it left its connection unusable and out of the pool: after PostgreSQL
-        restarted under load, every request of the API then timed out waiting for one.
-        Rows claimed and not signalled are taken again when their lease ends.
-        """
+        Temporal fails."""
         delivery = Delivery()
         while True:
             now = datetime.now(UTC)
-            owed = await asyncio.shield(self._claim(now, message_ids))
+            async with self._db.transaction() as session:
+                owed = await signal_outbox.claim(
+                    session, now=now, lease=self._lease, limit=CLAIM_LIMIT, message_ids=message_ids
+                )
             if not owed:
                 return delivery
             sent = await self._signaller([(s.customer_key, _event(s)) for s in owed])
-            await asyncio.shield(self._settle(owed, sent, now))
-            if sent is None:
-                delivery.temporal = "unreachable"
-                return delivery
+            async with self._db.transaction() as session:
+                if sent is None:
+                    await signal_outbox.failed(session, owed, "temporal unreachable", now=now)
+                    delivery.temporal = "unreachable"
+                    return delivery
+                await signal_outbox.delivered(session, [s.message_id for s in owed])
             delivery.signalled += sent
             delivery.temporal = "ok"
-
-    async def _claim(self, now: datetime, message_ids: Sequence[str] | None) -> list[OwedSignal]:
-        async with self._db.transaction() as session:
-            return await signal_outbox.claim(
-                session, now=now, lease=self._lease, limit=CLAIM_LIMIT, message_ids=message_ids
-            )
-
-    async def _settle(self, owed: list[OwedSignal], sent: int | None, now: datetime) -> None:
-        """Delete what was delivered, or put it back with a back-off when Temporal failed."""
-        async with self._db.transaction() as session:
-            if sent is None:
-                await signal_outbox.failed(session, owed, "temporal unreachable", now=now)
-            else:
-                await signal_outbox.delivered(session, [s.message_id for s in owed])
 
     async def backlog(self) -> Backlog:
         """What is still owed (its size and age are the relay's lag)."""
