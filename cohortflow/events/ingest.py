@@ -15,8 +15,10 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+import structlog
+
 from cohortflow.events.identities import KeyMaker, plan_batch
-from cohortflow.events.relay import SignalRelay
+from cohortflow.events.relay import Delivery, SignalRelay
 from cohortflow.events.schema import AnyEvent, Received, parse_event
 from cohortflow.events.signals import TemporalStatus
 from cohortflow.pseudonymisation import Pseudonymiser
@@ -31,6 +33,8 @@ from workflows.campaign.messages import CustomerEvent
 Status = Literal["accepted", "duplicate", "rejected"]
 # How long a batch waits for its own signals before leaving them to the relay.
 DELIVER_NOW_SECONDS = 2.0
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass
@@ -69,6 +73,7 @@ class Ingestor:
         self._db = db
         self._keys = KeyMaker(pseudonymiser)
         self._relay = relay
+        self._background: set[asyncio.Future[Delivery]] = set()  # deliveries outliving a call
 
     async def ingest(
         self,
@@ -104,16 +109,27 @@ class Ingestor:
         results.sort(key=lambda r: r.index)
         outcome = IngestOutcome(results)
         if self._relay is not None and owed:
-            try:
-                async with asyncio.timeout(DELIVER_NOW_SECONDS):
-                    delivery = await self._relay.deliver([o.message_id for o in owed])
-            except TimeoutError:
-                # Temporal is slow or retrying its connection: the signals stay owed and the
-                # relay delivers them when their lease ends; the sender is not kept waiting.
-                outcome.temporal = "unreachable"
-            else:
+            delivering = asyncio.ensure_future(self._relay.deliver([o.message_id for o in owed]))
+            await asyncio.wait({delivering}, timeout=DELIVER_NOW_SECONDS)
+            if delivering.done():
+                delivery = delivering.result()
                 outcome.temporal, outcome.signalled = delivery.temporal, delivery.signalled
+            else:
+                # Temporal or the database is slow: the sender is not kept waiting, and the
+                # delivery is not cancelled either (cancelled inside a database call, it left
+                # its pooled asyncpg connection unusable; after a PostgreSQL restart under load
+                # that exhausted the pool for minutes). It ends in the background; what it
+                # leaves owed, the relay delivers when the lease ends.
+                self._background.add(delivering)
+                delivering.add_done_callback(self._delivered_late)
+                outcome.temporal = "unreachable"
         return outcome
+
+    def _delivered_late(self, delivering: asyncio.Future[Delivery]) -> None:
+        self._background.discard(delivering)
+        if not delivering.cancelled() and delivering.exception() is not None:
+            # Retried by the relay, like any failed round.
+            log.warning("late delivery failed", error=type(delivering.exception()).__name__)
 
 
 def _validate(
