@@ -9,16 +9,13 @@ Temporal outage never loses an event nor the signal it owes.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-import structlog
-
 from cohortflow.events.identities import KeyMaker, plan_batch
-from cohortflow.events.relay import Delivery, SignalRelay
+from cohortflow.events.relay import SignalRelay
 from cohortflow.events.schema import AnyEvent, Received, parse_event
 from cohortflow.events.signals import TemporalStatus
 from cohortflow.pseudonymisation import Pseudonymiser
@@ -33,8 +30,6 @@ from workflows.campaign.messages import CustomerEvent
 Status = Literal["accepted", "duplicate", "rejected"]
 # How long a batch waits for its own signals before leaving them to the relay.
 DELIVER_NOW_SECONDS = 2.0
-
-log = structlog.get_logger(__name__)
 
 
 @dataclass
@@ -73,7 +68,6 @@ class Ingestor:
         self._db = db
         self._keys = KeyMaker(pseudonymiser)
         self._relay = relay
-        self._background: set[asyncio.Future[Delivery]] = set()  # deliveries outliving a call
 
     async def ingest(
         self,
@@ -109,27 +103,12 @@ class Ingestor:
         results.sort(key=lambda r: r.index)
         outcome = IngestOutcome(results)
         if self._relay is not None and owed:
-            delivering = asyncio.ensure_future(self._relay.deliver([o.message_id for o in owed]))
-            await asyncio.wait({delivering}, timeout=DELIVER_NOW_SECONDS)
-            if delivering.done():
-                delivery = delivering.result()
-                outcome.temporal, outcome.signalled = delivery.temporal, delivery.signalled
-            else:
-                # Temporal or the database is slow: the sender is not kept waiting, and the
-                # delivery is not cancelled either (cancelled inside a database call, it left
-                # its pooled asyncpg connection unusable; after a PostgreSQL restart under load
-                # that exhausted the pool for minutes). It ends in the background; what it
-                # leaves owed, the relay delivers when the lease ends.
-                self._background.add(delivering)
-                delivering.add_done_callback(self._delivered_late)
-                outcome.temporal = "unreachable"
+            # Temporal slow or away: the sender is not kept waiting past DELIVER_NOW_SECONDS;
+            # what is left owed, the relay delivers when its lease ends.
+            ids = [o.message_id for o in owed]
+            delivery = await self._relay.deliver(ids, within=DELIVER_NOW_SECONDS)
+            outcome.temporal, outcome.signalled = delivery.temporal, delivery.signalled
         return outcome
-
-    def _delivered_late(self, delivering: asyncio.Future[Delivery]) -> None:
-        self._background.discard(delivering)
-        if not delivering.cancelled() and delivering.exception() is not None:
-            # Retried by the relay, like any failed round.
-            log.warning("late delivery failed", error=type(delivering.exception()).__name__)
 
 
 def _validate(

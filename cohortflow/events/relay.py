@@ -47,10 +47,14 @@ class SignalRelay:
         self._signaller = signaller
         self._lease = lease
 
-    async def deliver(self, message_ids: Sequence[str] | None = None) -> Delivery:
+    async def deliver(
+        self, message_ids: Sequence[str] | None = None, *, within: float | None = None
+    ) -> Delivery:
         """Deliver what is due (only ``message_ids`` when given) until nothing due is left or
-        Temporal fails."""
+        Temporal fails; with ``within``, stop signalling after that many seconds, leaving
+        what is claimed to be delivered when its lease ends."""
         delivery = Delivery()
+        deadline = None if within is None else asyncio.get_running_loop().time() + within
         while True:
             now = datetime.now(UTC)
             async with self._db.transaction() as session:
@@ -59,7 +63,15 @@ class SignalRelay:
                 )
             if not owed:
                 return delivery
-            sent = await self._signaller([(s.customer_key, _event(s)) for s in owed])
+            try:
+                # Only the call to Temporal is cut short, never a database transaction:
+                # cancelled inside one, asyncpg left its pooled connection unusable, and
+                # after a PostgreSQL restart under load that exhausted the pool for minutes.
+                async with asyncio.timeout_at(deadline):
+                    sent = await self._signaller([(s.customer_key, _event(s)) for s in owed])
+            except TimeoutError:
+                delivery.temporal = "unreachable"
+                return delivery
             async with self._db.transaction() as session:
                 if sent is None:
                     await signal_outbox.failed(session, owed, "temporal unreachable", now=now)
