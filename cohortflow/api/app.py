@@ -104,30 +104,9 @@ def database_unavailable(exc: BaseException) -> bool:
 UNAVAILABLE_RETRY_AFTER_SECONDS = 5
 
 
-def create_app(settings: Settings) -> FastAPI:
-    """The FastAPI application for ``settings``."""
-    state = AppState(settings)
-
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        stop = asyncio.Event()
-        relaying = asyncio.create_task(state.relay.run(stop))
-        try:
-            yield
-        finally:
-            stop.set()
-            await relaying
-            await state.db.dispose()
-
-    # Swagger UI and ReDoc from files shipped in fastapi-offline: /docs works with no internet.
-    app = FastAPIOffline(
-        title="cohortflow",
-        summary="Approvals, consent and campaign controls for segment-triggered CRM campaigns.",
-        description=_DESCRIPTION,
-        lifespan=lifespan,
-    )
-
-    app.state.cohortflow = state
+def _answer_errors(app: FastAPI) -> None:
+    """Every error in one shape, ``{"detail": [{"loc", "msg", "type"}]}``: ours with their
+    status, FastAPI's and Starlette's own, and a database that is away as 503."""
 
     @app.exception_handler(OperatorError)
     async def _operator_error(request: Request, exc: OperatorError) -> JSONResponse:
@@ -178,6 +157,34 @@ def create_app(settings: Settings) -> FastAPI:
             content={"detail": [{"loc": [], "msg": message, "type": "Unavailable"}]},
             headers={"Retry-After": str(DATABASE_RETRY_AFTER_SECONDS)},
         )
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The FastAPI application for ``settings``."""
+    state = AppState(settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        stop = asyncio.Event()
+        relaying = asyncio.create_task(state.relay.run(stop))
+        try:
+            yield
+        finally:
+            stop.set()
+            await relaying
+            await state.db.dispose()
+
+    # Swagger UI and ReDoc from files shipped in fastapi-offline: /docs works with no internet.
+    app = FastAPIOffline(
+        title="cohortflow",
+        summary="Approvals, consent and campaign controls for segment-triggered CRM campaigns.",
+        description=_DESCRIPTION,
+        lifespan=lifespan,
+    )
+
+    app.state.cohortflow = state
+
+    _answer_errors(app)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:
