@@ -170,17 +170,23 @@ def sandbox_crm(root: Path, **config: Any) -> Iterator[str]:
         **{"crm_sandbox_rate_limit": 1_000_000, **config},
     )
     url = settings.resolved_crm_url
-    proc = spawn(
-        cohortflow_command("crm-sandbox"), env=child_env(settings), log_path=root / "crm.log"
-    )
+    with serving("crm-sandbox", settings, url, root / "crm.log"):
+        yield url
+
+
+@contextlib.contextmanager
+def serving(subcommand: str, settings: Settings, url: str, log_path: Path) -> Iterator[None]:
+    """``cohortflow <subcommand>`` in its own process with ``settings``, for as long as the
+    block runs, once ``url``/healthz answers (its log's tail if it never does)."""
+    proc = spawn(cohortflow_command(subcommand), env=child_env(settings), log_path=log_path)
     try:
         healthy = http_ok(f"{url}/healthz")
         deadline = time.monotonic() + 60
         while not healthy():
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the sandbox CRM did not start:\n{tail(root / 'crm.log')}")
+                raise RuntimeError(f"{subcommand} did not start:\n{tail(log_path)}")
             time.sleep(0.1)
-        yield url
+        yield
     finally:
         stop(proc)
 

@@ -12,7 +12,7 @@ Launches trickle in while a chaos task kills a worker every 1-3 s: one kill in t
 for a CRM request to be in flight, one for an approval decision to be in flight. Halfway,
 the dev server itself is SIGKILLed and, 5 s later, started again on its database file.
 
-Checked afterwards (:mod:`bench.chaos_checks`): each campaign ended as its spec and data say
+Checked afterwards (:mod:`bench._chaos_checks`): each campaign ended as its spec and data say
 (approved or plain: completed; rejected: rejected; no fallback), the CRM holds one
 enrolment per completed campaign and none twice, the audit trail holds exactly the
 approvals decided and CRM writes completed that the histories show, and `cohortflow audit
@@ -20,8 +20,10 @@ verify` passes.
 
     python -m bench.chaos [--campaigns 300] [--kills 12] [--seed 7]
 
-Ends with one JSON line: bench, campaigns, terminal, duplicates, missing_audit, audit_ok,
-kills, server_restarts, unexpected_fallbacks and the rest of the figures.
+Ends with one JSON line: bench, ratio (campaigns that ended as their spec and data say, over
+all: the baseline is what the spec says, computed in the same run), target (1.0), campaigns,
+terminal, duplicates, missing_audit, audit_ok, kills, server_restarts, unexpected_fallbacks
+and the rest of the figures.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,14 +49,14 @@ from pydantic import SecretStr
 from temporalio.client import Client
 from temporalio.service import RPCError
 
-from bench.campaign_throughput import SPEC, prepared, sandbox_crm, seeded
-from bench.chaos_checks import Outcome, check
+from bench._chaos_checks import Outcome, check
+from bench.campaign_throughput import SPEC, prepared, sandbox_crm, seeded, serving
 from cohortflow.campaigns.launcher import Entry, Launcher
 from cohortflow.observability import configure_logging
 from cohortflow.runtime.devserver import DevServer
 from cohortflow.runtime.ports import free_port
-from cohortflow.runtime.process import spawn, stop, tail
-from cohortflow.runtime.supervisor import child_env, cohortflow_command, http_ok
+from cohortflow.runtime.process import spawn, stop
+from cohortflow.runtime.supervisor import child_env, cohortflow_command
 from cohortflow.settings import Settings
 from cohortflow.spec import CampaignSpec
 from cohortflow.storage.db import Database
@@ -66,6 +68,7 @@ CRM_TOKEN = "pat-chaos"
 WORKERS = 2
 SECONDS_PER_KILL = 2.0  # launches trickle in over about the time the kills take
 SERVER_DOWN_SECONDS = 5.0  # long enough for workers, the API and launches to notice
+TARGET = 1.0  # every campaign ends as its spec and data say, chaos or not
 
 _TAIL: list[dict[str, Any]] = [
     SPEC["steps"][2],  # label the contact
@@ -284,7 +287,7 @@ async def running_stack(root: Path) -> AsyncIterator[Stack]:
             }
         )
         stack = Stack(settings, server, crm_url, f"http://127.0.0.1:{settings.api_port}")
-        with _api(settings):
+        with serving("api", settings, stack.api_url, root / "api.log"):
             try:
                 for slot in range(WORKERS):
                     stack.start_worker(slot)
@@ -293,22 +296,6 @@ async def running_stack(root: Path) -> AsyncIterator[Stack]:
                 for proc in stack.workers:
                     stop(proc)
                 server.stop()
-
-
-@contextlib.contextmanager
-def _api(settings: Settings) -> Iterator[None]:
-    log = settings.data_dir / "api.log"
-    proc = spawn(cohortflow_command("api"), env=child_env(settings), log_path=log)
-    try:
-        healthy = http_ok(f"http://127.0.0.1:{settings.api_port}/healthz")
-        deadline = time.monotonic() + 60
-        while not healthy():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the API did not start:\n{tail(log)}")
-            time.sleep(0.1)
-        yield
-    finally:
-        stop(proc)
 
 
 def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
@@ -363,6 +350,8 @@ async def run(campaigns: int, kills: int, seed: int, root: Path) -> dict[str, An
     assert len(workflow_ids) == campaigns
     return {
         "bench": "chaos",
+        "ratio": round(figures["terminal"] / figures["campaigns"], 3),
+        "target": TARGET,
         **figures,
         "audit_ok": verified.returncode == 0,
         "audit_verify": verified.stdout.strip() or verified.stderr.strip()[-300:],

@@ -51,8 +51,8 @@ from pydantic import SecretStr
 from sqlalchemy import func, select
 from temporalio.client import Client, WorkflowExecutionStatus
 
+from bench._private_postgres import PrivatePostgres, private_postgres
 from bench.campaign_throughput import embedded, sandbox_crm
-from bench.private_postgres import PrivatePostgres, private_postgres
 from cohortflow.auth.tokens import TokenService
 from cohortflow.campaigns.launcher import Entry, Launcher
 from cohortflow.observability import configure_logging

@@ -19,6 +19,7 @@ async def test_every_promise_holds_through_kills_and_a_server_restart(tmp_path: 
 
     assert figures["kills"] == 4 and figures["server_restarts"] == 1, figures
     assert figures["terminal"] == figures["campaigns"] == 30, figures
+    assert (figures["ratio"], figures["target"]) == (1.0, 1.0), figures
     assert figures["unexpected_fallbacks"] == 0, figures
     # Half the campaigns were sensitive; each history shows its one decision.
     assert figures["decisions_in_histories"] == figures["expected_decisions"] == 15, figures

@@ -39,7 +39,6 @@ from workflows.campaign.contract import SA, AuditKind, DecideRefusal
 from workflows.campaign.messages import ConsentChanged, DecideRequest, DecideResult, PauseChanged
 from workflows.campaign.workflow import CampaignWorkflow
 
-# Answers of a Temporal server too busy or restarting: the request may be sent again.
 # Temporal's answers that settle a decision (the campaign is gone or closed); any other
 # failure of the call, a lost connection (UNKNOWN "transport error") included, says nothing
 # about the decision, so the operator is told to send it again.
