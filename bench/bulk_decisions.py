@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
 from temporalio import workflow
 from temporalio.client import Client
 from temporalio.worker import Worker
@@ -96,10 +97,15 @@ async def _bare_updates(client: Client, n: int, queue: str) -> float:
 
 
 async def _pending(db: Database) -> int:
-    async with db.transaction() as session:
-        count = await session.scalar(
-            select(func.count()).select_from(Approval).where(Approval.status == "pending")
-        )
+    """Approvals pending now; 0 while the database is too busy to say (SQLite locked by
+    the launch's writes), which only means asking again."""
+    try:
+        async with db.transaction() as session:
+            count = await session.scalar(
+                select(func.count()).select_from(Approval).where(Approval.status == "pending")
+            )
+    except OperationalError:
+        return 0
     return int(count or 0)
 
 
