@@ -4,6 +4,7 @@ CRM's own store, and the audit trail against the workflows' histories."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from typing import Any
 import httpx
 from sqlalchemy import func, select
 from temporalio.api.enums.v1 import EventType
+from temporalio.api.history.v1 import HistoryEvent
 from temporalio.client import Client
 from temporalio.service import RPCError
 
@@ -46,7 +48,7 @@ class Shown:
 
     decisions: int = 0  # decide updates completed successfully
     crm_writes: int = 0  # crm_write activities completed
-    scored: int = 0  # score_customer activities completed
+    scored: int = 0  # score_customer activities (or local activities) completed
 
     def expected_rows(self, finished: bool) -> Counter[str]:
         """The audit rows, by kind, these imply (``finished``: the campaign ended by its
@@ -130,6 +132,8 @@ async def history_shows(client: Client, workflow_id: str) -> Shown:
             name = scheduled[event.activity_task_completed_event_attributes.scheduled_event_id]
             shown.crm_writes += name == ActivityName.CRM_WRITE
             shown.scored += name == ActivityName.SCORE_CUSTOMER
+        elif event.event_type == EventType.EVENT_TYPE_MARKER_RECORDED:
+            shown.scored += local_activity(event) == ActivityName.SCORE_CUSTOMER
         elif event.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ACCEPTED:
             request = event.workflow_execution_update_accepted_event_attributes.accepted_request
             if request.input.name == HandlerName.DECIDE:
@@ -139,6 +143,15 @@ async def history_shows(client: Client, workflow_id: str) -> Shown:
             succeeded = attrs.outcome.WhichOneof("value") == "success"
             shown.decisions += succeeded and attrs.meta.update_id in decide_updates
     return shown
+
+
+def local_activity(event: HistoryEvent) -> str:
+    """The activity type a local activity's marker records ("" for other markers). Its
+    ``data`` detail is the SDK core's own JSON, never sealed by our codec."""
+    marker = event.marker_recorded_event_attributes
+    if marker.marker_name != "core_local_activity" or "data" not in marker.details:
+        return ""
+    return str(json.loads(marker.details["data"].payloads[0].data).get("activity_type", ""))
 
 
 async def audit_rows(db: Database, workflow_ids: list[str]) -> Counter[tuple[str, str]]:

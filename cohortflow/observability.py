@@ -119,10 +119,15 @@ def configure_tracing(console: bool, service_name: str, otlp_endpoint: str | Non
     trace.set_tracer_provider(provider)
 
 
+def recording() -> bool:
+    """Whether this process records spans (``configure_tracing`` installed a provider)."""
+    return isinstance(trace.get_tracer_provider(), TracerProvider)
+
+
 def trace_statements(engine: AsyncEngine) -> None:
     """A client span per SQL statement ``engine`` runs, in the caller's trace, when this
     process records spans (its statement text carries placeholders, never the values)."""
-    if not isinstance(trace.get_tracer_provider(), TracerProvider):
+    if not recording():
         return
     from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
     from opentelemetry.instrumentation.sqlalchemy.engine import EngineTracer

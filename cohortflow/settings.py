@@ -52,6 +52,13 @@ class Settings(BaseSettings):
     crm_max_concurrent_activities: int = Field(
         500, ge=1, description="CRM activities one worker runs at once (they mostly wait)."
     )
+    worker_workflow_tasks: int = Field(
+        10,
+        ge=1,
+        description="Workflow tasks one worker process runs at once. They share one core (the"
+        " GIL): more only makes each slower, while the rest wait on the server, where another"
+        " worker may take them.",
+    )
 
     database_url: str | None = Field(
         None, description="SQLAlchemy async URL; unset means SQLite in the data directory."

@@ -32,7 +32,7 @@ from activities.campaign.batcher import CrmBatcher
 from activities.campaign.crm import CrmActivities
 from cohortflow.auth.identity import Identity, Role
 from cohortflow.auth.tokens import TokenService
-from cohortflow.campaigns.launcher import FIRST_ENTRY, Entry, Launcher
+from cohortflow.campaigns.launcher import FIRST_ENTRY, Entry, Launcher, stored_definition
 from cohortflow.crm.sandbox.app import SandboxConfig, create_app
 from cohortflow.runtime.ports import free_port
 from cohortflow.settings import Settings
@@ -46,10 +46,15 @@ from scoring.scorer import Scorer
 from scoring.train import TrainConfig, train_churn
 from workers.campaign_worker import build_workers, campaign_activities, crm_batcher
 from workflows.campaign.calls import CRM
-from workflows.campaign.contract import PATCHES, CampaignState, campaign_workflow_id
+from workflows.campaign.contract import (
+    CAMPAIGN_WORKFLOW_V2,
+    PATCHES,
+    CampaignState,
+    campaign_workflow_id,
+)
 from workflows.campaign.messages import CampaignResult, CampaignStatus, CustomerEvent
 from workflows.campaign.state import CampaignInput
-from workflows.campaign.workflow import CampaignWorkflow
+from workflows.campaign.workflow import CampaignWorkflow, CampaignWorkflowV2
 
 # A lapsed one-time buyer: every model feature present, one of them missing (NaN -> None).
 FEATURES: dict[str, float | None] = {name: 1.0 for name in FEATURE_NAMES}
@@ -321,9 +326,11 @@ class Harness:
 
     async def start(
         self, spec: CampaignSpec, version: int, key: str, **fields: Any
-    ) -> WorkflowHandle[CampaignWorkflow, CampaignResult]:
+    ) -> WorkflowHandle[CampaignWorkflowV2, CampaignResult]:
         """Start a campaign directly, with input fields a launch never sets (a history bound,
         a carried state)."""
+        async with self.db.transaction() as session:
+            pinned = await stored_definition(session, spec.campaign_id, version)
         inp = CampaignInput(
             spec.campaign_id,
             version,
@@ -331,10 +338,11 @@ class Harness:
             FIRST_ENTRY,
             spec.entry_cohort,
             crm_task_queue=self.settings.crm_task_queue,
+            spec=pinned,
             **fields,
         )
         return await self.client.start_workflow(
-            CampaignWorkflow.run,
+            CampaignWorkflowV2.run,
             inp,
             id=campaign_workflow_id(spec.campaign_id, key, FIRST_ENTRY),
             task_queue=self.settings.task_queue,
@@ -411,9 +419,16 @@ async def save_history_if_asked(handle: WorkflowHandle[Any, Any], name: str) -> 
     ``campaign_{generation}_{name}.json``, the generation being the newest patch's: how
     ``tests/histories/`` gets a history of each new workflow behaviour. A saved history is a
     released version's record and is never overwritten."""
-    path = HISTORIES / f"campaign_{PATCHES[-1].since}_{name}.json"
-    if os.environ.get("COHORTFLOW_SAVE_HISTORIES") == "1" and not path.exists():
-        history = await handle.fetch_history()
+    if os.environ.get("COHORTFLOW_SAVE_HISTORIES") != "1":
+        return
+    history = await handle.fetch_history()
+    started = history.events[0].workflow_execution_started_event_attributes
+    # The lean type has generations of its own, none patched yet.
+    lean = started.workflow_type.name == CAMPAIGN_WORKFLOW_V2
+    path = HISTORIES / (
+        f"campaign_lean_v1_{name}.json" if lean else f"campaign_{PATCHES[-1].since}_{name}.json"
+    )
+    if not path.exists():
         path.write_text(history.to_json())
 
 

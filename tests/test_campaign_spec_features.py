@@ -98,6 +98,18 @@ async def audit_rows(h: Harness, workflow_id: str, kind: str) -> list[dict[str, 
         return [json.loads(p) for p in payloads]
 
 
+async def bought_while_waiting(
+    harness: Harness, spec: CampaignSpec, version: int
+) -> tuple[WorkflowHandle[Any, CampaignResult], CampaignResult]:
+    """Launch the campaign for a new customer, who buys once it waits; its handle and end."""
+    key = await harness.customer()
+    async with harness.workers():
+        handle = await harness.launch(spec, version, key)
+        await wait_for_state(handle, CampaignState.WAITING)
+        await handle.signal(CampaignWorkflow.customer_event, purchase(await server_now(harness)))
+        return handle, await harness.result(handle)
+
+
 async def workflow_span(handle: WorkflowHandle[Any, CampaignResult]) -> timedelta:
     events = [e async for e in handle.fetch_history_events()]
     return events[-1].event_time.ToDatetime() - events[0].event_time.ToDatetime()
@@ -162,16 +174,51 @@ async def test_an_exit_event_ends_a_long_wait_at_once_and_the_conversion_is_reco
             conversion={"event": "purchase", "window": "P14D"},
         )
     )
-    key = await harness.customer()
-    async with harness.workers():
-        handle = await harness.launch(spec, version, key)
-        await wait_for_state(handle, CampaignState.WAITING)
-        await handle.signal(CampaignWorkflow.customer_event, purchase(await server_now(harness)))
-        result = await harness.result(handle)
+    handle, result = await bought_while_waiting(harness, spec, version)
     assert (result.state, result.reason) == (CampaignState.EXITED, "event purchase")
     assert await workflow_span(handle) < timedelta(hours=1)
     converted = await audit_rows(harness, handle.id, "converted")
     assert len(converted) == 1 and converted[0]["variant"] == "treatment"
+
+
+async def test_the_last_write_records_the_conversion_and_the_finish_it_leads_to(
+    harness: Harness,
+) -> None:
+    # Nothing acts after the label: its write carries the conversion heard during the wait
+    # and the finish, in its own transaction, and no local activity records them after it.
+    spec, version = await harness.apply(
+        document(
+            [
+                {"id": "hold", "type": "wait", "duration": "PT1H"},
+                {
+                    "id": "label",
+                    "type": "crm",
+                    "action": "set_properties",
+                    "properties": {"k": "v"},
+                },
+                {"id": "done", "type": "exit"},
+            ],
+            conversion={"event": "purchase", "window": "P14D"},
+        )
+    )
+    handle, result = await bought_while_waiting(harness, spec, version)
+    assert (result.state, result.reason) == (CampaignState.COMPLETED, "reached exit step done")
+    async with harness.db.transaction() as session:
+        rows = await session.execute(
+            select(AuditRow.step_id, AuditRow.kind)
+            .where(AuditRow.workflow_id == handle.id)
+            .order_by(AuditRow.seq)
+        )
+        chain = [(step, kind) for step, kind in rows]
+    assert chain[-3:] == [("label", "crm_written"), ("goal", "converted"), ("finish", "finished")]
+    finished = await audit_rows(harness, handle.id, "finished")
+    assert finished == [
+        {"state": "completed", "reason": "reached exit step done", "variant": "treatment"}
+    ]
+    types = [e.event_type async for e in handle.fetch_history_events()]
+    written = len(types) - types[::-1].index(EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED)
+    assert EventType.EVENT_TYPE_MARKER_RECORDED not in types[written:]
+    await save_history_if_asked(handle, "last_write_converted_finished")
 
 
 async def test_a_purchase_outside_the_conversion_window_is_not_a_conversion(

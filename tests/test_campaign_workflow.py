@@ -7,6 +7,7 @@ import dataclasses
 import json
 import shutil
 import time
+from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -268,25 +269,34 @@ async def test_a_repeated_launch_of_the_same_entry_is_a_no_op(harness: Harness) 
     assert await audit_count(harness, first.id, "scored") == 1
 
 
-async def test_decisions_ride_with_the_next_activity_in_the_order_they_were_made(
+async def test_the_bench_shaped_campaign_costs_what_its_effects_need_and_keeps_its_record(
     harness: Harness,
 ) -> None:
-    # The bench's shape: score, branch, label, wait, enrol. Only two local activities remain:
-    # the spec's load and the final record (which carries the last decisions).
+    # The bench's shape: score, branch, label, wait, enrol. The lean type's history holds what
+    # a hand-written workflow with the same effects needs (scoring's local activity, two CRM
+    # activities, the timer) plus one search-attribute upsert, at the end (a 1 s wait is over
+    # before anyone could see it): no patch markers, no spec load, and the finish is
+    # recorded with the enrolment.
     document = spec_document()
     document["steps"][1]["rules"][0]["all"][0]["value"] = 2.0  # nobody goes to approval
+    document["steps"][4]["duration"] = "PT1S"
     spec, version = await harness.apply(document)
     key = await harness.customer()
     async with harness.workers():
         handle = await harness.launch(spec, version, key)
         result = await harness.result(handle)
     assert result.state == CampaignState.COMPLETED
-    markers = [
-        e.marker_recorded_event_attributes.marker_name
-        async for e in handle.fetch_history_events()
-        if e.event_type == EventType.EVENT_TYPE_MARKER_RECORDED
-    ]
-    assert markers.count("core_local_activity") == 2
+    events = [e async for e in handle.fetch_history_events()]
+    kinds = Counter(EventType.Name(e.event_type).removeprefix("EVENT_TYPE_") for e in events)
+    assert kinds["MARKER_RECORDED"] == 1  # scoring; no patch, no spec, no finish record
+    assert kinds["ACTIVITY_TASK_SCHEDULED"] == 2  # the two CRM writes
+    assert kinds["TIMER_STARTED"] == 1
+    assert kinds["UPSERT_WORKFLOW_SEARCH_ATTRIBUTES"] == 1
+    assert len(events) == 24, kinds
+    shown = (await harness.describe(handle)).typed_search_attributes
+    assert shown.get(SA.CAMPAIGN_STATE) == "completed"
+    assert shown.get(SA.VARIANT) == "treatment"
+    assert (shown.get(SA.MODEL_VERSION) or "").startswith("churn-")
     assert await audit_chain(harness, handle.id) == [
         ("entry", "variant_assigned"),
         ("score", "scored"),
@@ -297,7 +307,7 @@ async def test_decisions_ride_with_the_next_activity_in_the_order_they_were_made
         ("enrol", "crm_written"),
         ("finish", "finished"),
     ]
-    await save_history_if_asked(handle, "decisions_ride_along")
+    await save_history_if_asked(handle, "bench_shape_completed")
 
 
 async def audit_chain(h: Harness, workflow_id: str) -> list[tuple[str, str]]:
@@ -515,13 +525,19 @@ async def test_a_carried_approval_that_never_resumes_is_withdrawn_and_refuses_de
         exit_reason="event unsubscribe",
         runs=2,
     )
+    # The decision is sent before any worker runs the campaign, so it is heard by the run's
+    # first task however fast the run ends.
+    handle = await harness.start(spec, version, key, carried=carried)
+    decision = asyncio.create_task(
+        handle.execute_update(
+            CampaignWorkflow.decide,
+            DecideRequest(pending.approval_id, True, "alice", "ok", ["approver"]),
+        )
+    )
+    await asyncio.sleep(0.5)
     async with harness.workers():
-        handle = await harness.start(spec, version, key, carried=carried)
         with pytest.raises(WorkflowUpdateFailedError) as refused:
-            await handle.execute_update(
-                CampaignWorkflow.decide,
-                DecideRequest(pending.approval_id, True, "alice", "ok", ["approver"]),
-            )
+            await decision
         result = await harness.result(handle)
     assert isinstance(refused.value.cause, ApplicationError)
     assert refused.value.cause.type == "DecideConflict"

@@ -22,6 +22,7 @@ from temporalio.exceptions import ApplicationError
 from activities.campaign.crm import CrmActivities
 from cohortflow.crm.connector import ContactWrite, Membership
 from cohortflow.crm.hubspot import HubSpotConnector
+from cohortflow.storage import consent
 from cohortflow.storage.db import Database
 from cohortflow.storage.tables import AuditRow
 from tests.harness import (
@@ -32,7 +33,12 @@ from tests.harness import (
     hubspot_sandbox,
     sandbox_view,
 )
-from workflows.campaign.activity_io import CompensateInput, CrmOutcome, CrmWriteInput
+from workflows.campaign.activity_io import (
+    CompensateInput,
+    CrmOutcome,
+    CrmWriteInput,
+    Decision,
+)
 
 TOKEN = HUBSPOT_TOKEN
 HUBSPOT: dict[str, Any] = {
@@ -126,6 +132,39 @@ async def test_a_lost_reply_after_an_enrolment_is_read_back_not_sent_again(
     assert effects["duplicate_enrollments"] == 0
     written = await crm_written(db, enrol.workflow_id)
     assert [w["confirmed"] for w in written if w["action"] == "enroll_sequence"] == ["read_back"]
+
+
+async def test_a_written_action_records_what_it_carries_and_stays_written_on_retry(
+    db: Database, tmp_path: Path
+) -> None:
+    # The lean campaign's last write carries its finish: on record with the write, and a
+    # retry after the customer revoked consent still answers written (the action was made).
+    key = await consenting_customer(db)
+    finish = Decision("finish", "finished", {"state": "completed", "reason": "r"})
+    last = write(key, step_id="label", properties={"tier": "gold"}, if_written=[finish])
+    with hubspot_sandbox(tmp_path / "hubspot.db") as url:
+        async with crm_activities(db, url) as crm:
+            first = await crm_env().run(crm.crm_write, last)
+            async with db.transaction() as session:
+                await consent.set_consent(session, key, "email", "marketing", False, "tests")
+            again = await crm_env(attempt=2).run(crm.crm_write, last)
+            refused = await crm_env().run(crm.crm_write, write(key, step_id="later"))
+    assert (first.outcome, first.if_written_recorded) == (CrmOutcome.WRITTEN, True)
+    assert again.outcome == CrmOutcome.WRITTEN
+    assert refused.outcome == CrmOutcome.CONSENT_BLOCKED
+    async with db.transaction() as session:
+        rows = await session.execute(
+            select(AuditRow.step_id, AuditRow.kind)
+            .where(AuditRow.workflow_id == last.workflow_id)
+            .order_by(AuditRow.seq)
+        )
+        chain = [(step, kind) for step, kind in rows]
+    assert chain == [
+        ("label", "consent_allowed"),
+        ("label", "crm_written"),
+        ("finish", "finished"),
+        ("later", "consent_blocked"),
+    ]
 
 
 async def test_a_retried_enrolment_that_had_landed_is_read_back_first(

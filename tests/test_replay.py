@@ -20,14 +20,16 @@ from temporalio.client import WorkflowHistory
 from temporalio.worker import Replayer
 from temporalio.workflow import NondeterminismError
 
-from workflows.campaign.contract import PATCHES, Patch
+from workflows.campaign.contract import CAMPAIGN_WORKFLOW_V2, PATCHES, Patch
 from workflows.campaign.messages import CampaignResult
 from workflows.campaign.state import CampaignInput
-from workflows.campaign.workflow import CampaignWorkflow
+from workflows.campaign.workflow import CampaignWorkflow, CampaignWorkflowV2
 from workflows.cohort_evaluation import CohortEvaluationWorkflow
 from workflows.launch import LaunchCampaignsWorkflow
 
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("campaign_v*.json"))
+# The lean type (CampaignWorkflowV2) has generations of its own.
+LEAN_HISTORIES = sorted((Path(__file__).parent / "histories").glob("campaign_lean_v*.json"))
 
 
 def load(path: Path) -> WorkflowHistory:
@@ -73,6 +75,22 @@ def test_histories_of_every_released_outcome_are_kept() -> None:
 @pytest.mark.parametrize("path", HISTORIES, ids=lambda p: p.stem)
 async def test_saved_history_replays_on_current_code(path: Path) -> None:
     await Replayer(workflows=[CampaignWorkflow]).replay_workflow(load(path))
+
+
+def test_the_lean_type_has_saved_histories_of_its_outcomes() -> None:
+    names = {p.stem.split("_", 3)[3] for p in LEAN_HISTORIES}
+    assert {"bench_shape_completed", "carried_approval_withdrawn"} <= names, names
+
+
+@pytest.mark.parametrize("path", LEAN_HISTORIES, ids=lambda p: p.stem)
+async def test_saved_lean_history_replays_and_asks_for_no_patch(path: Path) -> None:
+    # Its behaviour is every patch's, taken without a marker: a marker here would mean a
+    # lean run asked ``workflow.patched``, and its first change needs one of its own.
+    assert patches(path) == set()
+    history = load(path)
+    started = history.events[0].workflow_execution_started_event_attributes
+    assert started.workflow_type.name == CAMPAIGN_WORKFLOW_V2
+    await Replayer(workflows=[CampaignWorkflowV2]).replay_workflow(history)
 
 
 COHORT_EVALUATIONS = sorted((Path(__file__).parent / "histories").glob("cohort_evaluation_v*.json"))

@@ -16,7 +16,7 @@ from temporalio.converter import DataConverter
 
 from cohortflow.campaigns.preview import PreviewContext, walk
 from cohortflow.spec import SpecError, json_schema, load_spec_file, load_spec_text, parse_spec
-from workflows.campaign.definition import CampaignSpecDef
+from workflows.campaign.definition import CampaignSpecDef, from_plain, plain
 
 ROOT = Path(__file__).resolve().parents[1]
 # `examples/` links to the packaged `cohortflow/examples/`, which the demo runs.
@@ -49,7 +49,9 @@ def problems_of(document: Any) -> list[str]:
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_shipped_examples_are_valid(path: Path) -> None:
     spec = load_spec_file(path)
-    assert spec.to_definition(1).steps
+    definition = spec.to_definition(1)
+    assert definition.steps
+    assert from_plain(plain(definition)) == definition
 
 
 def test_every_problem_is_listed_at_once_with_its_path() -> None:
@@ -328,6 +330,9 @@ async def assert_runnable(definition: CampaignSpecDef, scores: float, events: bo
             assert step.until or step.seconds > 0
     converter = DataConverter.default.payload_converter
     assert converter.from_payload(converter.to_payload(definition), CampaignSpecDef) == definition
+    # As the launcher pins it in a campaign's input, and the workflow reads it back.
+    pinned = converter.from_payload(converter.to_payload(plain(definition)), dict[str, Any])
+    assert from_plain(pinned) == definition
     ctx = PreviewContext(
         customer_key="c_property",
         now=datetime(2026, 3, 8, 6, 30, tzinfo=UTC),

@@ -1,4 +1,4 @@
-"""Wires CampaignWorkflow and its activities to a Temporal client.
+"""Wires the campaign workflows (both types) and their activities to a Temporal client.
 
 Two workers share one process: the campaign queue runs workflows, scoring and the local
 activities; the CRM queue runs every CRM call, each process's writes coalesced into batch
@@ -32,7 +32,7 @@ from cohortflow.settings import Settings
 from cohortflow.storage.db import Database
 from scoring.registry import ModelRegistry
 from scoring.scorer import Scorer
-from workflows.campaign.workflow import CampaignWorkflow
+from workflows.campaign.workflow import CampaignWorkflow, CampaignWorkflowV2
 from workflows.cohort_evaluation import CohortEvaluationWorkflow
 from workflows.launch import LaunchCampaignsWorkflow
 
@@ -46,6 +46,7 @@ def build_workers(
     task_queue: str,
     crm_task_queue: str,
     crm_max_concurrent_activities: int = 500,
+    workflow_tasks: int = 10,
     launch: LaunchActivities | None = None,
     cohorts: CohortEvaluationActivities | None = None,
 ) -> Sequence[Worker]:
@@ -60,7 +61,12 @@ def build_workers(
     campaign = Worker(
         client,
         task_queue=task_queue,
-        workflows=[CampaignWorkflow, LaunchCampaignsWorkflow, CohortEvaluationWorkflow],
+        workflows=[
+            CampaignWorkflow,
+            CampaignWorkflowV2,
+            LaunchCampaignsWorkflow,
+            CohortEvaluationWorkflow,
+        ],
         activities=[
             activities.spec.load_spec,
             activities.scoring.score_customer,
@@ -71,6 +77,7 @@ def build_workers(
             *cohort_activities,
         ],
         max_concurrent_activities=50,
+        max_concurrent_workflow_tasks=workflow_tasks,
     )
     crm = Worker(
         client,
@@ -154,6 +161,7 @@ async def serve(settings: Settings, client: Client, stop: asyncio.Event) -> None
         task_queue=settings.task_queue,
         crm_task_queue=settings.crm_task_queue,
         crm_max_concurrent_activities=settings.crm_max_concurrent_activities,
+        workflow_tasks=settings.worker_workflow_tasks,
         launch=LaunchActivities(client, db, settings),
         cohorts=CohortEvaluationActivities(cohorts),
     )

@@ -112,7 +112,13 @@ class CrmActivities:
                 retry_at=spent.error.until.isoformat(),
                 decisions_recorded=len(inp.decisions),
             )
-        await self._record.submit((inp, effect))
+        # Once the CRM took it, the record is made and answered even if a cancel arrives: the
+        # campaign then learns the write happened (and ended with it, if it was the last).
+        recording = asyncio.ensure_future(self._record.submit((inp, effect)))
+        try:
+            await asyncio.shield(recording)
+        except asyncio.CancelledError:
+            await recording
         log.info("crm written", action=inp.action, how=effect.how, attempt=activity.info().attempt)
         activity.metric_meter().create_counter(
             "cohortflow_crm_writes", "Outbound actions the CRM took, by how it was confirmed"
@@ -121,6 +127,7 @@ class CrmActivities:
             outcome=CrmOutcome.WRITTEN,
             crm_record_id=effect.crm_id,
             decisions_recorded=len(inp.decisions),
+            if_written_recorded=bool(inp.if_written),
         )
 
     async def _effect(self, inp: CrmWriteInput, verdict: gate.Verdict) -> crm_ledger.Effect:

@@ -28,7 +28,7 @@ from cohortflow.storage import (
 )
 from cohortflow.storage.db import Database
 from cohortflow.storage.tables import CrmEffect
-from workflows.campaign.activity_io import CrmOutcome, CrmWriteInput, CrmWriteResult
+from workflows.campaign.activity_io import CrmOutcome, CrmWriteInput, CrmWriteResult, Decision
 from workflows.campaign.contract import AuditKind, idempotency_key
 
 # Used by reservation_ttl when the activity's info lacks a timeout or a retry policy.
@@ -84,9 +84,15 @@ async def gate_many(session: AsyncSession, items: Sequence[GateItem]) -> list[Ve
     capped: list[int] = []
     for index, item in enumerate(items):
         inp = item.inp
-        events += _decision_events(inp)
+        events += _decision_events(inp, inp.decisions)
         go = Verdict(None, ledger.get(idempotency_key(inp.workflow_id, inp.step_id)))
         go = replace(go, email=emails.get(inp.customer_key, ""))
+        action = (inp.workflow_id, inp.step_id)
+        if action in written:
+            # A retry of an action on record: it was made, whatever changed since, and its
+            # crm_written row counts it.
+            verdicts.append(go)
+            continue
         if paused.get(inp.campaign_id) == "paused":
             verdicts.append(Verdict(CrmWriteResult(CrmOutcome.PAUSED, detail="campaign paused")))
             continue
@@ -97,10 +103,7 @@ async def gate_many(session: AsyncSession, items: Sequence[GateItem]) -> list[Ve
             detail = f"no consent for {inp.channel}/{inp.purpose}"
             verdicts.append(Verdict(CrmWriteResult(CrmOutcome.CONSENT_BLOCKED, detail=detail)))
             continue
-        action = (inp.workflow_id, inp.step_id)
         verdicts.append(go)
-        if action in written:
-            continue  # a retry of an action on record: its crm_written row counts it
         slot = own.get(action)
         if inp.cap_max_actions > 0 and not (slot is not None and slot > now):
             capped.append(index)
@@ -158,17 +161,12 @@ async def written_many(
     await reservations.lock_customers(session, {inp.customer_key for inp, _ in items})
     await crm_ledger.record_many(session, [effect for _, effect in items])
     await reservations.release_many(session, [(i.workflow_id, i.step_id) for i, _ in items])
-    await audit.append_many(
-        session,
-        [
-            _event(
-                inp,
-                AuditKind.CRM_WRITTEN,
-                {"action": inp.action, "crm_id": effect.crm_id, "confirmed": effect.how},
-            )
-            for inp, effect in items
-        ],
-    )
+    rows: list[audit.AuditEvent] = []
+    for inp, effect in items:
+        payload = {"action": inp.action, "crm_id": effect.crm_id, "confirmed": effect.how}
+        rows.append(_event(inp, AuditKind.CRM_WRITTEN, payload))
+        rows.extend(_decision_events(inp, inp.if_written))
+    await audit.append_many(session, rows)
     return [None] * len(items)
 
 
@@ -185,12 +183,12 @@ def _held(inp: CrmWriteInput, expires_at: datetime) -> reservations.Held:
     )
 
 
-def _decision_events(inp: CrmWriteInput) -> list[audit.AuditEvent]:
+def _decision_events(inp: CrmWriteInput, decisions: list[Decision]) -> list[audit.AuditEvent]:
     return [
         audit.AuditEvent(
             inp.workflow_id, d.step_id, d.kind, inp.campaign_id, inp.customer_key, d.payload
         )
-        for d in inp.decisions
+        for d in decisions
     ]
 
 

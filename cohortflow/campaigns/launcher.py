@@ -6,7 +6,9 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
+from sqlalchemy.ext.asyncio import AsyncSession
 from temporalio.api.common.v1 import WorkflowExecution
 from temporalio.api.workflowservice.v1 import DescribeWorkflowExecutionRequest
 from temporalio.client import Client, WorkflowExecutionStatus
@@ -21,14 +23,22 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from cohortflow.observability import tracer
 from cohortflow.settings import Settings
-from cohortflow.spec import CampaignSpec, ReentrySpec, StepSpec, parse_duration
+from cohortflow.spec import (
+    CampaignSpec,
+    ReentrySpec,
+    SpecError,
+    StepSpec,
+    parse_duration,
+    parse_spec,
+)
 from cohortflow.storage import campaigns, launches
 from cohortflow.storage._sql import utc
 from cohortflow.storage.db import Database
 from cohortflow.storage.tables import LaunchDecision
 from workflows.campaign.contract import SA, CampaignState, campaign_workflow_id
+from workflows.campaign.definition import plain
 from workflows.campaign.state import CampaignInput
-from workflows.campaign.workflow import CampaignWorkflow
+from workflows.campaign.workflow import CampaignWorkflowV2
 
 # Re-entry rule ``once``: a customer's first entry into a campaign is its only one.
 FIRST_ENTRY = "1"
@@ -43,6 +53,21 @@ class Entry:
     entry_id: str = FIRST_ENTRY
 
 
+async def stored_definition(
+    session: AsyncSession, campaign_id: str, version: int
+) -> dict[str, Any] | None:
+    """A stored version as the workflow runs it (``definition.plain``), to pin in its input;
+    None when it is not stored or no longer validates (``load_spec`` then says why)."""
+    stored = await campaigns.get_spec_version(session, campaign_id, version)
+    if stored is None:
+        return None
+    document, applied_by = stored
+    try:
+        return plain(parse_spec(document).to_definition(version, applied_by))
+    except SpecError:
+        return None
+
+
 class Launcher:
     """Launches campaign entries; a repeated launch of the same entry is a no-op."""
 
@@ -50,6 +75,8 @@ class Launcher:
         self._client = client
         self._db = db
         self._settings = settings
+        # Stored spec versions never change, so each is read once per launcher.
+        self._pinned: dict[tuple[str, int], dict[str, Any] | None] = {}
 
     async def launch(self, spec: CampaignSpec, version: int, entry: Entry) -> bool:
         """Start the entry's workflow unless it already ran; True when this call recorded it.
@@ -73,11 +100,12 @@ class Launcher:
                 cohort_id=entry.cohort_id,
                 version=version,
             )
+            pinned = await self._definition(session, spec.campaign_id, version)
         # Start even when the entry was recorded before: a crash between the two must not
         # lose the campaign. The server dedupes on the workflow id.
         try:
             await self._client.start_workflow(
-                CampaignWorkflow.run,
+                CampaignWorkflowV2.run,
                 CampaignInput(
                     campaign_id=spec.campaign_id,
                     version=version,
@@ -85,6 +113,7 @@ class Launcher:
                     entry_id=entry.entry_id,
                     cohort_id=entry.cohort_id,
                     crm_task_queue=self._settings.crm_task_queue,
+                    spec=pinned,
                 ),
                 id=workflow_id,
                 task_queue=self._settings.task_queue,
@@ -106,6 +135,14 @@ class Launcher:
         except WorkflowAlreadyStartedError:
             return False
         return new
+
+    async def _definition(
+        self, session: AsyncSession, campaign_id: str, version: int
+    ) -> dict[str, Any] | None:
+        key = (campaign_id, version)
+        if key not in self._pinned:
+            self._pinned[key] = await stored_definition(session, campaign_id, version)
+        return self._pinned[key]
 
     async def launch_transitions(
         self,

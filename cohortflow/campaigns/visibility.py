@@ -16,7 +16,7 @@ from temporalio.client import Client, WorkflowExecution, WorkflowHandle
 from temporalio.common import SearchAttributeKey
 from temporalio.service import RPCError, RPCStatusCode
 
-from workflows.campaign.contract import CAMPAIGN_WORKFLOW
+from workflows.campaign.contract import CAMPAIGN_WORKFLOW_TYPES
 from workflows.campaign.messages import CampaignResult
 from workflows.campaign.workflow import CampaignWorkflow
 
@@ -60,9 +60,8 @@ def all_of(*conditions: str) -> str:
 
 def running(*conditions: str) -> str:
     """Running campaign workflows that meet every condition."""
-    return all_of(
-        *conditions, f'WorkflowType = "{CAMPAIGN_WORKFLOW}"', 'ExecutionStatus = "Running"'
-    )
+    types = ", ".join(quoted(t) for t in CAMPAIGN_WORKFLOW_TYPES)
+    return all_of(*conditions, f"WorkflowType IN ({types})", 'ExecutionStatus = "Running"')
 
 
 def chunks(values: Sequence[str], size: int = MAX_TERMS) -> list[Sequence[str]]:

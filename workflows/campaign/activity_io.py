@@ -89,6 +89,8 @@ class CrmWriteInput:
     cap_max_actions: int = 0
     cap_window_seconds: float = 0.0
     decisions: list[Decision] = field(default_factory=list)
+    # Recorded with the write, and only if it is written (the lean generation's finish).
+    if_written: list[Decision] = field(default_factory=list)
 
 
 class CrmOutcome(enum.StrEnum):
@@ -111,6 +113,9 @@ class CrmWriteResult:
     detail: str = ""
     decisions_recorded: int = 0
     retry_at: str = ""
+    # The write's ``if_written`` rows are on record with it (a worker from before them
+    # leaves this False, and the campaign records its finish itself).
+    if_written_recorded: bool = False
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The approval step's own moves, for CampaignWorkflow: ask, wait for the answer (escalating
+"""The approval step's own moves, for the campaign workflows: ask, wait for the answer (escalating
 once on the way when the spec says so), and put the answer or the expiry on record.
 
 Workflow code: it runs inside the workflow, through the run's ``ActivityCalls``. The step's
@@ -67,7 +67,7 @@ class ApprovalStep:
         pending = self._state.pending_approval
         assert pending is not None
         expires = workflow.now() + open_for
-        early = _escalation_in(policy, pending, expires)
+        early = _escalation_in(policy, pending, expires, self._calls)
         if early is not None:
             if await _until(answered, early, f"{step.id}: approval escalates"):
                 return
@@ -112,7 +112,7 @@ class ApprovalStep:
         # The decision came by an update, which is saved with the task that accepted it:
         # recorded from inside that task, a task lost with its worker left a record (and an
         # inbox) saying decided while the campaign, replayed, still waited.
-        after_task = workflow.patched(DECISION_AFTER_ACCEPTANCE.id)
+        after_task = self._calls.patched(DECISION_AFTER_ACCEPTANCE)
         await self._calls.audit(
             step.id, AuditKind.APPROVAL_DECIDED, payload, pending, after_task=after_task
         )
@@ -122,13 +122,13 @@ class ApprovalStep:
 
 
 def _escalation_in(
-    policy: ApprovalPolicy, pending: PendingApproval, expires: datetime
+    policy: ApprovalPolicy, pending: PendingApproval, expires: datetime, calls: ActivityCalls
 ) -> timedelta | None:
     """How long until ``pending`` is escalated, or None when it never will be: the spec
     asks for no escalation, it was escalated already, or the run predates escalations."""
     if policy.escalate_before_seconds <= 0 or pending.escalated_at:
         return None
-    if not workflow.patched(APPROVAL_ESCALATION.id):
+    if not calls.patched(APPROVAL_ESCALATION):
         return None
     at = expires - timedelta(seconds=policy.escalate_before_seconds)
     return max(at - workflow.now(), timedelta(0))

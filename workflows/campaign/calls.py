@@ -41,8 +41,9 @@ with workflow.unsafe.imports_passed_through():
         AuditKind,
         CampaignState,
         FallbackReason,
+        Patch,
     )
-    from workflows.campaign.definition import CampaignSpecDef, StepDef
+    from workflows.campaign.definition import CampaignSpecDef, StepDef, from_plain
     from workflows.campaign.interpreter import Ending
     from workflows.campaign.messages import PendingApproval
     from workflows.campaign.state import CampaignInput, RunState
@@ -60,6 +61,7 @@ class ActivityOptions:
     on_crm_queue: bool = False
     schedule_to_close: timedelta | None = None  # a deadline the spec sets
     heartbeat: timedelta | None = None  # for calls that may wait long (their batch, the CRM)
+    local: bool = False  # a short call the lean generation makes as a local activity
 
 
 def _retry(*non_retryable: str) -> RetryPolicy:
@@ -73,8 +75,10 @@ def _retry(*non_retryable: str) -> RetryPolicy:
 
 # A worker lost mid-attempt is noticed within the start-to-close timeout (or, for CRM calls,
 # which may queue for their batch and the CRM's ceiling, the heartbeat timeout) and retried.
+# Scoring reads a few rows and runs a model in milliseconds, on the workflow's own worker:
+# a local activity in the lean generation.
 SCORING = ActivityOptions(
-    timedelta(seconds=30), _retry("ScoringError"), FallbackReason.SCORING_FAILED
+    timedelta(seconds=30), _retry("ScoringError"), FallbackReason.SCORING_FAILED, local=True
 )
 CRM = ActivityOptions(
     timedelta(minutes=10),
@@ -117,15 +121,24 @@ _R = TypeVar("_R", bound=_Acknowledging)
 class ActivityCalls:
     """Every activity call of one campaign run, sharing its input and state."""
 
-    def __init__(self, inp: CampaignInput, state: RunState) -> None:
+    def __init__(self, inp: CampaignInput, state: RunState, *, lean: bool = False) -> None:
         self._input = inp
         self._state = state
-        self.ride_along = False  # DECISIONS_RIDE_ALONG: set once the run knows the patch
+        self._lean = lean
+        self.ride_along = lean  # DECISIONS_RIDE_ALONG: set once the run knows the patch
+
+    def patched(self, patch: Patch) -> bool:
+        """Whether this run takes ``patch``'s behaviour: the lean generation always does and
+        records no marker; the first generation asks ``workflow.patched``."""
+        return self._lean or workflow.patched(patch.id)
 
     async def load_spec(self) -> CampaignSpecDef | tuple[str, Ending]:
         """The spec version, or the safe segment and the end of a campaign whose stored spec
-        no longer validates (``SpecInvalid`` carries the segment its document names)."""
+        no longer validates (``SpecInvalid`` carries the segment its document names). A spec
+        pinned in the input (the lean generation's launches) costs no activity."""
         inp = self._input
+        if inp.spec is not None:
+            return from_plain(inp.spec)
         try:
             spec: CampaignSpecDef = await workflow.execute_local_activity(
                 ActivityName.LOAD_SPEC,
@@ -152,36 +165,41 @@ class ActivityCalls:
         options: ActivityOptions,
         summary: str,
         stop: Callable[[], Ending | None] | None = None,
+        *,
+        settle_cancel: bool = False,
     ) -> _R:
         """The one activity-call envelope: carry the decisions not yet on record, drop those
         the activity acknowledges, and turn a business failure into the end it leads to.
 
         ``stop`` says when the campaign must end while the call is still being retried (an
-        exit, a revocation): the call is then cancelled (INTERRUPTIBLE_ACTIVITIES).
+        exit, a revocation): the call is then cancelled (INTERRUPTIBLE_ACTIVITIES);
+        ``settle_cancel``: and its end awaited, so a call that completed anyway is known.
         """
         carried = list(self._state.unrecorded)
-        handle = workflow.start_activity(
-            activity,
-            build(carried),
-            result_type=result_type,
-            task_queue=self._input.crm_task_queue if options.on_crm_queue else None,
-            start_to_close_timeout=options.start_to_close,
-            schedule_to_close_timeout=options.schedule_to_close,
-            heartbeat_timeout=options.heartbeat,
-            retry_policy=options.retry,
-            summary=summary,
+        cancel = (
+            workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED
+            if settle_cancel
+            else workflow.ActivityCancellationType.TRY_CANCEL
         )
+        handle = self._start(activity, build(carried), result_type, options, summary, cancel)
         if stop is not None:
             await workflow.wait_condition(lambda: handle.done() or stop() is not None)
             ending = None if handle.done() else stop()
-            if ending is not None and workflow.patched(INTERRUPTIBLE_ACTIVITIES.id):
+            if ending is not None and self.patched(INTERRUPTIBLE_ACTIVITIES):
                 handle.cancel()
                 with contextlib.suppress(ActivityError, asyncio.CancelledError):
-                    await handle
+                    done: _R = await handle
+                    if self._lean:
+                        # It finished before the cancel reached it: what it did stands
+                        # (and the campaign's finish, if it carried it); otherwise the next
+                        # step's check ends the campaign.
+                        del self._state.unrecorded[: min(len(carried), done.decisions_recorded)]
+                        return done
                 raise Finished(ending)
         try:
             result: _R = await handle
-        except ActivityError as err:
+        except (ActivityError, ApplicationError) as err:
+            # A local activity's failure may arrive as the activity's own error, unwrapped.
             if options.fails_to is None:
                 raise
             ending = Ending(CampaignState.FALLBACK, f"{options.fails_to}: {_cause(err)}")
@@ -189,6 +207,41 @@ class ActivityCalls:
         # A worker from before decisions rode along acknowledges none: they ride on.
         del self._state.unrecorded[: min(len(carried), result.decisions_recorded)]
         return result
+
+    def _start(
+        self,
+        activity: ActivityName,
+        arg: Any,
+        result_type: type[_R],
+        options: ActivityOptions,
+        summary: str,
+        cancel: workflow.ActivityCancellationType,
+    ) -> workflow.ActivityHandle[_R]:
+        """Schedule one call: a local activity where ``options.local`` and the run is lean
+        (a marker in history instead of an activity's three events and a workflow task)."""
+        if self._lean and options.local:
+            return workflow.start_local_activity(
+                activity,
+                arg,
+                result_type=result_type,
+                start_to_close_timeout=options.start_to_close,
+                schedule_to_close_timeout=options.schedule_to_close,
+                retry_policy=options.retry,
+                cancellation_type=cancel,
+                summary=summary,
+            )
+        return workflow.start_activity(
+            activity,
+            arg,
+            result_type=result_type,
+            task_queue=self._input.crm_task_queue if options.on_crm_queue else None,
+            start_to_close_timeout=options.start_to_close,
+            schedule_to_close_timeout=options.schedule_to_close,
+            heartbeat_timeout=options.heartbeat,
+            retry_policy=options.retry,
+            cancellation_type=cancel,
+            summary=summary,
+        )
 
     async def fallback(self, step_id: str, reason: str, segment: str) -> None:
         """Put the customer in the safe default segment; what was decided goes on record

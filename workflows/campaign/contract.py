@@ -14,6 +14,11 @@ from dataclasses import dataclass
 from temporalio.common import SearchAttributeKey
 
 CAMPAIGN_WORKFLOW = "CampaignWorkflow"
+# The lean generation (docs/architecture.md, "What a campaign costs"): every patch below
+# taken, the spec pinned in the input, scoring as a local activity, search attributes only
+# where a campaign rests. New entries start it; runs of the first type finish as they began.
+CAMPAIGN_WORKFLOW_V2 = "CampaignWorkflowV2"
+CAMPAIGN_WORKFLOW_TYPES = (CAMPAIGN_WORKFLOW, CAMPAIGN_WORKFLOW_V2)
 DEFAULT_CRM_TASK_QUEUE = "cohortflow-crm"
 
 

@@ -7,7 +7,8 @@ ran. Fields are only ever added, with defaults, so histories of older versions s
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 # Step types the interpreter knows; anything else goes to the safe default segment.
 STEP_TYPES = ("score", "branch", "approval", "crm", "wait", "exit")
@@ -110,3 +111,26 @@ class CampaignSpecDef:
     # Four eyes: neither the version's author nor whoever applied it may approve for it.
     author: str = ""
     applied_by: str = ""
+
+
+def plain(spec: CampaignSpecDef) -> dict[str, Any]:
+    """The spec as plain JSON values, to pin in a campaign's input."""
+    return asdict(spec)
+
+
+def from_plain(raw: dict[str, Any]) -> CampaignSpecDef:
+    """A pinned spec back as dataclasses. Built field by field: the payload converter's
+    generic path looks up every dataclass's type hints on each decode, which cost a worker
+    about 2 ms a campaign. A field this code does not know fails loudly (TypeError), so a
+    spec is never followed in part."""
+    steps = [_step(step) for step in raw["steps"]]
+    approval = ApprovalPolicy(**raw.get("approval", {}))
+    return CampaignSpecDef(**{**raw, "steps": steps, "approval": approval})
+
+
+def _step(raw: dict[str, Any]) -> StepDef:
+    rules = [
+        BranchRule([Comparison(**c) for c in rule["all"]], rule["next"])
+        for rule in raw.get("rules", [])
+    ]
+    return StepDef(**{**raw, "rules": rules})

@@ -2,7 +2,7 @@
 rendering, ids and interruptions.
 
 No Temporal SDK calls (its search attribute keys are plain names) and no clock: the workflow
-passes ``now`` in. ``CampaignWorkflow`` and
+passes ``now`` in. The campaign workflows (both types) and
 ``cohortflow.campaigns.preview`` both run ``run_steps`` with their own ``StepRunner``, so a dry run
 follows exactly the path a campaign takes. A spec the interpreter cannot follow (an unknown
 step, step type or outcome) ends in the safe default segment with the reason, never in an
@@ -15,12 +15,18 @@ import hashlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
 from temporalio.common import SearchAttributeKey
 
 from workflows.campaign.activity_io import CrmWriteInput, Decision
-from workflows.campaign.contract import SA, CampaignState, DecideRefusal, FallbackReason
+from workflows.campaign.contract import (
+    SA,
+    AuditKind,
+    CampaignState,
+    DecideRefusal,
+    FallbackReason,
+)
 from workflows.campaign.definition import CampaignSpecDef, Comparison, StepDef
 from workflows.campaign.messages import (
     CohortExited,
@@ -266,6 +272,39 @@ def render(properties: dict[str, str], values: dict[str, str]) -> dict[str, str]
     return rendered
 
 
+def ending_after(spec: CampaignSpecDef, step: StepDef, steps_run: list[str]) -> Ending | None:
+    """The end a campaign reaches as soon as ``step`` is done and goes on as it names (no
+    later step acts), or None when more follows."""
+    following_id = following(spec, step)
+    if len(steps_run) >= MAX_STEPS:
+        return None  # ``run_steps`` ends it as failed
+    if following_id is None:
+        return Ending(CampaignState.COMPLETED, "all steps done")
+    last = find_step(spec, following_id)
+    if last is None or last.type != "exit":
+        return None
+    ending = exit_ending(last)
+    return None if ending.state == CampaignState.FALLBACK else ending
+
+
+def finish_payload(state: RunState, ending: Ending) -> dict[str, Any]:
+    """What the ``finished`` audit row says."""
+    return {"state": ending.state.value, "reason": ending.reason, "variant": state.variant}
+
+
+def conversion_payload(state: RunState) -> dict[str, Any]:
+    """What the ``converted`` audit row says."""
+    return {"variant": state.variant, "at": state.converted_at}
+
+
+def finish_decisions(state: RunState, ending: Ending) -> list[Decision]:
+    """The rows a campaign that ends with ``ending`` now records last: its conversion, if
+    any, then its finish."""
+    rows = [Decision("goal", AuditKind.CONVERTED.value, conversion_payload(state))]
+    finish = Decision("finish", AuditKind.FINISHED.value, finish_payload(state, ending))
+    return [*rows, finish] if state.converted_at else [finish]
+
+
 def crm_write_input(
     spec: CampaignSpecDef,
     step: StepDef,
@@ -273,6 +312,7 @@ def crm_write_input(
     inp: CampaignInput,
     workflow_id: str,
     decisions: list[Decision],
+    if_written: list[Decision] | None = None,
 ) -> CrmWriteInput:
     """The ``crm_write`` a CRM step makes, properties rendered from what the run knows."""
     values = placeholders(
@@ -292,6 +332,7 @@ def crm_write_input(
         cap_max_actions=spec.cap_max_actions,
         cap_window_seconds=spec.cap_window_seconds,
         decisions=decisions,
+        if_written=list(if_written or []),
     )
 
 
@@ -459,6 +500,24 @@ def apply_event(
         at = instant(event.occurred_at) or now
         if entered <= at <= entered + timedelta(seconds=spec.conversion_window_seconds):
             state.converted_at = at.isoformat()
+
+
+def visible_attributes(
+    state: RunState, entering: CampaignState
+) -> dict[SearchAttributeKey[Any], Any]:
+    """Every search attribute a campaign entering a state where it rests should show (None:
+    unset), for the lean generation's one upsert there."""
+    wanted: dict[SearchAttributeKey[Any], Any] = {
+        SA.CAMPAIGN_STATE: entering.value,
+        SA.AWAITING_APPROVAL: entering == CampaignState.AWAITING_APPROVAL,
+        SA.VARIANT: state.variant,
+        **deadlines(state, entering),
+    }
+    if state.model_versions:
+        wanted[SA.MODEL_VERSION] = ",".join(sorted(state.model_versions.values()))
+    if state.fallback_reason:
+        wanted[SA.FALLBACK_REASON] = state.fallback_reason
+    return wanted
 
 
 def deadlines(

@@ -10,6 +10,7 @@ with defaults.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from workflows.campaign.activity_io import Decision
 from workflows.campaign.contract import DEFAULT_CRM_TASK_QUEUE, CampaignState
@@ -54,6 +55,10 @@ class RunState:
     utc_offset_seconds: int = 0  # that zone's offset then, for showing times to people
     recent_decisions: list[str] = field(default_factory=list)  # in words, newest last
     transitions: list[str] = field(default_factory=list)
+    # The last CRM write put the finish (and a conversion) on record with its effect: the
+    # campaign completed with it, and the finish costs no further activity (lean generation).
+    finish_recorded: bool = False
+    converted_on_record: bool = False  # that write recorded the conversion too
 
 
 @dataclass
@@ -68,3 +73,6 @@ class CampaignInput:
     crm_task_queue: str = DEFAULT_CRM_TASK_QUEUE
     carried: RunState | None = None
     history_limit: int = 0  # continue as new past this many history events; 0: the default
+    # The spec version as ``definition.plain`` gives it, pinned by the launcher (lean
+    # generation): no activity loads it.
+    spec: dict[str, Any] | None = None

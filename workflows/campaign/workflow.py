@@ -11,6 +11,13 @@ writes, audit rows, the safe default segment, the customer's local time) is an a
 called through ``calls.ActivityCalls``; waits are durable timers raced against what may cut
 them short. What a run knows is one ``RunState``, handed as it is to a continuation.
 Behaviour changes go behind the patches in ``contract.PATCHES`` (docs/architecture.md).
+
+Two generations share this code. ``CampaignWorkflow`` is the first: what it does depends on
+the patches each run recorded, so its open runs replay. ``CampaignWorkflowV2``, which new
+entries start, is the lean one ("What a campaign costs" in docs/architecture.md): every patch
+taken without a marker, the spec pinned in the input, scoring as a local activity, search
+attributes upserted once where the campaign comes to rest, and the finish recorded with the
+last CRM write when nothing follows it.
 """
 
 from __future__ import annotations
@@ -19,7 +26,8 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timedelta
-from typing import Any, NoReturn
+from functools import partial
+from typing import Any, ClassVar, NoReturn
 
 from temporalio import workflow
 from temporalio.common import SearchAttributeUpdate
@@ -30,6 +38,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.campaign.activity_io import (
         CrmOutcome,
         CrmWriteResult,
+        Decision,
         ScoreInput,
         ScoreResult,
     )
@@ -37,6 +46,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.campaign.calls import SCORING, ActivityCalls, Finished, crm_options
     from workflows.campaign.contract import (
         CAMPAIGN_WORKFLOW,
+        CAMPAIGN_WORKFLOW_V2,
         CONTROL_SKIPS_APPROVAL,
         DEADLINE_ATTRIBUTES,
         DECISIONS_RIDE_ALONG,
@@ -76,15 +86,30 @@ class _ContinueAsNew(Exception):
     """The history bound is reached: ``state.step_id`` (and ``deadline``) say where to resume."""
 
 
+# A CRM write whose deadline is shorter than this (seconds) does not carry the finish: one
+# that lands in the last moment before it might still time out in the campaign's eyes. The
+# default (a day) leaves that only for a write retried a whole day that lands in the
+# milliseconds before its deadline.
+_FOLD_MIN_DEADLINE = 3_600
+
+# Where a lean campaign comes to rest and its search attributes are brought up to date; a
+# wait shorter than _SEEN_REST is over before visibility (eventually consistent) would show
+# it to anyone, so it costs no upsert.
+_RESTING = frozenset({CampaignState.WAITING, CampaignState.AWAITING_APPROVAL})
+_SEEN_REST = timedelta(minutes=1)
+
+
 @workflow.defn(name=CAMPAIGN_WORKFLOW)
 class CampaignWorkflow:
-    """Interprets a campaign spec for one customer entry."""
+    """Interprets a campaign spec for one customer entry (the first generation)."""
+
+    LEAN: ClassVar[bool] = False
 
     @workflow.init
     def __init__(self, inp: CampaignInput) -> None:
         self.input = inp
         self.state = inp.carried or RunState(entered_at=workflow.now().isoformat())
-        self.calls = ActivityCalls(inp, self.state)
+        self.calls = ActivityCalls(inp, self.state, lean=self.LEAN)
         self.approvals = ApprovalStep(self.calls, self.state)
         self._spec: CampaignSpecDef | None = None
         self._early: list[CohortExited | ConsentChanged | PauseChanged] = []
@@ -104,7 +129,7 @@ class CampaignWorkflow:
         """Load the spec, then run its steps until a terminal state (or continue as new)."""
         if inp.carried is None:
             metrics.started(inp.campaign_id)
-        self.calls.ride_along = workflow.patched(DECISIONS_RIDE_ALONG.id)
+        self.calls.ride_along = self.calls.patched(DECISIONS_RIDE_ALONG)
         loaded = await self.calls.load_spec()
         if isinstance(loaded, CampaignSpecDef):
             self._spec, segment = loaded, loaded.safe_default_segment
@@ -121,21 +146,30 @@ class CampaignWorkflow:
             await self.calls.compensate(undo)
         state = self.state
         pending = state.pending_approval
-        if pending is not None and workflow.patched(WITHDRAW_ON_END.id):
+        if pending is not None and self.calls.patched(WITHDRAW_ON_END):
             # A continued run that stopped before its approval step resumed.
             state.pending_approval = None
             why = {"why": ending.reason}
             await self.calls.audit(pending.step_id, AuditKind.APPROVAL_WITHDRAWN, why, pending)
-        if state.converted_at:
-            payload = {"variant": state.variant, "at": state.converted_at}
-            await self.calls.audit("goal", AuditKind.CONVERTED, payload)
-        payload = {"state": ending.state.value, "reason": ending.reason, "variant": state.variant}
-        await self.calls.audit("finish", AuditKind.FINISHED, payload, now=True)
+        await self._record_finish(ending)
         self._transition(ending.state, ending.reason, safe_segment=segment)
         await workflow.wait_condition(workflow.all_handlers_finished)
         fallen = segment if ending.state == CampaignState.FALLBACK else ""
         metrics.finished(inp.campaign_id, ending.state.value, state.fallback_reason)
         return CampaignResult(ending.state, ending.reason, list(state.steps_run), fallen)
+
+    async def _record_finish(self, ending: Ending) -> None:
+        """The conversion, if any, and the finish on record, unless the last CRM write put
+        them there (a conversion heard after it is recorded now)."""
+        state, recorded = self.state, self.state.finish_recorded
+        if state.converted_at and not (recorded and state.converted_on_record):
+            payload = interpreter.conversion_payload(state)
+            await self.calls.audit("goal", AuditKind.CONVERTED, payload)
+        if recorded:
+            await self.calls.record_unrecorded()
+            return
+        payload = interpreter.finish_payload(state, ending)
+        await self.calls.audit("finish", AuditKind.FINISHED, payload, now=True)
 
     async def _run_spec(self) -> Ending:
         """Enter (or resume), then let the interpreter walk the spec through the handlers."""
@@ -162,12 +196,16 @@ class CampaignWorkflow:
         spec, state = self.spec, self.state
         state.variant = interpreter.entry_variant(spec, self.input.customer_key)
         self._transition(CampaignState.ENTERED, "loaded spec", upsert_variant=True)
-        if not spec.holdout_score and workflow.patched(VARIANT_AUDIT.id):
+        if not spec.holdout_score and self.calls.patched(VARIANT_AUDIT):
             payload = {"variant": state.variant, "holdout_percent": spec.holdout_percent}
             await self.calls.audit("entry", AuditKind.VARIANT_ASSIGNED, payload)
 
     async def begin(self, step_id: str, resumed: bool) -> Ending | None:
-        """Before each step: stop if the customer must leave; hand over at the history bound."""
+        """Before each step: stop if the customer must leave; hand over at the history bound.
+        A campaign whose finish is on record already goes straight to its exit."""
+        if self.state.finish_recorded:
+            self.state.step_id = step_id
+            return None
         stop = interpreter.interruption(self.state, self.spec)
         if stop is not None:
             return stop
@@ -202,6 +240,7 @@ class CampaignWorkflow:
         state.scores, state.features = dict(customer.scores), dict(customer.features)
         state.model_versions = dict(result.model_versions)
         versions = ",".join(sorted(state.model_versions.values()))
+        # The lean generation shows them at the next rest (``_transition``).
         updates: list[SearchAttributeUpdate[Any]] = [SA.MODEL_VERSION.value_set(versions)]
         if state.variant == "unassigned":
             key = self.input.customer_key
@@ -212,7 +251,8 @@ class CampaignWorkflow:
             await self.calls.audit(
                 "entry", AuditKind.VARIANT_ASSIGNED, {**payload, "stratum": stratum}
             )
-        workflow.upsert_search_attributes(updates)
+        if not self.LEAN:
+            workflow.upsert_search_attributes(updates)
         return None
 
     async def branch(self, step: StepDef) -> Next:
@@ -231,7 +271,7 @@ class CampaignWorkflow:
         if (
             state.variant == "control"
             and state.pending_approval is None
-            and workflow.patched(CONTROL_SKIPS_APPROVAL.id)
+            and self.calls.patched(CONTROL_SKIPS_APPROVAL)
         ):
             await self.calls.audit(step.id, AuditKind.HOLDOUT_SKIPPED, {"action": "approval"})
             return None
@@ -284,15 +324,23 @@ class CampaignWorkflow:
         while True:
             await self._wait_while_paused()
             self._transition(CampaignState.ACTING, f"CRM {step.action}")
+            last = self._finish_with(step)
             result = await self.calls.carry(
                 ActivityName.CRM_WRITE,
-                lambda carried: interpreter.crm_write_input(
-                    spec, step, self.state, self.input, workflow.info().workflow_id, carried
+                partial(
+                    interpreter.crm_write_input,
+                    spec,
+                    step,
+                    self.state,
+                    self.input,
+                    workflow.info().workflow_id,
+                    if_written=last,
                 ),
                 CrmWriteResult,
                 crm_options(spec),
                 f"{step.id}: {step.action} {step.sequence_id or step.list_id}".strip(),
                 stop=self._interruption,
+                settle_cancel=bool(last),
             )
             if result.outcome == CrmOutcome.CONSENT_BLOCKED:
                 return Ending(CampaignState.CONSENT_BLOCKED, result.detail or "no consent")
@@ -308,7 +356,26 @@ class CampaignWorkflow:
             if result.outcome == CrmOutcome.CAPPED:
                 details.remember(self.state, workflow.now(), f"{step.id}: {result.detail}")
                 return step.on_capped
+            if result.if_written_recorded:
+                self.state.finish_recorded = True
+                self.state.converted_on_record = len(last) > 1
             return None
+
+    def _finish_with(self, step: StepDef) -> list[Decision]:
+        """What a lean campaign's CRM write records if written, when nothing acts after it:
+        the finish (and a conversion already heard), so no activity follows the write.
+
+        Not when a revocation must undo the campaign's writes (``on_consent_revoked``) or
+        the write's deadline (``crm.give_up_after``) is short: either may end the campaign
+        otherwise after the CRM took it."""
+        spec, state = self.spec, self.state
+        deadline = spec.crm_give_up_after_seconds
+        if not self.LEAN or spec.on_consent_revoked or 0 < deadline < _FOLD_MIN_DEADLINE:
+            return []
+        ending = interpreter.ending_after(spec, step, state.steps_run)
+        if ending is None or state.pending_approval is not None:
+            return []
+        return interpreter.finish_decisions(state, ending)
 
     async def wait(self, step: StepDef) -> Next:
         """Wait a duration, until a local time of day, or for an event (with a timeout)."""
@@ -330,7 +397,7 @@ class CampaignWorkflow:
         # A wait listens from its start; one resumed by a continuation also hears what arrived
         # during the hand-over (EVENTS_DURING_HANDOVER).
         heard = until is not None and step.event in state.events_awaited
-        if not (heard and workflow.patched(EVENTS_DURING_HANDOVER.id)):
+        if not (heard and self.calls.patched(EVENTS_DURING_HANDOVER)):
             state.events_awaited.clear()
         until = until or workflow.now() + timedelta(seconds=step.seconds)
         state.waiting_for = step.event
@@ -445,7 +512,7 @@ class CampaignWorkflow:
         patch only a fresh run's pause survived: a continuation's carried state overwrote
         it, and a cohort exit was dropped."""
         early, self._early = self._early, []
-        if early and workflow.patched(EARLY_SIGNALS.id):
+        if early and self.calls.patched(EARLY_SIGNALS):
             for signal in early:
                 self._take(signal)
             return
@@ -471,9 +538,21 @@ class CampaignWorkflow:
         """Enter a state: search attributes when one an SRE queries changes, details always."""
         state = self.state
         changed = new != state.current or upsert_variant
+        # Operators filter on AwaitingApproval: it must not outlive the wait for them.
+        answered = state.current == CampaignState.AWAITING_APPROVAL and changed
         state.current = new
         state.transitions.append(f"{details.clock(workflow.now())} {new} {detail}")
         del state.transitions[: -2 * RECENT]
+        if not self.LEAN:
+            self._show_on_change(new, changed, upsert_variant)
+        elif new.terminal or state.paused or answered or self._rests_long(new):
+            self._show_at_rest(new)
+        text = details.current_details(state, detail, safe_segment=safe_segment)
+        workflow.set_current_details(text)
+
+    def _show_on_change(self, new: CampaignState, changed: bool, upsert_variant: bool) -> None:
+        """The first generation's upsert: at every change of state, and of a deadline."""
+        state = self.state
         deadlines = self._deadline_updates(new)
         if changed or deadlines:
             updates: list[SearchAttributeUpdate[Any]] = [
@@ -486,8 +565,26 @@ class CampaignWorkflow:
             if state.fallback_reason:
                 updates.append(SA.FALLBACK_REASON.value_set(state.fallback_reason))
             workflow.upsert_search_attributes(updates)
-        text = details.current_details(state, detail, safe_segment=safe_segment)
-        workflow.set_current_details(text)
+
+    def _rests_long(self, new: CampaignState) -> bool:
+        """Whether the campaign comes to rest in ``new`` for long enough to be seen there."""
+        if new not in _RESTING:
+            return False
+        until = interpreter.instant(self.state.waiting_until)
+        return new != CampaignState.WAITING or until is None or until - workflow.now() >= _SEEN_REST
+
+    def _show_at_rest(self, new: CampaignState) -> None:
+        """One upsert of every search attribute that differs from what the campaign resting
+        in ``new`` should show (none when all agree)."""
+        current = workflow.info().typed_search_attributes
+        wanted = interpreter.visible_attributes(self.state, new)
+        updates = [
+            key.value_set(value) if value is not None else key.value_unset()
+            for key, value in wanted.items()
+            if current.get(key) != value
+        ]
+        if updates:
+            workflow.upsert_search_attributes(updates)
 
     def _deadline_updates(self, new: CampaignState) -> list[SearchAttributeUpdate[Any]]:
         """ApprovalDeadline and WaitUntil changes (DEADLINE_ATTRIBUTES): set while the
@@ -495,7 +592,7 @@ class CampaignWorkflow:
         wanted = interpreter.deadlines(self.state, new)
         current = workflow.info().typed_search_attributes
         changes = {key: value for key, value in wanted.items() if current.get(key) != value}
-        if not changes or not workflow.patched(DEADLINE_ATTRIBUTES.id):
+        if not changes or not self.calls.patched(DEADLINE_ATTRIBUTES):
             return []
         return [k.value_set(v) if v is not None else k.value_unset() for k, v in changes.items()]
 
@@ -546,3 +643,15 @@ class CampaignWorkflow:
             replace(self.input, carried=self.state),
             search_attributes=workflow.info().typed_search_attributes,
         )
+
+
+@workflow.defn(name=CAMPAIGN_WORKFLOW_V2)
+class CampaignWorkflowV2(CampaignWorkflow):
+    """The lean generation, which new entries start (see the module's docstring)."""
+
+    LEAN = True
+
+    @workflow.run
+    async def run(self, inp: CampaignInput) -> CampaignResult:
+        """As the first generation's run, at the lean generation's cost."""
+        return await super().run(inp)
