@@ -43,6 +43,9 @@ from cohortflow.storage.tables import CustomerFeatures
 KEY = "bench-ingest-key-0123456789abcdef"
 REPO = Path(__file__).resolve().parent.parent
 ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+# No issue names one: ours is that HTTP, tokens and the signal outbox cost at most half of
+# importing the same events in process.
+TARGET = 0.5
 
 
 async def fresh_database(kind: str, workdir: Path, name: str) -> str:
@@ -196,6 +199,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "api_events_per_s": round(api_rate, 1),
         "import_events_per_s": round(import_rate, 1),
         "ratio": round(api_rate / import_rate, 3),
+        "target": TARGET,
         "events": data.events,
         "customers": len(data.user_ids),
         "batch": args.batch,
