@@ -93,10 +93,10 @@ class _ContinueAsNew(Exception):
 _FOLD_MIN_DEADLINE = 3_600
 
 # Where a lean campaign comes to rest and its search attributes are brought up to date; a
-# wait shorter than _SEEN_REST is over before visibility (eventually consistent) would show
-# it to anyone, so it costs no upsert.
+# wait shorter than _SEEN_REST is over before visibility (eventually consistent, refreshed
+# about every second) could show it to anyone, so it costs no upsert.
 _RESTING = frozenset({CampaignState.WAITING, CampaignState.AWAITING_APPROVAL})
-_SEEN_REST = timedelta(minutes=1)
+_SEEN_REST = timedelta(seconds=2)
 
 
 @workflow.defn(name=CAMPAIGN_WORKFLOW)
