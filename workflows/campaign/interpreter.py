@@ -300,9 +300,10 @@ def conversion_payload(state: RunState) -> dict[str, Any]:
 def finish_decisions(state: RunState, ending: Ending) -> list[Decision]:
     """The rows a campaign that ends with ``ending`` now records last: its conversion, if
     any, then its finish."""
-    rows = [Decision("goal", AuditKind.CONVERTED.value, conversion_payload(state))]
     finish = Decision("finish", AuditKind.FINISHED.value, finish_payload(state, ending))
-    return [*rows, finish] if state.converted_at else [finish]
+    if not state.converted_at:
+        return [finish]
+    return [Decision("goal", AuditKind.CONVERTED.value, conversion_payload(state)), finish]
 
 
 def crm_write_input(
@@ -500,6 +501,21 @@ def apply_event(
         at = instant(event.occurred_at) or now
         if entered <= at <= entered + timedelta(seconds=spec.conversion_window_seconds):
             state.converted_at = at.isoformat()
+
+
+# Where a lean campaign comes to rest and its search attributes are brought up to date; a
+# wait shorter than SEEN_REST is over before visibility (eventually consistent, refreshed
+# about every second) could show it to anyone, so it costs no upsert.
+RESTING = frozenset({CampaignState.WAITING, CampaignState.AWAITING_APPROVAL})
+SEEN_REST = timedelta(seconds=2)
+
+
+def rests(state: RunState, entering: CampaignState, now: datetime) -> bool:
+    """Whether a campaign entering a state comes to rest there long enough to be seen."""
+    if entering != CampaignState.WAITING:
+        return entering in RESTING
+    until = instant(state.waiting_until)
+    return until is None or until - now >= SEEN_REST
 
 
 def visible_attributes(

@@ -23,14 +23,14 @@ last CRM write when nothing follows it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, ClassVar, NoReturn
 
 from temporalio import workflow
-from temporalio.common import SearchAttributeUpdate
+from temporalio.common import SearchAttributeKey, SearchAttributeUpdate
 from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
@@ -91,12 +91,6 @@ class _ContinueAsNew(Exception):
 # default (a day) leaves that only for a write retried a whole day that lands in the
 # milliseconds before its deadline.
 _FOLD_MIN_DEADLINE = 3_600
-
-# Where a lean campaign comes to rest and its search attributes are brought up to date; a
-# wait shorter than _SEEN_REST is over before visibility (eventually consistent, refreshed
-# about every second) could show it to anyone, so it costs no upsert.
-_RESTING = frozenset({CampaignState.WAITING, CampaignState.AWAITING_APPROVAL})
-_SEEN_REST = timedelta(seconds=2)
 
 
 @workflow.defn(name=CAMPAIGN_WORKFLOW)
@@ -541,11 +535,12 @@ class CampaignWorkflow:
         # Operators filter on AwaitingApproval: it must not outlive the wait for them.
         answered = state.current == CampaignState.AWAITING_APPROVAL and changed
         state.current = new
-        state.transitions.append(f"{details.clock(workflow.now())} {new} {detail}")
+        now = workflow.now()
+        state.transitions.append(f"{details.clock(now)} {new} {detail}")
         del state.transitions[: -2 * RECENT]
         if not self.LEAN:
             self._show_on_change(new, changed, upsert_variant)
-        elif new.terminal or state.paused or answered or self._rests_long(new):
+        elif new.terminal or state.paused or answered or interpreter.rests(state, new, now):
             self._show_at_rest(new)
         text = details.current_details(state, detail, safe_segment=safe_segment)
         workflow.set_current_details(text)
@@ -566,35 +561,20 @@ class CampaignWorkflow:
                 updates.append(SA.FALLBACK_REASON.value_set(state.fallback_reason))
             workflow.upsert_search_attributes(updates)
 
-    def _rests_long(self, new: CampaignState) -> bool:
-        """Whether the campaign comes to rest in ``new`` for long enough to be seen there."""
-        if new not in _RESTING:
-            return False
-        until = interpreter.instant(self.state.waiting_until)
-        return new != CampaignState.WAITING or until is None or until - workflow.now() >= _SEEN_REST
-
     def _show_at_rest(self, new: CampaignState) -> None:
         """One upsert of every search attribute that differs from what the campaign resting
         in ``new`` should show (none when all agree)."""
-        current = workflow.info().typed_search_attributes
-        wanted = interpreter.visible_attributes(self.state, new)
-        updates = [
-            key.value_set(value) if value is not None else key.value_unset()
-            for key, value in wanted.items()
-            if current.get(key) != value
-        ]
+        updates = _differing(interpreter.visible_attributes(self.state, new))
         if updates:
             workflow.upsert_search_attributes(updates)
 
     def _deadline_updates(self, new: CampaignState) -> list[SearchAttributeUpdate[Any]]:
         """ApprovalDeadline and WaitUntil changes (DEADLINE_ATTRIBUTES): set while the
         campaign waits for an operator or a time, unset once it no longer does."""
-        wanted = interpreter.deadlines(self.state, new)
-        current = workflow.info().typed_search_attributes
-        changes = {key: value for key, value in wanted.items() if current.get(key) != value}
+        changes = _differing(interpreter.deadlines(self.state, new))
         if not changes or not self.calls.patched(DEADLINE_ATTRIBUTES):
             return []
-        return [k.value_set(v) if v is not None else k.value_unset() for k, v in changes.items()]
+        return changes
 
     async def _wait_while_paused(self) -> None:
         if self.state.paused:
@@ -643,6 +623,16 @@ class CampaignWorkflow:
             replace(self.input, carried=self.state),
             search_attributes=workflow.info().typed_search_attributes,
         )
+
+
+def _differing(wanted: Mapping[SearchAttributeKey[Any], Any]) -> list[SearchAttributeUpdate[Any]]:
+    """The updates that bring the run's search attributes to ``wanted`` (None: unset)."""
+    current = workflow.info().typed_search_attributes
+    return [
+        key.value_set(value) if value is not None else key.value_unset()
+        for key, value in wanted.items()
+        if current.get(key) != value
+    ]
 
 
 @workflow.defn(name=CAMPAIGN_WORKFLOW_V2)
