@@ -549,7 +549,13 @@ async def test_a_carried_approval_that_never_resumes_is_withdrawn_and_refuses_de
     await save_history_if_asked(handle, "carried_approval_withdrawn")
 
 
-async def test_an_exit_stops_a_crm_write_that_is_still_being_retried(harness: Harness) -> None:
+async def test_an_exit_stops_a_crm_write_that_is_still_being_retried(
+    dev_harness: Harness,
+) -> None:
+    # On the dev server: the time-skipping server retries an attempt that fails after its
+    # cancel was asked for, where a real server does not, and a campaign that waits for the
+    # cancel to settle (its last write) would then wait for ever there.
+    harness = dev_harness
     document = without_approval(spec_document())
     document["steps"] = [s for s in document["steps"] if s["id"] in ("score", "label")]
     spec, version = await harness.apply(document)
@@ -574,4 +580,3 @@ async def test_an_exit_stops_a_crm_write_that_is_still_being_retried(harness: Ha
         harness.sandbox.clear()
     assert (result.state, result.reason) == (CampaignState.EXITED, "left cohort test_cohort")
     assert await audit_count(harness, handle.id, "crm_written") == 0
-    await save_history_if_asked(handle, "crm_retry_interrupted")

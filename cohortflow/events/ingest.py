@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from cohortflow.events.identities import KeyMaker, plan_batch
@@ -96,7 +96,10 @@ class Ingestor:
             await touch(session, sorted(touched | grown), now=at)  # cohorts.refresh
             new = [r for r in plan.records if r.message_id in inserted and r.type == "track"]
             owed = [_owed(r) for r in new] if self._relay else []
-            await owe(session, owed, now=at)
+            # Held for this request, which delivers them right after the commit: the
+            # relay's own rounds cannot take them first and leave the sender told 0.
+            hold = self._relay.lease if self._relay else timedelta(0)
+            await owe(session, owed, now=at, held=hold)
         for index, event in valid:
             status: Status = "accepted" if event.messageId in inserted else "duplicate"
             results.append(EventResult(index, event.messageId, status))
@@ -105,8 +108,7 @@ class Ingestor:
         if self._relay is not None and owed:
             # Temporal slow or away: the sender is not kept waiting past DELIVER_NOW_SECONDS;
             # what is left owed, the relay delivers when its lease ends.
-            ids = [o.message_id for o in owed]
-            delivery = await self._relay.deliver(ids, within=DELIVER_NOW_SECONDS)
+            delivery = await self._relay.deliver_held(owed, within=DELIVER_NOW_SECONDS)
             outcome.temporal, outcome.signalled = delivery.temporal, delivery.signalled
         return outcome
 

@@ -47,39 +47,56 @@ class SignalRelay:
         self._signaller = signaller
         self._lease = lease
 
-    async def deliver(
-        self, message_ids: Sequence[str] | None = None, *, within: float | None = None
-    ) -> Delivery:
-        """Deliver what is due (only ``message_ids`` when given) until nothing due is left or
-        Temporal fails; with ``within``, stop signalling after that many seconds, leaving
-        what is claimed to be delivered when its lease ends."""
+    @property
+    def lease(self) -> timedelta:
+        """How long a claim holds a signal before another relay may take it."""
+        return self._lease
+
+    async def deliver(self) -> Delivery:
+        """Deliver what is due until nothing due is left or Temporal fails."""
         delivery = Delivery()
-        deadline = None if within is None else asyncio.get_running_loop().time() + within
         while True:
             now = datetime.now(UTC)
             async with self._db.transaction() as session:
                 owed = await signal_outbox.claim(
-                    session, now=now, lease=self._lease, limit=CLAIM_LIMIT, message_ids=message_ids
+                    session, now=now, lease=self._lease, limit=CLAIM_LIMIT
                 )
-            if not owed:
+            if not owed or not await self._send(owed, now, None, delivery):
                 return delivery
-            try:
-                # Only the call to Temporal is cut short, never a database transaction:
-                # cancelled inside one, asyncpg left its pooled connection unusable, and
-                # after a PostgreSQL restart under load that exhausted the pool for minutes.
-                async with asyncio.timeout_at(deadline):
-                    sent = await self._signaller([(s.customer_key, _event(s)) for s in owed])
-            except TimeoutError:
+
+    async def deliver_held(self, owed: Sequence[OwedSignal], *, within: float) -> Delivery:
+        """Deliver signals owed ``held`` for this caller (``signal_outbox.owe``): no other
+        relay takes them before the lease ends, so the caller's count is the whole truth.
+        After ``within`` seconds it stops signalling; what is left, the relay delivers once
+        the hold ends."""
+        delivery = Delivery()
+        deadline = asyncio.get_running_loop().time() + within
+        if owed:
+            await self._send(owed, datetime.now(UTC), deadline, delivery)
+        return delivery
+
+    async def _send(
+        self, owed: Sequence[OwedSignal], now: datetime, deadline: float | None, delivery: Delivery
+    ) -> bool:
+        """Signal ``owed`` and settle them in the outbox; False once Temporal failed."""
+        try:
+            # Only the call to Temporal is cut short, never a database transaction:
+            # cancelled inside one, asyncpg left its pooled connection unusable, and
+            # after a PostgreSQL restart under load that exhausted the pool for minutes.
+            async with asyncio.timeout_at(deadline):
+                sent = await self._signaller([(s.customer_key, _event(s)) for s in owed])
+        except TimeoutError:
+            delivery.temporal = "unreachable"
+            return False
+        async with self._db.transaction() as session:
+            if sent is None:
+                await signal_outbox.failed(session, owed, "temporal unreachable", now=now)
                 delivery.temporal = "unreachable"
-                return delivery
-            async with self._db.transaction() as session:
-                if sent is None:
-                    await signal_outbox.failed(session, owed, "temporal unreachable", now=now)
-                    delivery.temporal = "unreachable"
-                    return delivery
-                await signal_outbox.delivered(session, [s.message_id for s in owed])
-            delivery.signalled += sent
-            delivery.temporal = "ok"
+                return False
+            await signal_outbox.delivered(session, [s.message_id for s in owed])
+        delivery.signalled += sent
+        delivery.temporal = "ok"
+        return True
 
     async def backlog(self) -> Backlog:
         """What is still owed (its size and age are the relay's lag)."""

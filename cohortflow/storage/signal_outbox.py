@@ -36,15 +36,22 @@ class Backlog:
     oldest: datetime | None
 
 
-async def owe(session: AsyncSession, signals: Sequence[OwedSignal], *, now: datetime) -> None:
-    """Record signals owed, due at once; an event already owed is not owed twice."""
+async def owe(
+    session: AsyncSession,
+    signals: Sequence[OwedSignal],
+    *,
+    now: datetime,
+    held: timedelta = timedelta(0),
+) -> None:
+    """Record signals owed, due at once or, ``held`` for the caller to deliver itself, once
+    that hold ends; an event already owed is not owed twice."""
     rows = [
         {
             "message_id": s.message_id,
             "customer_key": s.customer_key,
             "payload": s.payload,
             "created_at": utc(now),
-            "due_at": utc(now),
+            "due_at": utc(now) + held,
             "attempts": 0,
         }
         for s in signals
@@ -62,16 +69,13 @@ async def claim(
     now: datetime,
     lease: timedelta,
     limit: int,
-    message_ids: Sequence[str] | None = None,
 ) -> list[OwedSignal]:
-    """Take up to ``limit`` due signals (only ``message_ids`` when given) for ``lease``.
+    """Take up to ``limit`` due signals for ``lease``.
 
     The guarded update makes a claim exclusive: two relays racing for a row both see it due,
     and only one update still matches it.
     """
     query = select(SignalOutbox.message_id).where(SignalOutbox.due_at <= utc(now))
-    if message_ids is not None:
-        query = query.where(SignalOutbox.message_id.in_(message_ids))
     ids = list(await session.scalars(query.order_by(SignalOutbox.due_at).limit(limit)))
     claimed: list[OwedSignal] = []
     for chunk in chunked(ids, rows_per_statement(session, 1)):
