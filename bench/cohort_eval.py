@@ -6,7 +6,8 @@ writing millions of feature rows through SQL and exporting them takes longer tha
 evaluation it prepares, and is not what is measured. Then, in the same run:
 
 - ours: the product path's membership (``cohortflow.cohorts.evaluator.membership``): the
-  named columns from the snapshot, the rule in numpy, member keys read back;
+  rule compiled to one DuckDB query over the snapshot (``cohorts.compiled``), the customers
+  changed since it through the numpy interpreter;
 - baseline: what a user would write instead, the same rule (as of the same day, missing
   values matching nothing) as one DuckDB query over the same file, keys fetched;
 - incremental: 10,000 customers' features rewritten through the operational copy, then
@@ -118,7 +119,8 @@ def baseline(path: Path, names: list[str]) -> set[str]:
               CASE WHEN {elapsed} >= 30 THEN 0 ELSE {c["events_30d"]} END > 5, false)
     """
     with duckdb.connect() as con:
-        return {key for (key,) in con.execute(query).fetchall()}
+        # Keys fetched as one array, the fastest way out of DuckDB: so is ours.
+        return set(con.execute(query).fetchnumpy()["customer_key"].tolist())
 
 
 async def _change(db: Database, path: Path, names: list[str], seed: int) -> list[str]:

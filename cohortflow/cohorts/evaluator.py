@@ -1,5 +1,10 @@
 """Evaluate a cohort: its rule over every customer's features, as column arrays.
 
+A full evaluation of a rule over stored features only runs on the columnar snapshot as one
+DuckDB query (``cohorts.compiled``); the customers changed since the snapshot, and rows whose
+windowed counts must be re-counted, go through the numpy interpreter below, as do rules on
+scores or event counts and the incremental path.
+
 Only the features the rule names are read. A full evaluation reads them from the columnar
 snapshot (``storage.feature_snapshot``: DuckDB over Parquet, one column per feature) and,
 for the customers changed since it, from the operational copy, where the incremental path
@@ -18,11 +23,11 @@ import asyncio
 import json
 import operator
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import duckdb
 import numpy as np
@@ -31,6 +36,7 @@ import pandas as pd
 from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from cohortflow.cohorts import compiled
 from cohortflow.cohorts.rules import (
     AllRule,
     AnyRule,
@@ -65,6 +71,7 @@ from cohortflow.storage.tables import CustomerFeatures, Event, FeatureChange
 from scoring.features import FEATURE_NAMES
 from scoring.scorer import Scorer
 
+_T = TypeVar("_T")
 Mask = npt.NDArray[np.bool_]
 Column = npt.NDArray[np.float64]
 # Scores every customer with a model (its champion): feature columns in, probabilities out.
@@ -147,10 +154,24 @@ class SnapshotKeys(Keys):
         """The recent days of the customers ``mask`` selects, in position order."""
         rows = mask[: self._size]
         stored = await asyncio.to_thread(_positional, self._path, "recent", rows)
-        days = [
-            None if r in (None, "null") else RecentDays.from_json(json.loads(r)) for r in stored
-        ]
+        days = [_recent_days(r) for r in stored]
         return days + await self._delta.recent(session, mask[self._size :])
+
+
+class HeldKeys(Keys):
+    """Keys with each customer's recent days as read beside them (snapshot JSON text)."""
+
+    def __init__(self, keys: npt.NDArray[np.object_], recent: npt.NDArray[np.object_]) -> None:
+        super().__init__(keys)
+        self._recent = recent
+
+    async def recent(self, session: AsyncSession, mask: Mask) -> list[RecentDays | None]:
+        """The recent days of the customers ``mask`` selects, in position order."""
+        return [_recent_days(r) for r in self._recent[mask].tolist()]
+
+
+def _recent_days(stored: str | None) -> RecentDays | None:
+    return None if stored in (None, "null") else RecentDays.from_json(json.loads(stored))
 
 
 def _positional(path: Path, column: str, mask: Mask, excluded: Sequence[str] = ()) -> list[Any]:
@@ -221,12 +242,17 @@ async def _read_rows(
     return _Read(Keys(np.array(transposed[0], dtype=object)), features, days)
 
 
-def _read_snapshot(snapshot: Snapshot, names: list[str], dated: bool, windows: bool) -> _Read:
-    """The named feature columns of every customer in the snapshot (blocking: DuckDB)."""
-    wanted = [
+def _columns(snapshot: Snapshot, names: list[str]) -> list[str]:
+    """The named features as the snapshot's columns ``c0``, ``c1``, ... (NULL if absent)."""
+    return [
         f"{snapshot.columns[n]} AS c{i}" if n in snapshot.columns else f"NULL::DOUBLE AS c{i}"
         for i, n in enumerate(names)
     ]
+
+
+def _read_snapshot(snapshot: Snapshot, names: list[str], dated: bool, windows: bool) -> _Read:
+    """The named feature columns of every customer in the snapshot (blocking: DuckDB)."""
+    wanted = _columns(snapshot, names)
     if dated:
         wanted.append("as_of_day")
     if windows:
@@ -292,12 +318,27 @@ async def load_population(
     snapshot in ``snapshots`` and the rows changed since (only those of ``only`` when
     given, from the operational copy: the incremental path)."""
     directory = snapshots or default_directory(db.url)
+
+    async def read(session: AsyncSession) -> Population:
+        return await _population(session, directory, definition, now, score, only)
+
+    return await _reading(db, directory, read, fresh=only is None)
+
+
+async def _reading(
+    db: Database,
+    directory: Path,
+    read: Callable[[AsyncSession], Awaitable[_T]],
+    *,
+    fresh: bool,
+) -> _T:
+    """``read`` in a read transaction, after taking a snapshot if one is due (``fresh``)."""
     for _ in range(3):  # a snapshot replaced between two reads is read again
-        if only is None:
+        if fresh:
             await _fresh_snapshot(db, directory)
         async with db.read_transaction() as session:
             try:
-                return await _population(session, directory, definition, now, score, only)
+                return await read(session)
             except (LookupError, duckdb.IOException):
                 continue
     raise RuntimeError("the feature snapshot kept changing while being read")
@@ -316,6 +357,22 @@ async def _population(
         read = await _read_all(session, directory, names, dated)
     else:
         read = await _read_rows(session, names, dated, only)
+    return await _populated(session, definition, read, names, models, now, score, only is not None)
+
+
+async def _populated(
+    session: AsyncSession,
+    definition: CohortDefinition,
+    read: _Read,
+    names: list[str],
+    models: list[str],
+    now: datetime,
+    score: ScoreFn | None,
+    bounded: bool,
+) -> Population:
+    """The population of ``read``'s customers, its features made true on ``now``'s day and
+    the events and scores the rule compares counted and computed (``bounded``: for these
+    customers only, not for everyone)."""
     features = read.features
     if read.days is not None:
         # Whole days from each row's as_of (a UTC midnight) to the evaluation day.
@@ -325,7 +382,7 @@ async def _population(
                 features[name] = features[name] + elapsed
         if WINDOWS.keys() & set(names):
             await _rewindow(session, read, elapsed, utc(now).date())
-    events = await _count_events(session, definition, now, read.keys, only is not None)
+    events = await _count_events(session, definition, now, read.keys, bounded)
     scores: dict[str, Column] = {}
     for model in models:
         if score is None:
@@ -423,9 +480,67 @@ async def membership(
 ) -> set[str]:
     """The customer keys the cohort holds at ``now`` (of ``keys`` only, when given), reading
     the feature snapshot in ``snapshots`` (see :func:`load_population`)."""
+    if keys is None and compiled.compilable(definition.rule):
+        directory = snapshots or default_directory(db.url)
+
+        async def read(session: AsyncSession) -> set[str]:
+            return await _compiled_members(session, directory, definition, utc(now))
+
+        return await _reading(db, directory, read, fresh=True)
     population = await load_population(db, definition, utc(now), score, keys, snapshots=snapshots)
     mask = apply_rule(definition.rule, population)
     return set(population.keys.where(mask))
+
+
+async def _compiled_members(
+    session: AsyncSession, directory: Path, definition: CohortDefinition, now: datetime
+) -> set[str]:
+    """Every member of a rule over stored features only: the snapshot's rows by one DuckDB
+    query (``cohorts.compiled``); the customers changed since it and the rows whose windows
+    must be re-counted through the numpy interpreter, as the incremental path does."""
+    changed = await changed_keys(session)
+    snapshot = await registered(session, directory)
+    if snapshot is None:
+        raise LookupError("no snapshot")
+    names, _, dated = _needs(definition)
+    today = (now.date() - EPOCH_DATE).days
+    members, moving = await asyncio.to_thread(
+        _query_snapshot, snapshot, definition.rule, names, today, changed
+    )
+    delta = await _read_rows(session, names, dated, changed)
+    for read in (moving, delta):
+        if read is not None and len(read.keys):
+            population = await _populated(session, definition, read, names, [], now, None, True)
+            members.update(read.keys.where(apply_rule(definition.rule, population)))
+    return members
+
+
+def _query_snapshot(
+    snapshot: Snapshot, rule: Rule, names: list[str], today: int, changed: Sequence[str]
+) -> tuple[set[str], _Read | None]:
+    """The snapshot's members but the ``changed`` customers', and, when the rule names a
+    windowed feature, the rows to re-count from their recent days (blocking: DuckDB)."""
+    where = compiled.condition(rule, snapshot.columns, today)
+    kept = "customer_key NOT IN (SELECT key FROM changed)" if changed else "true"
+    windows = bool(WINDOWS.keys() & set(names))
+    with duckdb.connect() as con:
+        if changed:
+            con.register("changed", pd.DataFrame({"key": list(changed)}))
+        query = f"SELECT customer_key FROM read_parquet($path) WHERE {where.sql} AND {kept}"
+        if windows:
+            query += f" AND NOT {compiled.MOVING}"
+        found = con.execute(query, {"path": str(snapshot.path), **where.params}).fetchnumpy()
+        members = set(found["customer_key"].tolist())
+        if not windows:
+            return members, None
+        rows = con.execute(
+            f"SELECT customer_key, as_of_day, recent, {', '.join(_columns(snapshot, names))}"
+            f" FROM read_parquet($path) WHERE {compiled.MOVING} AND {kept}",
+            {"path": str(snapshot.path), "today": today},
+        ).fetchnumpy()
+    keys = HeldKeys(np.asarray(rows["customer_key"], dtype=object), np.asarray(rows["recent"]))
+    features = {name: _floats(rows[f"c{i}"]) for i, name in enumerate(names)}
+    return members, _Read(keys, features, _floats(rows["as_of_day"]))
 
 
 def model_scores(scorer: Scorer) -> ScoreFn:

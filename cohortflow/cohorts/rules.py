@@ -1,5 +1,6 @@
 """Cohort definitions: a tree of ``all``/``any``/``not`` over comparisons, validated by
-pydantic and interpreted by the evaluator; never turned into code or SQL text.
+pydantic and interpreted by the evaluator; never turned into code, and into SQL only as
+generated column names and bound values (``cohorts.compiled``).
 
 A rule is one of::
 
