@@ -26,7 +26,6 @@ from temporalio.exceptions import ApplicationError
 from activities.campaign import gate
 from activities.campaign.audit import append_decisions, append_row
 from activities.campaign.batcher import CrmBatcher
-from activities.campaign.group_commit import GroupCommit
 from activities.campaign.heartbeat import heartbeating
 from activities.campaign.log_context import bind
 from cohortflow.crm.connector import (
@@ -42,6 +41,7 @@ from cohortflow.crm.connector import (
 )
 from cohortflow.storage import crm_ledger
 from cohortflow.storage.db import Database
+from cohortflow.storage.group_commit import GroupCommit
 from cohortflow.storage.tables import CrmEffect
 from workflows.campaign.activity_io import (
     CompensateInput,

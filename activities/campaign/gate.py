@@ -1,7 +1,7 @@
 """The last word before an outbound CRM action (pause, consent, then the frequency cap) and
 the record once the CRM took it, for many actions at once.
 
-Both run in one short transaction per group of concurrent actions (``group_commit.py``),
+Both run in one short transaction per group of concurrent actions (``storage.group_commit``),
 never held across the CRM call. Between the gate and the action's ``crm_written`` row the
 action holds a reservation, so the cross-campaign frequency cap also counts actions still in
 flight.

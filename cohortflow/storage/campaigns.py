@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any, Literal, get_args
 
@@ -187,6 +188,24 @@ async def record_entry(
         .returning(CampaignEntry.workflow_id)
     )
     return inserted.first() is not None
+
+
+@dataclass(frozen=True)
+class EntryRecord:
+    """A campaign entry to record as launched (:func:`record_entry`'s fields)."""
+
+    workflow_id: str
+    campaign_id: str
+    customer_key: str
+    entry_id: str
+    cohort_id: str
+    version: int
+
+
+async def record_entries(session: AsyncSession, entries: Sequence[EntryRecord]) -> list[bool]:
+    """Record each entry (:func:`record_entry`); for each, whether this call recorded it
+    (a second record of one workflow in the same call answers False)."""
+    return [await record_entry(session, **asdict(entry)) for entry in entries]
 
 
 async def count_entries(session: AsyncSession, campaign_id: str) -> int:

@@ -1,13 +1,15 @@
-"""Many concurrent activities' database work in one transaction: group commit.
+"""Many concurrent callers' database work in one transaction: group commit.
 
 A CRM write touches the database twice (the gate before the CRM call, the record after it),
 a few statements each, and every one of them runs under locks every process shares (the
-customer's, the audit chain's). One at a time that costs more than the CRM call it guards;
-at a CRM's batch ceiling (a thousand records a second) it is the bottleneck. So concurrent
-activities hand their item to a ``GroupCommit`` and await their own result, and its sender
-runs everything that arrived within ``linger`` as one transaction of set-based statements.
-Idle, an item waits at most ``linger`` (20 ms, small beside the CRM call it guards); a
-transaction that fails fails each of its items, whose activities Temporal retries.
+customer's, the audit chain's); a launch records its entry before it starts the workflow.
+One at a time each costs more than the call it guards, and on SQLite the writers queue for
+the one write lock: at a CRM's batch ceiling (a thousand records a second), or a burst of
+launches, the database is the bottleneck. So concurrent callers hand their item to a
+``GroupCommit`` and await their own result, and its sender runs everything that arrived
+within ``linger`` as one transaction. Idle, an item waits at most ``linger`` (20 ms by
+default, small beside the call it guards); a transaction that fails fails each of its
+items, whose callers retry (Temporal, for activities).
 """
 
 from __future__ import annotations
