@@ -205,6 +205,10 @@ class ModelRegistry:
     def __init__(self, root: Path) -> None:
         """Use ``root`` (created on first registration) as the registry directory."""
         self.root = root
+        # Pointer files read, by path, with the identity of the file they were read from:
+        # the score step asks for the champion on every call, and a stat costs a fraction
+        # of opening and parsing the file. A pointer is replaced atomically (a new inode).
+        self._pointers: dict[Path, tuple[tuple[int, int, int], str]] = {}
 
     def register(
         self,
@@ -297,12 +301,18 @@ class ModelRegistry:
             return None
         path = self.root / name / file_name
         try:
+            stat = path.stat()
+            identity = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+            cached = self._pointers.get(path)
+            if cached is not None and cached[0] == identity:
+                return cached[1]
             pointer = _read_json(path)
         except FileNotFoundError:
             return None
         version = pointer.get("version")
         if not isinstance(version, str):
             raise ModelCorrupt(f"{path}: no version")
+        self._pointers[path] = (identity, version)
         return version
 
     def set_challenger(self, name: str, version: str, by: str) -> ModelInfo:

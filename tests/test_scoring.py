@@ -296,6 +296,20 @@ def test_registry_versions_and_promotion(registry: ModelRegistry, trained: Train
     assert registry.champion("propensity") is None
 
 
+def test_a_promotion_elsewhere_reaches_a_registry_that_read_the_champion(
+    registry: ModelRegistry, trained: TrainedModel
+) -> None:
+    # A worker's registry caches the champion pointer by the file's identity; a promotion
+    # by another process (another registry object here) replaces the file.
+    first = registry.register(trained, promoted_by="alice")
+    second = registry.register(trained, make_champion=False)
+    assert registry.champion_version("churn") == first.version
+    ModelRegistry(registry.root).promote("churn", second.version, by="bob")
+    assert registry.champion_version("churn") == second.version
+    (registry.root / "churn" / "champion.json").unlink()
+    assert registry.champion_version("churn") is None
+
+
 # --- scorer -------------------------------------------------------------------------------
 
 
