@@ -307,8 +307,15 @@ async def seed(
 ) -> tuple[CampaignSpec, int, list[str]]:
     """The campaign's spec, and its customers (the first tenth of ``users``) stored with
     e-mail marketing consent; the spec, its version and the campaign customers' keys."""
+    return await seed_customers(db, keys, document, users[: len(users) // CAMPAIGN_SHARE])
+
+
+async def seed_customers(
+    db: Database, keys: Pseudonymiser, document: dict[str, Any], sources: list[str]
+) -> tuple[CampaignSpec, int, list[str]]:
+    """The campaign's spec applied, and a customer of each source id in ``sources`` stored
+    with e-mail marketing consent; the spec, its version and the customers' keys."""
     spec = CampaignSpec.model_validate(document)
-    sources = users[: len(users) // CAMPAIGN_SHARE]
     chosen = [keys.customer_key(u) for u in sources]
     async with db.transaction() as session:
         version, _ = await campaigns.save_spec_version(

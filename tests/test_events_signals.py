@@ -1,6 +1,7 @@
-"""Contract (a): a stored event is signalled to every running campaign of its customer,
-through the outbox: owed in the events' transaction, delivered by the relay, kept while
-Temporal is away and delivered once it is back."""
+"""Contract (a): a stored event, or an operator's consent change, is signalled to every
+running campaign of its customer through the outbox: owed in the transaction that records
+it, delivered at once or by the relay, kept while Temporal is away and delivered, in the
+order owed, once it is back."""
 
 from __future__ import annotations
 
@@ -19,16 +20,16 @@ from cohortflow.campaigns import visibility
 from cohortflow.campaigns.visibility import CampaignHandle
 from cohortflow.events.ingest import Ingestor
 from cohortflow.events.relay import SignalRelay
-from cohortflow.events.signals import TemporalSignaller
+from cohortflow.events.signals import CampaignSignal, TemporalSignaller
 from cohortflow.runtime.devserver import DevServer
 from cohortflow.runtime.ports import free_port
 from cohortflow.settings import Settings
+from cohortflow.storage import customers
 from cohortflow.storage.db import Database, migrate
 from cohortflow.temporal_client import connect
 from tests.harness import bearer, decoded, issue_token, migrated, serve_app
 from tests.test_events import PSEUDONYMISER, T0, track
 from workflows.campaign.contract import SA
-from workflows.campaign.messages import CustomerEvent
 
 pytestmark = pytest.mark.devserver
 
@@ -103,14 +104,21 @@ async def idle_campaigns(client: Client, *keys: str) -> list[WorkflowHandle[Any,
     return handles
 
 
-async def signalled_ids(client: Client, handle: WorkflowHandle[Any, Any]) -> list[str]:
-    """The message ids of the customer events ``handle`` was signalled, in order."""
-    ids = []
+async def signals_of(
+    client: Client, handle: WorkflowHandle[Any, Any]
+) -> list[tuple[str, dict[str, Any]]]:
+    """Every signal ``handle`` was sent, in order: its name and its decoded fields."""
+    signals = []
     async for e in handle.fetch_history_events():
         if e.HasField("workflow_execution_signaled_event_attributes"):
-            payload = e.workflow_execution_signaled_event_attributes.input.payloads[0]
-            ids.append((await decoded(client, payload))["message_id"])
-    return ids
+            signal = e.workflow_execution_signaled_event_attributes
+            signals.append((signal.signal_name, await decoded(client, signal.input.payloads[0])))
+    return signals
+
+
+async def signalled_ids(client: Client, handle: WorkflowHandle[Any, Any]) -> list[str]:
+    """The message ids of the customer events ``handle`` was signalled, in order."""
+    return [fields["message_id"] for _, fields in await signals_of(client, handle)]
 
 
 class ClosesOneFirst(TemporalSignaller):
@@ -120,10 +128,10 @@ class ClosesOneFirst(TemporalSignaller):
         super().__init__(lambda: asyncio.sleep(0, client))
         self.closes = closes
 
-    async def _signal(self, handle: CampaignHandle, event: CustomerEvent) -> None:
+    async def _signal(self, handle: CampaignHandle, message: CampaignSignal) -> None:
         if handle.id == self.closes:
             await handle.terminate("closed between list and signal")
-        await super()._signal(handle, event)
+        await super()._signal(handle, message)
 
 
 async def test_a_campaign_closed_between_list_and_signal_counts_as_delivered(
@@ -144,16 +152,30 @@ async def test_a_campaign_closed_between_list_and_signal_counts_as_delivered(
         await db.dispose()
 
 
-async def test_events_posted_while_temporal_is_down_reach_every_campaign_once_it_is_back(
-    tmp_path: Path,
-) -> None:
-    settings = Settings(
+def own_server(tmp_path: Path) -> Settings:
+    """Settings of a dev server of the test's own (one it may stop) and an app database,
+    pseudonymising as ``PSEUDONYMISER`` does."""
+    return Settings(
         data_dir=tmp_path / "stack",
         database_url=f"sqlite+aiosqlite:///{tmp_path / 'app.db'}",
         pseudonymisation_key="k" * 32,
         temporal_port=free_port(),
         temporal_ui_port=free_port(),
     )
+
+
+async def drained(db: Database, seconds: float = 90.0) -> None:
+    """Until the outbox owes nothing (the API's relay delivered it), at most ``seconds``."""
+    for _ in range(int(seconds * 10)):
+        if (await SignalRelay(db, _never()).backlog()).owed == 0:
+            return
+        await asyncio.sleep(0.1)
+
+
+async def test_events_posted_while_temporal_is_down_reach_every_campaign_once_it_is_back(
+    tmp_path: Path,
+) -> None:
+    settings = own_server(tmp_path)
     db = await migrated(settings.database_url or "")
     token = await issue_token(db, "source", "ingest")
     server = DevServer(settings)
@@ -176,18 +198,66 @@ async def test_events_posted_while_temporal_is_down_reach_every_campaign_once_it
                 for i in range(6):
                     name = ("ann", "ben", "cy")[i % 3]
                     body = await send(track(f"down-{name}-{i}", name))
-                    assert body["temporal"] == "unreachable"
+                    # A customer's second event queues behind the first, still owed.
+                    assert body["temporal"] == ("unreachable" if i < 3 else "queued")
                     for handle in handles:
                         if keys[name] in handle.id:
                             expected[handle.id].append(f"down-{name}-{i}")
                 assert (await SignalRelay(db, _never()).backlog()).owed == 6
                 await server.start()  # the same file and port: the campaigns are still there
-                for _ in range(900):
-                    if (await SignalRelay(db, _never()).backlog()).owed == 0:
-                        break
-                    await asyncio.sleep(0.1)
+                await drained(db)
         for handle in handles:
             assert await signalled_ids(client, handle) == expected[handle.id], handle.id
+    finally:
+        server.stop()
+        await db.dispose()
+
+
+async def test_consent_changed_while_temporal_is_down_reaches_the_campaigns_once_it_is_back(
+    tmp_path: Path,
+) -> None:
+    settings = own_server(tmp_path)
+    db = await migrated(settings.database_url or "")
+    token = await issue_token(db, "dpo", "admin")
+    ann, ben = PSEUDONYMISER.customer_key("ann"), PSEUDONYMISER.customer_key("ben")
+    async with db.transaction() as session:
+        records = [
+            customers.CustomerRecord(ann, "ann", None),
+            customers.CustomerRecord(ben, "ben", None),
+        ]
+        await customers.upsert_customers(session, records)
+    server = DevServer(settings)
+    await server.start()
+    client = await connect(settings, tracing=False)
+    handles = await idle_campaigns(client, ann, ann, ben)
+    try:
+        with serve_app(create_app(settings)) as url:
+            async with httpx.AsyncClient(base_url=url, headers=bearer(token), timeout=30) as http:
+
+                async def change(granted: bool) -> tuple[int, str]:
+                    consent = {"channel": "email", "purpose": "marketing", "granted": granted}
+                    response = await http.post(
+                        "/v1/consent", json={"customer_id": "ann", **consent}
+                    )
+                    assert response.status_code == 200, response.text
+                    assert response.json()["changed"]
+                    return response.json()["signalled_campaigns"], response.json()["temporal"]
+
+                assert await change(True) == (2, "ok")
+                server.stop()  # Temporal goes away while the customer changes her mind
+                assert await change(False) == (0, "unreachable")
+                # Behind the revocation still owed: left to the relay, which keeps the order.
+                assert await change(True) == (0, "queued")
+                assert await change(False) == (0, "queued")
+                assert (await SignalRelay(db, _never()).backlog()).owed == 3
+                await server.start()
+                await drained(db)
+        told = [
+            [(name, fields["granted"]) for name, fields in await signals_of(client, handle)]
+            for handle in handles
+        ]
+        in_order = [("consent_changed", granted) for granted in (True, False, True, False)]
+        assert told == [in_order, in_order, []]
     finally:
         server.stop()
         await db.dispose()

@@ -18,7 +18,7 @@ from cohortflow.storage.tables import Base
 
 REPO = Path(__file__).resolve().parent.parent
 TABLES = set(Base.metadata.tables)
-HEAD = "0016"
+HEAD = "0017"
 
 
 def _table_names(connection: Connection) -> set[str]:

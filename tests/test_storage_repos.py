@@ -1,5 +1,5 @@
 """Repositories over both databases: engine setup, campaigns, approvals, consent, customers,
-features and segments."""
+features, segments and the signal outbox's order."""
 
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ from cohortflow.storage.customers import (
 )
 from cohortflow.storage.db import Database
 from cohortflow.storage.segments import assign_segment
+from cohortflow.storage.signal_outbox import OwedSignal, claim, owe
 from cohortflow.storage.tables import SegmentAssignment
 from tests.conftest import postgres_only, sqlite_only
 
@@ -494,3 +495,32 @@ async def test_segment_assignment_is_idempotent_and_only_marks_synced(db: Databa
         True,
         T0,
     )
+
+
+# ---------------------------------------------------------------- signal outbox
+
+
+def owed(message_id: str, customer_key: str) -> OwedSignal:
+    return OwedSignal(message_id, customer_key, {"event": "purchase"})
+
+
+async def test_a_customers_signals_are_claimed_in_the_order_they_were_owed(db: Database) -> None:
+    hold = timedelta(seconds=30)
+    async with db.transaction() as session:
+        first = [owed("a1", "c_1"), owed("a2", "c_1")]
+        assert await owe(session, first, now=T0, held=hold) == first  # this request's own
+    async with db.transaction() as session:
+        # Behind a1 and a2, b1 is left due for the relay: the request could overtake them.
+        later = [owed("b1", "c_1"), owed("c1", "c_2")]
+        mine = await owe(session, later, now=T0 + timedelta(seconds=1), held=hold)
+        assert [s.message_id for s in mine] == ["c1"]
+    async with db.transaction() as session:
+        # b1 is due, but what was owed before it is still held: nothing of c_1 goes yet.
+        assert await claim(session, now=T0 + timedelta(seconds=2), lease=hold, limit=10) == []
+    after_hold = T0 + timedelta(seconds=30.5)  # c1's hold lasts another half second
+    async with db.transaction() as session:
+        taken = await claim(session, now=after_hold, lease=hold, limit=2)
+        assert [s.message_id for s in taken] == ["a1", "a2"]
+    async with db.transaction() as session:
+        # b1 waits for a1 and a2, now leased by the claim before (delivering).
+        assert await claim(session, now=after_hold, lease=hold, limit=10) == []

@@ -76,7 +76,9 @@ def campaigns_router() -> APIRouter:
         **guard(policy.ADMIN, "correct consent", {404: "unknown customer"}),
     )
     async def set_consent(body: ConsentIn, ctl: Ctl, who: Who) -> dict[str, Any]:
-        """Grant or revoke consent; running campaigns of the customer are told at once."""
+        """Grant or revoke consent; running campaigns of the customer are told at once
+        (``signalled_campaigns``), or, while Temporal is unreachable (``temporal``), once it
+        is back."""
         outcome = await ctl.set_consent(
             body.customer_id,
             channel=body.channel,
@@ -92,6 +94,7 @@ def campaigns_router() -> APIRouter:
             "customer_key": outcome.customer_key,
             "changed": outcome.changed,
             "signalled_campaigns": outcome.signalled,
+            "temporal": outcome.temporal,
         }
 
     return router

@@ -47,7 +47,8 @@ class AppState:
         # Cookies are Secure outside development, where the API sits behind TLS.
         secure = settings.environment != "development"
         self.inbox = InboxSessions(self.db, self.tokens, secure=secure)
-        # Delivers the signals new events owe running campaigns (see ``events.relay``).
+        # Delivers the signals new events and consent changes owe running campaigns (see
+        # ``events.relay``).
         self.relay = SignalRelay(
             self.db,
             TemporalSignaller(lambda: connect(settings, tracing=False), retry_seconds=5.0),
@@ -63,8 +64,10 @@ class AppState:
         return self.client
 
     async def controls(self) -> Controls:
-        """Operator controls over the database and (when reachable) Temporal."""
-        return Controls(self.db, self.settings, self.pseudonymiser, await self.temporal())
+        """Operator controls over the database and (when reachable) Temporal; consent
+        changes' signals go out through the app's relay."""
+        client = await self.temporal()
+        return Controls(self.db, self.settings, self.pseudonymiser, client, self.relay)
 
 
 def app_state(request: Request) -> AppState:

@@ -37,6 +37,7 @@ from cohortflow.events.schema import (
     TrackEvent,
     ViewEvent,
 )
+from cohortflow.events.signals import TemporalStatus
 from cohortflow.pseudonymisation import Pseudonymiser
 from cohortflow.storage.db import Database
 
@@ -60,7 +61,7 @@ class BatchOut(BaseModel):
     duplicates: int
     rejected: int
     signalled: int
-    temporal: Literal["ok", "unreachable", "skipped"]
+    temporal: TemporalStatus
     results: list[EventResultOut]
 
 

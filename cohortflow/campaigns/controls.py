@@ -7,9 +7,10 @@ the database through storage. Every request is validated before anything is writ
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
@@ -30,12 +31,15 @@ from cohortflow.auth.identity import Identity
 from cohortflow.campaigns import visibility
 from cohortflow.campaigns.approval_context import ApprovalContext, approval_context
 from cohortflow.errors import Conflict, Forbidden, Invalid, NotFound, Unavailable
+from cohortflow.events.relay import Held, SignalRelay
+from cohortflow.events.signals import TemporalSignaller, TemporalStatus
 from cohortflow.pseudonymisation import Pseudonymiser
 from cohortflow.settings import Settings
 from cohortflow.storage import approvals, audit, campaigns, consent, customers
 from cohortflow.storage.db import Database
+from cohortflow.storage.signal_outbox import OwedSignal
 from cohortflow.storage.tables import Approval
-from workflows.campaign.contract import SA, AuditKind, DecideRefusal
+from workflows.campaign.contract import SA, AuditKind, DecideRefusal, HandlerName
 from workflows.campaign.messages import ConsentChanged, DecideRequest, DecideResult, PauseChanged
 from workflows.campaign.workflow import CampaignWorkflow
 
@@ -59,11 +63,13 @@ _NAME_LIMIT = 128
 
 @dataclass(frozen=True)
 class ConsentOutcome:
-    """What a consent change did."""
+    """What a consent change did: ``signalled`` running campaigns were told at once, and
+    ``temporal`` says whether they could be (what was not, the relay delivers later)."""
 
     customer_key: str
     changed: bool
     signalled: int
+    temporal: TemporalStatus = "skipped"
 
 
 @dataclass(frozen=True)
@@ -84,11 +90,15 @@ class Controls:
         settings: Settings,
         pseudonymiser: Pseudonymiser,
         client: Client | None,
+        relay: SignalRelay | None = None,
     ) -> None:
+        """``relay`` delivers the signals consent changes owe (the API's own); by default
+        one over ``client``, whose leftovers a running relay (the API's) delivers later."""
         self._db = db
         self._settings = settings
         self._pseudonymiser = pseudonymiser
         self._client = client
+        self._relay = relay or SignalRelay(db, TemporalSignaller(self._connected))
         self._poller_seen = -math.inf  # monotonic time a worker was last seen polling
 
     # ------------------------------------------------------------------ approvals
@@ -239,13 +249,18 @@ class Controls:
         """Grant or revoke consent for a source customer id, then tell running campaigns.
 
         The decision is kept as evidence (``consent history``): ``how`` it came (api, cli),
-        by the authenticated identity, with the policy version or text shown, if given."""
+        by the authenticated identity, with the policy version or text shown, if given. The
+        ``consent_changed`` signal is owed in the same transaction (the signal outbox) and
+        delivered right after the commit; what Temporal cannot take now, the relay delivers
+        once it is back."""
         policy.require(identity, policy.ADMIN, "correct consent")
         _require_text("customer", customer_id, limit=200)
         _require_text("channel", channel, limit=32)
         _require_text("purpose", purpose, limit=64)
         key = self._pseudonymiser.customer_key(customer_id)
         now = datetime.now(UTC)
+        change = ConsentChanged(channel=channel, purpose=purpose, granted=granted)
+        held = Held()
         async with self._db.transaction() as session:
             if await customers.get_customer(session, key) is None:
                 raise NotFound(f"customer: no customer {customer_id!r}", field="customer")
@@ -254,33 +269,13 @@ class Controls:
                 session, key, channel, purpose, granted, source, now=now, evidence=evidence
             )
             if changed:
-                await audit.append_audit(
-                    session,
-                    audit.AuditEvent(
-                        workflow_id=f"consent:{key}",
-                        step_id=f"{channel}:{purpose}:{now.isoformat()}",
-                        kind=AuditKind.CONSENT_GRANTED if granted else AuditKind.CONSENT_REVOKED,
-                        campaign_id="-",
-                        customer_key=key,
-                        payload={
-                            "channel": channel,
-                            "purpose": purpose,
-                            "source": source,
-                            "by": identity.name,
-                            "how": how,
-                            "policy_version": policy_version,
-                        },
-                    ),
-                )
-        signalled = 0
-        if changed and self._client is not None:
-            signalled = await visibility.signal_running(
-                self._client,
-                visibility.running(visibility.equals(SA.CUSTOMER_KEY, key)),
-                CampaignWorkflow.consent_changed,
-                ConsentChanged(channel=channel, purpose=purpose, granted=granted),
-            )
-        return ConsentOutcome(customer_key=key, changed=changed, signalled=signalled)
+                record = _consent_audit(key, change, source, evidence, now)
+                await audit.append_audit(session, record)
+                signal = HandlerName.CONSENT_CHANGED
+                owed = OwedSignal(_message_id(record), key, asdict(change), signal=signal)
+                held = await self._relay.owe(session, [owed], now=now)
+        delivery = await self._relay.deliver_held(held)
+        return ConsentOutcome(key, changed, delivery.signalled, delivery.temporal)
 
     # ------------------------------------------------------------------ campaigns
 
@@ -326,6 +321,15 @@ class Controls:
 
     # ------------------------------------------------------------------ Temporal helpers
 
+    async def _connected(self) -> Client:
+        """The client, for the default relay's signaller (which counts a failed connect as
+        Temporal being unreachable)."""
+        if self._client is None:
+            raise RuntimeError(
+                f"Temporal is not reachable at {self._settings.resolved_temporal_address}"
+            )
+        return self._client
+
     async def _require_worker(self) -> Client:
         """The client, after checking some worker polls the campaign queue (a check that
         passed stands for a few seconds: a bulk decision asks thousands of times)."""
@@ -352,6 +356,38 @@ class Controls:
             )
         self._poller_seen = time.monotonic()
         return self._client
+
+
+def _consent_audit(
+    key: str,
+    change: ConsentChanged,
+    source: str,
+    evidence: consent.ConsentEvidence,
+    now: datetime,
+) -> audit.AuditEvent:
+    """The audit row of a consent change."""
+    return audit.AuditEvent(
+        workflow_id=f"consent:{key}",
+        step_id=f"{change.channel}:{change.purpose}:{now.isoformat()}",
+        kind=AuditKind.CONSENT_GRANTED if change.granted else AuditKind.CONSENT_REVOKED,
+        campaign_id="-",
+        customer_key=key,
+        payload={
+            "channel": change.channel,
+            "purpose": change.purpose,
+            "source": source,
+            "by": evidence.by,
+            "how": evidence.how,
+            "policy_version": evidence.policy_version,
+        },
+    )
+
+
+def _message_id(record: audit.AuditEvent) -> str:
+    """The outbox id of a consent change's signal: one per change, named after its audit
+    row (customer, channel, purpose and time), short enough for the outbox."""
+    row = f"{record.workflow_id}:{record.step_id}:{record.kind}"
+    return "consent:" + hashlib.sha256(row.encode()).hexdigest()[:40]
 
 
 def _repeated(exc: WorkflowUpdateFailedError, approval_id: str) -> DecideResult | None:

@@ -252,10 +252,10 @@ def _consent(
     )
     verb = "granted" if granted else "revoked"
     state = verb if outcome.changed else f"already {verb}"
-    out.print(
-        f"{outcome.customer_key} {channel}/{purpose} {state}; "
-        f"{outcome.signalled} running campaign(s) told"
-    )
+    told = f"{outcome.signalled} running campaign(s) told"
+    if outcome.temporal == "unreachable":
+        told = "Temporal did not answer: the API's relay tells running campaigns once it does"
+    out.print(f"{outcome.customer_key} {channel}/{purpose} {state}; {told}")
 
 
 Channel = Annotated[str, typer.Option("--channel", help="e.g. email, sms, push.")]

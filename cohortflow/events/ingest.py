@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from cohortflow.events.identities import KeyMaker, plan_batch
-from cohortflow.events.relay import SignalRelay
+from cohortflow.events.relay import Held, SignalRelay
 from cohortflow.events.schema import AnyEvent, Received, parse_event
 from cohortflow.events.signals import TemporalStatus
 from cohortflow.pseudonymisation import Pseudonymiser
@@ -24,12 +24,10 @@ from cohortflow.storage.db import Database
 from cohortflow.storage.events import EventRecord, insert_events, upsert_identities
 from cohortflow.storage.feature_store import update_features
 from cohortflow.storage.profiles import merge_profiles, resolve_aliases
-from cohortflow.storage.signal_outbox import OwedSignal, owe
+from cohortflow.storage.signal_outbox import OwedSignal
 from workflows.campaign.messages import CustomerEvent
 
 Status = Literal["accepted", "duplicate", "rejected"]
-# How long a batch waits for its own signals before leaving them to the relay.
-DELIVER_NOW_SECONDS = 2.0
 
 
 @dataclass
@@ -95,20 +93,18 @@ class Ingestor:
             await update_features(session, sorted(touched | grown), now=at)
             await touch(session, sorted(touched | grown), now=at)  # cohorts.refresh
             new = [r for r in plan.records if r.message_id in inserted and r.type == "track"]
-            owed = [_owed(r) for r in new] if self._relay else []
-            # Held for this request, which delivers them right after the commit: the
-            # relay's own rounds cannot take them first and leave the sender told 0.
-            hold = self._relay.lease if self._relay else timedelta(0)
-            await owe(session, owed, now=at, held=hold)
+            # Owed in time order: a campaign hears its customer's events as they happened.
+            owed = [_owed(r) for r in sorted(new, key=lambda r: r.occurred_at)]
+            held = await self._relay.owe(session, owed, now=at) if self._relay else Held()
         for index, event in valid:
             status: Status = "accepted" if event.messageId in inserted else "duplicate"
             results.append(EventResult(index, event.messageId, status))
         results.sort(key=lambda r: r.index)
         outcome = IngestOutcome(results)
         if self._relay is not None and owed:
-            # Temporal slow or away: the sender is not kept waiting past DELIVER_NOW_SECONDS;
-            # what is left owed, the relay delivers when its lease ends.
-            delivery = await self._relay.deliver_held(owed, within=DELIVER_NOW_SECONDS)
+            # Temporal slow or away: the sender is not kept waiting past
+            # ``relay.DELIVER_NOW_SECONDS``; what is left, the relay delivers later.
+            delivery = await self._relay.deliver_held(held)
             outcome.temporal, outcome.signalled = delivery.temporal, delivery.signalled
         return outcome
 

@@ -1,5 +1,6 @@
-"""Telling running campaigns about their customer's new events: the ``customer_event``
-signal, sent to every running campaign of each event's customer."""
+"""Telling running campaigns what happened to their customer: ``customer_event`` for a new
+event, ``consent_changed`` for a consent change, sent to every running campaign of the
+customer in the order given (the order the outbox owed them)."""
 
 from __future__ import annotations
 
@@ -14,23 +15,27 @@ from temporalio.service import RPCError
 from cohortflow.campaigns import visibility
 from cohortflow.campaigns.visibility import CampaignHandle
 from workflows.campaign.contract import SA
-from workflows.campaign.messages import CustomerEvent
+from workflows.campaign.messages import ConsentChanged, CustomerEvent
 from workflows.campaign.workflow import CampaignWorkflow
 
 log = structlog.get_logger(__name__)
 
-TemporalStatus = Literal["ok", "unreachable", "skipped"]
+# ok: Temporal took the signals; unreachable: it did not (they stay owed); skipped: none were
+# owed; queued: owed behind the customer's earlier signals, which the relay delivers first.
+TemporalStatus = Literal["ok", "unreachable", "skipped", "queued"]
+CampaignSignal = CustomerEvent | ConsentChanged
 
 
 class Signaller(Protocol):
-    """Tells running campaigns about new events of their customer."""
+    """Tells running campaigns what happened to their customer."""
 
-    async def __call__(self, events: Sequence[tuple[str, CustomerEvent]]) -> int | None:
-        """Signal each (customer key, event); how many signals, or None if Temporal is down."""
+    async def __call__(self, signals: Sequence[tuple[str, CampaignSignal]]) -> int | None:
+        """Signal each (customer key, message), a customer's in the order given; how many
+        signals, or None if Temporal is down."""
 
 
 class TemporalSignaller:
-    """Signals ``customer_event`` to every running workflow of the event's customer.
+    """Signals each message to every running workflow of its customer.
 
     Connects lazily and, after a failed connect, waits ``retry_seconds`` before trying again
     so an outage does not slow every batch down by a connect timeout.
@@ -53,28 +58,27 @@ class TemporalSignaller:
             self._client = await self._connect()
         except (RuntimeError, OSError) as exc:
             self._failed_at = time.monotonic()
-            log.warning(
-                "temporal unreachable; events stored, campaigns not signalled", error=str(exc)
-            )
+            log.warning("temporal unreachable; signals stay owed", error=str(exc))
             return None
         return self._client
 
-    async def __call__(self, events: Sequence[tuple[str, CustomerEvent]]) -> int | None:
-        """Signal every running campaign of each event's customer, events in time order."""
-        if not events:
+    async def __call__(self, signals: Sequence[tuple[str, CampaignSignal]]) -> int | None:
+        """Signal every running campaign of each message's customer, a customer's messages
+        in the order given."""
+        if not signals:
             return 0
         client = await self._get_client()
         if client is None:
             return None
-        by_customer: dict[str, list[CustomerEvent]] = {}
-        for key, event in sorted(events, key=lambda item: item[1].occurred_at):
-            by_customer.setdefault(key, []).append(event)
+        by_customer: dict[str, list[CampaignSignal]] = {}
+        for key, message in signals:
+            by_customer.setdefault(key, []).append(message)
 
         async def send(handle: CampaignHandle, execution: WorkflowExecution) -> int:
-            # In time order, one at a time: a campaign sees its customer's events in order.
+            # One at a time: a campaign hears its customer's messages in the order owed.
             customer = execution.typed_search_attributes.get(SA.CUSTOMER_KEY) or ""
-            for event in by_customer.get(customer, []):
-                await self._signal(handle, event)
+            for message in by_customer.get(customer, []):
+                await self._signal(handle, message)
             return len(by_customer.get(customer, []))
 
         sent = 0
@@ -83,12 +87,15 @@ class TemporalSignaller:
                 query = visibility.running(visibility.one_of(SA.CUSTOMER_KEY, chunk))
                 sent += await visibility.each_running(client, query, send)
         except (RPCError, RuntimeError) as exc:
-            log.warning("signalling customer events failed", error=str(exc))
+            log.warning("signalling campaigns failed", error=str(exc))
             self._client = None
             return None
         return sent
 
-    async def _signal(self, handle: CampaignHandle, event: CustomerEvent) -> None:
+    async def _signal(self, handle: CampaignHandle, message: CampaignSignal) -> None:
         # One signal; a campaign that closed since it was listed answers NOT_FOUND, which
         # ``visibility.each_running`` counts as done.
-        await handle.signal(CampaignWorkflow.customer_event, event)
+        if isinstance(message, ConsentChanged):
+            await handle.signal(CampaignWorkflow.consent_changed, message)
+        else:
+            await handle.signal(CampaignWorkflow.customer_event, message)

@@ -1,5 +1,7 @@
-"""The signal outbox's rows: owed in the events' transaction, claimed with a lease, then
-deleted when delivered or put back with a back-off when Temporal could not be reached."""
+"""The signal outbox's rows: owed in the transaction that records what they tell (events, a
+consent change), claimed with a lease, then deleted when delivered or put back with a
+back-off when Temporal could not be reached. A customer's signals go out in the order they
+were owed: none is taken while one owed before it waits."""
 
 from __future__ import annotations
 
@@ -8,10 +10,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import and_, delete, exists, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
 
-from cohortflow.storage._sql import chunked, rows_per_statement, upsert, utc
+from cohortflow.storage._sql import chunked, in_list, rows_per_statement, upsert, utc
 from cohortflow.storage.tables import SignalOutbox
 
 # Waits after each failed delivery: a short outage heals fast, a long one is not hammered.
@@ -20,12 +23,14 @@ BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0)
 
 @dataclass(frozen=True)
 class OwedSignal:
-    """One event's signal, owed to every running campaign of its customer."""
+    """One signal (``signal`` names its handler, ``payload`` holds its fields), owed to
+    every running campaign of its customer."""
 
     message_id: str
     customer_key: str
     payload: dict[str, Any]
     attempts: int = 0
+    signal: str = "customer_event"
 
 
 @dataclass(frozen=True)
@@ -42,25 +47,43 @@ async def owe(
     *,
     now: datetime,
     held: timedelta = timedelta(0),
-) -> None:
-    """Record signals owed, due at once or, ``held`` for the caller to deliver itself, once
-    that hold ends; an event already owed is not owed twice."""
+) -> list[OwedSignal]:
+    """Record signals owed, in the order given, due at once or, ``held`` for the caller to
+    deliver itself, once that hold ends; a signal already owed is not owed twice.
+
+    Returns what the caller holds. A customer who is still owed signals from before gets
+    these behind them, due at once: the relay delivers them in order, where the caller
+    could overtake the ones before.
+    """
+    behind = await _owing(session, {s.customer_key for s in signals}) if held else set()
     rows = [
         {
             "message_id": s.message_id,
             "customer_key": s.customer_key,
+            "signal": s.signal,
             "payload": s.payload,
             "created_at": utc(now),
-            "due_at": utc(now) + held,
+            "seq": seq,
+            "due_at": utc(now) + (timedelta(0) if s.customer_key in behind else held),
             "attempts": 0,
         }
-        for s in signals
+        for seq, s in enumerate(signals)
     ]
     if rows:
         stmt = upsert(session, SignalOutbox).on_conflict_do_nothing(
             index_elements=[SignalOutbox.message_id]
         )
         await session.execute(stmt, rows)
+    return [s for s in signals if held and s.customer_key not in behind]
+
+
+async def _owing(session: AsyncSession, customer_keys: set[str]) -> set[str]:
+    """Which of these customers are still owed signals."""
+    owing: set[str] = set()
+    for chunk in in_list(sorted(customer_keys)):
+        query = select(SignalOutbox.customer_key).where(SignalOutbox.customer_key.in_(chunk))
+        owing.update(await session.scalars(query.distinct()))
+    return owing
 
 
 async def claim(
@@ -70,13 +93,25 @@ async def claim(
     lease: timedelta,
     limit: int,
 ) -> list[OwedSignal]:
-    """Take up to ``limit`` due signals for ``lease``.
+    """Take up to ``limit`` due signals for ``lease``, oldest owed first.
 
-    The guarded update makes a claim exclusive: two relays racing for a row both see it due,
-    and only one update still matches it.
+    A customer's signal waits while one owed before it is not due (held, leased, backing
+    off), so a customer's signals go out in the order they were owed. The guarded update
+    makes a claim exclusive: two relays racing for a row both see it due, and only one
+    update still matches it.
     """
-    query = select(SignalOutbox.message_id).where(SignalOutbox.due_at <= utc(now))
-    ids = list(await session.scalars(query.order_by(SignalOutbox.due_at).limit(limit)))
+    earlier = aliased(SignalOutbox)
+    waiting = exists().where(
+        earlier.customer_key == SignalOutbox.customer_key,
+        earlier.due_at > utc(now),
+        or_(
+            earlier.created_at < SignalOutbox.created_at,
+            and_(earlier.created_at == SignalOutbox.created_at, earlier.seq < SignalOutbox.seq),
+        ),
+    )
+    query = select(SignalOutbox.message_id).where(SignalOutbox.due_at <= utc(now), ~waiting)
+    order = (SignalOutbox.created_at, SignalOutbox.seq)
+    ids = list(await session.scalars(query.order_by(*order).limit(limit)))
     claimed: list[OwedSignal] = []
     for chunk in chunked(ids, rows_per_statement(session, 1)):
         result = await session.execute(
@@ -88,10 +123,13 @@ async def claim(
                 SignalOutbox.customer_key,
                 SignalOutbox.payload,
                 SignalOutbox.attempts,
+                SignalOutbox.signal,
             )
         )
         claimed.extend(OwedSignal(*row) for row in result)
-    return claimed
+    place = {message_id: n for n, message_id in enumerate(ids)}
+    # RETURNING promises no order; the relay sends them as listed.
+    return sorted(claimed, key=lambda s: place[s.message_id])
 
 
 async def delivered(session: AsyncSession, message_ids: Sequence[str]) -> None:

@@ -349,17 +349,20 @@ class ProfileAlias(Base):
 
 
 class SignalOutbox(Base):
-    """A ``customer_event`` signal owed to the customer's running campaigns, written in the
-    transaction that stored the event and deleted once delivered (``events.relay``).
-    ``due_at`` is when a relay may next take it: a lease while one delivers, a back-off after
-    Temporal failed."""
+    """A signal owed to the customer's running campaigns (``signal`` names it: a customer
+    event, a consent change), written in the transaction that stored what it tells and
+    deleted once delivered (``events.relay``). ``created_at`` and then ``seq`` are the order
+    it was owed in; ``due_at`` is when a relay may next take it: a lease while one delivers,
+    a back-off after Temporal failed."""
 
     __tablename__ = "signal_outbox"
 
     message_id: Mapped[str] = mapped_column(String(128), primary_key=True)
-    customer_key: Mapped[str] = mapped_column(String(KEY_LEN))
-    payload: Mapped[dict[str, Any]]  # the CustomerEvent signal's fields
+    customer_key: Mapped[str] = mapped_column(String(KEY_LEN), index=True)
+    signal: Mapped[str] = mapped_column(String(32), server_default="customer_event")
+    payload: Mapped[dict[str, Any]]  # the signal's fields
     created_at: Mapped[datetime]
+    seq: Mapped[int] = mapped_column(Integer, server_default="0")  # its place in its transaction
     due_at: Mapped[datetime] = mapped_column(index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
