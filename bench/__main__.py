@@ -29,6 +29,8 @@ QUICK: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("bulk_decisions", ("--requests", "100")),
     ("chaos", ("--campaigns", "20", "--kills", "3", "--seed", "3")),
     ("load", ("--seconds", "30", "--campaigns", "10")),
+    ("consent_latency", ("--revocations", "100", "--events", "60", "--burst", "40")),
+    ("memory_at_scale", ("--campaigns", "1000")),
 )
 # Benches whose target is for a ratio other than ``ratio``.
 TARGET_OF = {"campaign_throughput": "ratio_vs_same_effects"}

@@ -36,6 +36,7 @@ async def serve(kind: str) -> None:
             workflows=[BareWorkflow],
             activities=[noop],
             max_concurrent_workflow_tasks=settings.worker_workflow_tasks,
+            max_cached_workflows=settings.worker_max_cached_workflows,
         )
         await run_workers([bare], stop)
         return
@@ -51,6 +52,7 @@ async def serve(kind: str) -> None:
             activities=[built.scoring.score_customer],
             max_concurrent_activities=50,
             max_concurrent_workflow_tasks=settings.worker_workflow_tasks,
+            max_cached_workflows=settings.worker_max_cached_workflows,
         ),
         Worker(
             client,
