@@ -93,9 +93,11 @@ class Ingestor:
             await update_features(session, sorted(touched | grown), now=at)
             await touch(session, sorted(touched | grown), now=at)  # cohorts.refresh
             new = [r for r in plan.records if r.message_id in inserted and r.type == "track"]
-            # Owed in time order: a campaign hears its customer's events as they happened.
-            owed = [_owed(r) for r in sorted(new, key=lambda r: r.occurred_at)]
-            held = await self._relay.owe(session, owed, now=at) if self._relay else Held()
+            held, owed = Held(), []
+            if self._relay is not None:  # a history import owes nothing
+                # Owed in time order: a campaign hears its customer's events as they happened.
+                owed = [_owed(r) for r in sorted(new, key=lambda r: r.occurred_at)]
+                held = await self._relay.owe(session, owed, now=at)
         for index, event in valid:
             status: Status = "accepted" if event.messageId in inserted else "duplicate"
             results.append(EventResult(index, event.messageId, status))
