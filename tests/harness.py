@@ -372,6 +372,20 @@ class Harness:
             decode_typed_search_attributes(SearchAttributes(indexed_fields=fields)),
         )
 
+    async def closed(self, handle: WorkflowHandle[Any, Any], limit: float = 20.0) -> Described:
+        """Wait until the handle's latest run is no longer running, by asking the service.
+
+        Unlike a ``status`` query this leaves time skipping locked and does not depend on
+        the history the test server keeps: after a signal that races the final workflow task,
+        that server can close a run with a history a query cannot replay to its end.
+        """
+        deadline = time.monotonic() + limit
+        while (described := await self.describe(handle)).status == WorkflowExecutionStatus.RUNNING:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{handle.id} still running after {limit} s")
+            await asyncio.sleep(0.1)
+        return described
+
     async def result(self, handle: WorkflowHandle[Any, CampaignResult]) -> CampaignResult:
         """Wait for the campaign's end, letting a time-skipping server jump over its timers."""
         if self.env is None:
