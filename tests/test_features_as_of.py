@@ -169,6 +169,17 @@ async def test_the_store_and_the_evaluator_read_the_same_features_as_of_today(
         assert same(column_values, expected) == [], profile
 
 
+async def test_the_score_steps_point_read_reads_what_a_session_reads(db: Database) -> None:
+    keys = await stored_profiles(db)
+    wanted = [*keys.values(), "nobody"]
+    async with db.read_transaction() as session:
+        through_session = await customers.get_features(session, wanted, NOW)
+    # On a SQLite file the step's read bypasses the session; PostgreSQL reads through one.
+    assert (db.point_read("SELECT 1", []) is not None) == (db.dialect == "sqlite")
+    assert await customers.read_features(db, wanted, NOW) == through_session
+    assert set(through_session) == set(keys.values())
+
+
 @pytest.fixture
 def scorer(registry_root: Path) -> Scorer:
     return Scorer(ModelRegistry(registry_root))

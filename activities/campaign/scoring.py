@@ -80,10 +80,9 @@ class ScoringActivities:
 
         Raises the non-retryable ``ScoringError`` that :meth:`score_customer` does.
         """
-        # A read transaction: on SQLite it does not queue for the write lock that every
-        # other activity's transaction takes, on PostgreSQL it is READ ONLY.
-        async with self._db.read_transaction() as session:
-            features = await customers.get_features(session, inp.customer_keys, at)
+        # A read of its own: it never queues for the write lock that every other
+        # activity's transaction takes; on a SQLite file it is a point read on this thread.
+        features = await customers.read_features(self._db, inp.customer_keys, at)
         missing = [k for k in inp.customer_keys if k not in features]
         if missing:
             raise ApplicationError(

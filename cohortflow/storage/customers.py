@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 from sqlalchemy import bindparam, select
@@ -13,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from cohortflow.events.features import RecentDays, features_as_of
 from cohortflow.storage._sql import chunked, in_list, rows_per_statement, table_of, upsert, utc
+from cohortflow.storage.db import Database
 from cohortflow.storage.feature_snapshot import mark_changed
 from cohortflow.storage.tables import Customer, CustomerFeatures
 
@@ -164,11 +166,55 @@ async def get_features(
     found: dict[str, dict[str, float | None]] = {}
     for chunk in chunked(list(dict.fromkeys(keys)), rows_per_statement(session, 1)):
         result = await session.execute(_FEATURES_OF, {"keys": list(chunk)})
-        for key, features, as_of, recent in result:
-            days = RecentDays.from_json(recent) if recent is not None else None
-            computed = utc(as_of).date()
-            found[key] = features_as_of(features, computed, days, max(day, computed))
+        found |= _as_of(result, day)
     return found
+
+
+async def read_features(
+    db: Database, keys: Sequence[str], at: datetime | None = None
+) -> dict[str, dict[str, float | None]]:
+    """As :func:`get_features`, in a read of its own: a campaign's score step reads its
+    customer's row this way, on a SQLite file as a point read (``Database.point_read``)."""
+    distinct = list(dict.fromkeys(keys))
+    if 0 < len(distinct) <= POINT_READ_KEYS:
+        raw = db.point_read(_point_features_sql(len(distinct)), distinct)
+        if raw is not None:
+            decode = _point_decoders(db)
+            rows = [tuple(d(v) if d else v for d, v in zip(decode, r, strict=True)) for r in raw]
+            return _as_of(rows, utc(at).date())
+    async with db.read_transaction() as session:
+        return await get_features(session, distinct, at)
+
+
+def _as_of(rows: Iterable[Sequence[Any]], day: date) -> dict[str, dict[str, float | None]]:
+    found: dict[str, dict[str, float | None]] = {}
+    for key, features, as_of, recent in rows:
+        days = RecentDays.from_json(recent) if recent is not None else None
+        computed = utc(as_of).date()
+        found[key] = features_as_of(features, computed, days, max(day, computed))
+    return found
+
+
+# A campaign reads one customer; a point read stays well inside SQLite's parameter limit.
+POINT_READ_KEYS = 100
+
+
+@functools.cache
+def _point_features_sql(n: int) -> str:
+    t = _FEATURES_TABLE
+    columns = ", ".join(c.name for c in (t.c.customer_key, t.c.features, t.c.as_of, t.c.recent))
+    marks = ", ".join("?" * n)
+    return f"SELECT {columns} FROM {t.name} WHERE {t.c.customer_key.name} IN ({marks})"
+
+
+def _point_decoders(db: Database) -> list[Callable[[Any], Any] | None]:
+    """The column types' own result processing (JSON, UTC datetimes), as a session does it."""
+    t = _FEATURES_TABLE
+    dialect = db.engine.dialect
+    return [
+        c.type.dialect_impl(dialect).result_processor(dialect, None)
+        for c in (t.c.customer_key, t.c.features, t.c.as_of, t.c.recent)
+    ]
 
 
 async def emails(session: AsyncSession, customer_keys: Collection[str]) -> dict[str, str]:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import sqlite3
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,10 @@ from cohortflow.observability import trace_statements
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# A point read runs on the event loop: if SQLite cannot answer it at once (a WAL reader only
+# waits in rare cases, such as another connection recovering the WAL), it gives up after
+# this long and the caller reads through the async driver instead.
+POINT_READ_BUSY_TIMEOUT_MS = 20
 # Execution option naming the SQLite BEGIN mode; only read-only sessions use DEFERRED.
 _SQLITE_BEGIN = "cohortflow_sqlite_begin"
 # Held for the whole migration transaction so two processes starting together on one
@@ -43,9 +48,9 @@ def create_engine(url: str) -> AsyncEngine:
     """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
-        database = parsed.database
-        if database and database != ":memory:" and not database.startswith("file:"):
-            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        path = _sqlite_file(url)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
         engine = create_async_engine(url)
         _install_sqlite_transaction_control(engine)
     else:
@@ -96,6 +101,8 @@ class Database:
         else:
             reader = self.engine.execution_options(postgresql_readonly=True)
         self._read_sessionmaker = async_sessionmaker(reader, expire_on_commit=False)
+        self._point_path = _sqlite_file(url)
+        self._point_reader: sqlite3.Connection | None = None
 
     @property
     def dialect(self) -> str:
@@ -124,9 +131,53 @@ class Database:
         async with self._read_sessionmaker() as session, session.begin():
             yield session
 
+    def point_read(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]] | None:
+        """The raw rows of one SELECT, run on the calling thread; None where the caller must
+        read through a session instead (PostgreSQL, an in-memory SQLite, SQLite busy).
+
+        For the hot path's single-row lookups on a SQLite file: a key lookup costs tens of
+        microseconds, where a session's round trips to the async driver's thread cost over
+        a millisecond. One statement reads one WAL snapshot, as a read transaction does;
+        the connection cannot write (``query_only``).
+        """
+        reader = self._point_reader or self._open_point_reader()
+        if reader is None:
+            return None
+        try:
+            return reader.execute(sql, params).fetchall()
+        except sqlite3.OperationalError:
+            return None
+
+    def _open_point_reader(self) -> sqlite3.Connection | None:
+        if self._point_path is None:
+            return None
+        # Not thread-bound: activities of one worker may run on more than one thread; the
+        # SQLite library serialises use of one connection.
+        reader = sqlite3.connect(
+            self._point_path,
+            isolation_level=None,
+            check_same_thread=False,
+            timeout=POINT_READ_BUSY_TIMEOUT_MS / 1000,
+        )
+        reader.execute("PRAGMA query_only=ON")
+        self._point_reader = reader
+        return reader
+
     async def dispose(self) -> None:
         """Close every pooled connection."""
+        if self._point_reader is not None:
+            self._point_reader.close()
+            self._point_reader = None
         await self.engine.dispose()
+
+
+def _sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite URL; None for other databases, in-memory and ``file:`` URIs."""
+    parsed = make_url(url)
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return None
+    return None if database.startswith("file:") else Path(database).expanduser()
 
 
 def _alembic_config() -> Config:
