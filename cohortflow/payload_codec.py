@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from temporalio.api.common.v1 import Payload
 
 from cohortflow.errors import Invalid
+from cohortflow.payload_json import PayloadConverter
 from cohortflow.settings import Settings
 
 ENCODING = b"binary/encrypted"
@@ -109,9 +110,11 @@ class EncryptionCodec(temporalio.converter.PayloadCodec):
 
 
 def data_converter(ring: KeyRing) -> temporalio.converter.DataConverter:
-    """The default converter, with payloads and failure messages encrypted under ``ring``."""
+    """The default converter, with payloads and failure messages encrypted under ``ring``
+    (and dataclasses encoded without deep copies: ``payload_json``)."""
     return dataclasses.replace(
         temporalio.converter.default(),
+        payload_converter_class=PayloadConverter,
         payload_codec=EncryptionCodec(ring),
         failure_converter_class=temporalio.converter.DefaultFailureConverterWithEncodedAttributes,
     )
