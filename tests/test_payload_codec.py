@@ -27,7 +27,14 @@ from temporalio.worker import Worker
 
 from cohortflow.api.app import create_app
 from cohortflow.errors import Invalid
-from cohortflow.payload_codec import ENCODING, EncryptionCodec, KeyRing, key_ring
+from cohortflow.payload_codec import (
+    COMPRESS_FROM_BYTES,
+    ENCODING,
+    ENCODING_ZLIB,
+    EncryptionCodec,
+    KeyRing,
+    key_ring,
+)
 from cohortflow.runtime.binaries import temporal_cli
 from cohortflow.runtime.devserver import DevServer
 from cohortflow.runtime.ports import free_port
@@ -59,6 +66,20 @@ async def test_sealed_payloads_hide_their_content_and_open_to_the_same_payload()
     assert await codec.decode(sealed) == original
     # What was never sealed (histories from before encryption) passes through.
     assert await codec.decode(original) == original
+
+
+async def test_a_large_payload_is_compressed_under_the_seal_and_cannot_be_relabelled() -> None:
+    codec = EncryptionCodec(ring("k1"))
+    large = payload(CANARY + " " + "the same words again " * 100)
+    assert large.ByteSize() >= COMPRESS_FROM_BYTES
+    [sealed] = await codec.encode([large])
+    assert sealed.metadata["encoding"] == ENCODING_ZLIB
+    assert len(sealed.data) < large.ByteSize() / 4
+    assert await codec.decode([sealed]) == [large]
+    # The encoding is authenticated: as the uncompressed kind it does not open.
+    relabelled = Payload(metadata={**sealed.metadata, "encoding": ENCODING}, data=sealed.data)
+    with pytest.raises(ValueError, match="does not open with key 'k1'"):
+        await codec.decode([relabelled])
 
 
 async def test_a_rotated_ring_seals_with_its_newest_key_and_still_opens_the_old() -> None:
