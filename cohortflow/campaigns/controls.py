@@ -134,7 +134,9 @@ class Controls:
         as ``identity``; the workflow's validator applies the four-eyes rules."""
         policy.require(identity, policy.DECIDE, "decide approvals")
         _require_text("reason", reason, limit=1000)
-        async with self._db.transaction() as session:
+        # Read only: on SQLite it does not queue for the write lock (a bulk decision asks
+        # thousands of times while the campaigns it wakes write their audit rows).
+        async with self._db.read_transaction() as session:
             row = await approvals.get_approval(session, approval_id)
             if row is None:
                 raise NotFound(f"approval_id: no approval {approval_id!r}", field="approval_id")
