@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 
 from cohortflow.storage.approvals import (
     ApprovalAlreadyDecided,
@@ -108,6 +110,123 @@ async def test_sqlite_read_transactions_leave_writers_alone(db: Database) -> Non
     async with db.read_transaction() as session:
         await session.execute(text("SELECT count(*) FROM audit_log"))
         assert try_write_lock(sqlite_path(db))
+
+
+def no_busy_wait(db: Database) -> None:
+    """Make ``db``'s new connections fail at once on SQLite's write lock, not wait for it."""
+
+    @event.listens_for(db.engine.sync_engine, "connect")
+    def _fail_fast(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.execute("PRAGMA busy_timeout=0")
+
+
+@sqlite_only
+async def test_sqlite_writers_of_one_process_take_turns_before_the_lock(db: Database) -> None:
+    # Without SQLite's busy handler to wait in, concurrent writers of one process would
+    # fail with "database is locked"; they queue for their turn in the process instead,
+    # in the order they asked.
+    no_busy_wait(db)
+    began: list[int] = []
+
+    async def write(n: int) -> None:
+        async with db.transaction() as session:
+            began.append(n)
+            await set_consent(session, f"c_{n}", "email", "marketing", True, "test")
+            await asyncio.sleep(0.01)
+
+    await asyncio.gather(*(write(n) for n in range(12)))
+    assert began == list(range(12))
+    async with db.read_transaction() as session:
+        assert all([await has_consent(session, f"c_{n}", "email", "marketing") for n in range(12)])
+
+
+@sqlite_only
+async def test_sqlite_writers_of_two_processes_take_turns_on_the_turn_file(db: Database) -> None:
+    # Two Databases on one file stand for two processes: their writers queue on the turn
+    # file's flock, woken when it is let go, rather than in SQLite's busy handler (here
+    # there is none: without the turn they would fail with "database is locked").
+    other = Database(db.url)
+    try:
+        no_busy_wait(db)
+        no_busy_wait(other)
+
+        async def write(where: Database, n: int) -> None:
+            async with where.transaction() as session:
+                await set_consent(session, f"c_{n}", "email", "marketing", True, "test")
+                await asyncio.sleep(0.01)
+
+        await asyncio.gather(*(write(db if n % 2 else other, n) for n in range(12)))
+    finally:
+        await other.dispose()
+    async with db.read_transaction() as session:
+        assert all([await has_consent(session, f"c_{n}", "email", "marketing") for n in range(12)])
+
+
+@sqlite_only
+async def test_sqlite_wait_for_another_process_turn_gives_up_and_gives_it_back(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("cohortflow.storage.db.SQLITE_BUSY_TIMEOUT_MS", 200)
+    other = Database(db.url)
+    holding, release = asyncio.Event(), asyncio.Event()
+
+    async def hold() -> None:
+        async with other.transaction() as session:
+            await session.execute(text("SELECT 1"))
+            holding.set()
+            await release.wait()
+
+    try:
+        holder = asyncio.create_task(hold())
+        await holding.wait()
+        with pytest.raises(OperationalError, match="another process"):
+            async with asyncio.timeout(5), db.transaction() as session:
+                await session.execute(text("SELECT 1"))
+        release.set()
+        await holder
+        # The thread left waiting took the turn when it was let go, and gave it back.
+        async with asyncio.timeout(5), other.transaction() as session:
+            assert (await session.execute(text("SELECT 1"))).scalar_one() == 1
+        async with asyncio.timeout(5), db.transaction() as session:
+            assert (await session.execute(text("SELECT 1"))).scalar_one() == 1
+    finally:
+        await other.dispose()
+
+
+@sqlite_only
+async def test_sqlite_nested_write_transaction_meets_sqlite_not_its_own_turn(db: Database) -> None:
+    # A transaction opened inside one the task holds waits in SQLite as it always did (here
+    # it fails at once), rather than hang on the process's turn, which the task holds.
+    no_busy_wait(db)
+    async with db.transaction() as outer:
+        await set_consent(outer, "c_1", "email", "marketing", True, "test")
+        with pytest.raises(OperationalError, match="locked"):
+            async with asyncio.timeout(5), db.transaction() as inner:
+                await inner.execute(text("SELECT 1"))
+
+
+@sqlite_only
+async def test_sqlite_wait_for_a_write_turn_gives_up_like_sqlite(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("cohortflow.storage.db.SQLITE_BUSY_TIMEOUT_MS", 200)
+    holding, release = asyncio.Event(), asyncio.Event()
+
+    async def hold() -> None:
+        async with db.transaction() as session:
+            await session.execute(text("SELECT 1"))
+            holding.set()
+            await release.wait()
+
+    holder = asyncio.create_task(hold())
+    await holding.wait()
+    with pytest.raises(OperationalError, match="locked"):
+        async with asyncio.timeout(5), db.transaction() as session:
+            await session.execute(text("SELECT 1"))
+    release.set()
+    await holder
+    async with db.transaction() as session:  # the turn is free again
+        assert (await session.execute(text("SELECT 1"))).scalar_one() == 1
 
 
 @postgres_only
