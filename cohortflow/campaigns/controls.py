@@ -37,6 +37,7 @@ from cohortflow.pseudonymisation import Pseudonymiser
 from cohortflow.settings import Settings
 from cohortflow.storage import approvals, audit, campaigns, consent, customers
 from cohortflow.storage.db import Database
+from cohortflow.storage.group_commit import GroupCommit
 from cohortflow.storage.signal_outbox import OwedSignal
 from cohortflow.storage.tables import Approval
 from workflows.campaign.contract import SA, AuditKind, DecideRefusal, HandlerName
@@ -48,6 +49,8 @@ from workflows.campaign.workflow import CampaignWorkflow
 # about the decision, so the operator is told to send it again.
 _SETTLED = frozenset({RPCStatusCode.NOT_FOUND, RPCStatusCode.FAILED_PRECONDITION})
 POLLER_CHECK_SECONDS = 5.0
+# How long a confirmed decision waits for others to share its record's transaction.
+_NOTE_LINGER = timedelta(milliseconds=5)
 
 log = structlog.get_logger(__name__)
 
@@ -100,6 +103,9 @@ class Controls:
         self._client = client
         self._relay = relay or SignalRelay(db, TemporalSignaller(self._connected))
         self._poller_seen = -math.inf  # monotonic time a worker was last seen polling
+        # Decisions confirmed together (a bulk decision has 16 in flight) are put on their
+        # approvals' records in one transaction.
+        self._notes = GroupCommit(db, approvals.note_decisions, linger=_NOTE_LINGER)
 
     # ------------------------------------------------------------------ approvals
 
@@ -188,18 +194,18 @@ class Controls:
         """Put a decision the campaign confirmed on the approval's record at once (the
         campaign's own record follows by an activity; both write the same): the inbox and
         a bulk decision resumed right after must not show it pending."""
-        async with self._db.transaction() as session:
-            if result.remaining:
-                await approvals.add_approver(session, request.approval_id, request.operator)
-            elif decided_now:
-                await approvals.mark_decided(
-                    session,
-                    request.approval_id,
-                    status="approved" if result.decision == "approved" else "rejected",
-                    operator=request.operator,
-                    reason=request.reason,
-                    decided_at=datetime.now(UTC),
-                )
+        if result.remaining or decided_now:
+            final: approvals.Decision = "approved" if result.decision == "approved" else "rejected"
+            note = approvals.DecisionNote(
+                request.approval_id,
+                request.operator,
+                request.reason,
+                None if result.remaining else final,
+                datetime.now(UTC),
+            )
+            refused = await self._notes.submit(note)
+            if refused is not None:
+                raise refused
         log.info(
             "approval decided",
             approval_id=request.approval_id,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, get_args
 
@@ -128,6 +130,44 @@ async def mark_escalated(session: AsyncSession, approval_id: str, at: datetime) 
         .where(Approval.approval_id == approval_id, Approval.escalated_at.is_(None))
         .values(escalated_at=utc(at))
     )
+
+
+@dataclass(frozen=True)
+class DecisionNote:
+    """A decision its campaign confirmed, for the approval's record: final when ``status``
+    is set, else one more approver of several."""
+
+    approval_id: str
+    operator: str
+    reason: str
+    status: Decision | None
+    decided_at: datetime
+
+
+async def note_decisions(
+    session: AsyncSession, notes: Sequence[DecisionNote]
+) -> list[ApprovalAlreadyDecided | ApprovalNotFound | None]:
+    """Put each note on its approval's record (``mark_decided`` or ``add_approver``); per
+    note, what ``mark_decided`` would have raised, or None. Concurrent decisions share one
+    transaction this way (``storage.group_commit``) without one note failing the others."""
+    outcomes: list[ApprovalAlreadyDecided | ApprovalNotFound | None] = []
+    for note in notes:
+        try:
+            if note.status is None:
+                await add_approver(session, note.approval_id, note.operator)
+            else:
+                await mark_decided(
+                    session,
+                    note.approval_id,
+                    status=note.status,
+                    operator=note.operator,
+                    reason=note.reason,
+                    decided_at=note.decided_at,
+                )
+            outcomes.append(None)
+        except (ApprovalAlreadyDecided, ApprovalNotFound) as exc:
+            outcomes.append(exc)
+    return outcomes
 
 
 async def add_approver(session: AsyncSession, approval_id: str, name: str) -> None:
