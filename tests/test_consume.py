@@ -26,6 +26,7 @@ from cohortflow.events.nats_source import JetStreamSource
 from cohortflow.events.stream import StreamConsumer
 from cohortflow.runtime.ports import free_port
 from cohortflow.settings import Settings
+from cohortflow.storage import campaigns
 from cohortflow.storage.db import Database
 from cohortflow.storage.tables import CustomerFeatures, Event, SignalOutbox
 from tests.harness import migrated
@@ -158,6 +159,12 @@ async def test_a_consumer_killed_mid_batch_loses_nothing_and_applies_nothing_twi
     url = f"sqlite+aiosqlite:///{tmp_path / 'app.db'}"
     db = await migrated(url)
     customers, each = 20, 100
+    # Every customer entered a campaign, so each of their events owes a signal.
+    keys = [PSEUDONYMISER.customer_key(f"cust-{c}") for c in range(customers)]
+    async with db.transaction() as session:
+        await campaigns.record_entries(
+            session, [campaigns.EntryRecord(f"campaign:c:{k}:1", "c", k, "1", "c", 1) for k in keys]
+        )
     await publish(
         stream_settings,
         *(

@@ -26,6 +26,7 @@ from cohortflow.events.sources import cdnow_events
 from cohortflow.pseudonymisation import Pseudonymiser
 from cohortflow.runtime.ports import free_port
 from cohortflow.settings import Settings
+from cohortflow.storage import campaigns
 from cohortflow.storage import events as event_store
 from cohortflow.storage.customers import get_features, timezone_name
 from cohortflow.storage.db import Database
@@ -140,6 +141,11 @@ async def test_batch_accepts_good_events_rejects_bad_ones_by_path(
         },
         track("m1", "alice", amount=30.0, quantity=2),  # repeated within the batch
     ]
+    alice, bob = PSEUDONYMISER.customer_key("alice"), PSEUDONYMISER.customer_key("bob")
+    # Alice entered a campaign, so her new events owe its run a signal; Temporal is down.
+    async with db.transaction() as session:
+        entry = campaigns.EntryRecord(f"campaign:c:{alice}:1", "c", alice, "1", "c", 1)
+        await campaigns.record_entries(session, [entry])
     response = await post(api, {"batch": batch})
     assert response.status_code == 200, response.text
     body = response.json()
@@ -158,7 +164,6 @@ async def test_batch_accepts_good_events_rejects_bad_ones_by_path(
     missing = body["results"][7]["errors"]
     assert [e["loc"] for e in missing] == [["body", "batch", 7, "messageId"]]
 
-    alice, bob = PSEUDONYMISER.customer_key("alice"), PSEUDONYMISER.customer_key("bob")
     stored = await features_table(db)
     assert set(stored) == {alice}  # rejected events touched no features
     features, as_of = stored[alice]
@@ -192,6 +197,9 @@ async def test_batch_accepts_good_events_rejects_bad_ones_by_path(
         assert updated_before == await session.scalar(
             select(CustomerFeatures.updated_at).where(CustomerFeatures.customer_key == alice)
         )
+    # Carol never entered a campaign: her event owes no signal, so nothing waits on Temporal.
+    carol = (await post(api, {"batch": [track("c1", "carol", amount=5.0)]})).json()
+    assert (carol["accepted"], carol["temporal"]) == (1, "skipped")
 
 
 async def test_a_later_track_event_keeps_the_contact_data_an_identify_stored(

@@ -24,7 +24,7 @@ from cohortflow.events.signals import CampaignSignal, TemporalSignaller
 from cohortflow.runtime.devserver import DevServer
 from cohortflow.runtime.ports import free_port
 from cohortflow.settings import Settings
-from cohortflow.storage import customers
+from cohortflow.storage import campaigns, customers
 from cohortflow.storage.db import Database, migrate
 from cohortflow.temporal_client import connect
 from tests.harness import bearer, decoded, issue_token, migrated, serve_app
@@ -45,7 +45,7 @@ async def test_new_events_are_signalled_to_running_campaigns_once(
     await migrate(url)
     db = Database(url)
     alice, bob = PSEUDONYMISER.customer_key("alice"), PSEUDONYMISER.customer_key("bob")
-    handles = await idle_campaigns(dev_client, alice, alice, bob)
+    handles = await idle_campaigns(dev_client, db, alice, alice, bob)
     try:
         relay = SignalRelay(db, TemporalSignaller(lambda: asyncio.sleep(0, dev_client)))
         ingestor = Ingestor(db, PSEUDONYMISER, relay)
@@ -83,18 +83,30 @@ async def test_new_events_are_signalled_to_running_campaigns_once(
         await db.dispose()
 
 
-async def idle_campaigns(client: Client, *keys: str) -> list[WorkflowHandle[Any, Any]]:
+async def idle_campaigns(
+    client: Client, db: Database, *keys: str
+) -> list[WorkflowHandle[Any, Any]]:
     """Running CampaignWorkflow executions nobody works on, one per key, listed in
-    visibility: what the signaller finds for those customers."""
+    visibility, with their entries recorded as the launcher records them: what the
+    ingestion and the signaller find for those customers."""
     queue = f"idle-{uuid.uuid4().hex[:8]}"
+    entries = [
+        campaigns.EntryRecord(f"campaign:{campaign}:{key}:1", campaign, key, "1", "c", 1)
+        for key in keys
+        for campaign in [f"t{uuid.uuid4().hex[:6]}"]
+    ]
+    async with db.transaction() as session:
+        await campaigns.record_entries(session, entries)
     handles = [
         await client.start_workflow(
             "CampaignWorkflow",
-            id=f"campaign:t{uuid.uuid4().hex[:6]}:{key}:1",
+            id=entry.workflow_id,
             task_queue=queue,
-            search_attributes=TypedSearchAttributes([SearchAttributePair(SA.CUSTOMER_KEY, key)]),
+            search_attributes=TypedSearchAttributes(
+                [SearchAttributePair(SA.CUSTOMER_KEY, entry.customer_key)]
+            ),
         )
-        for key in keys
+        for entry in entries
     ]
     query = visibility.running(visibility.one_of(SA.CUSTOMER_KEY, sorted(set(keys))))
     for _ in range(100):
@@ -139,7 +151,7 @@ async def test_a_campaign_closed_between_list_and_signal_counts_as_delivered(
 ) -> None:
     db = await migrated(f"sqlite+aiosqlite:///{tmp_path / 'app.db'}")
     alice = PSEUDONYMISER.customer_key("alice")
-    closing, staying = await idle_campaigns(dev_client, alice, alice)
+    closing, staying = await idle_campaigns(dev_client, db, alice, alice)
     try:
         relay = SignalRelay(db, ClosesOneFirst(dev_client, closing.id))
         outcome = await Ingestor(db, PSEUDONYMISER, relay).ingest([track("c1", "alice")])
@@ -182,7 +194,7 @@ async def test_events_posted_while_temporal_is_down_reach_every_campaign_once_it
     await server.start()
     client = await connect(settings, tracing=False)
     keys = {name: PSEUDONYMISER.customer_key(name) for name in ("ann", "ben", "cy")}
-    handles = await idle_campaigns(client, *keys.values(), keys["ann"])
+    handles = await idle_campaigns(client, db, *keys.values(), keys["ann"])
     expected = {h.id: ["up-ann"] if keys["ann"] in h.id else [] for h in handles}
     try:
         with serve_app(create_app(settings)) as url:
@@ -229,7 +241,7 @@ async def test_consent_changed_while_temporal_is_down_reaches_the_campaigns_once
     server = DevServer(settings)
     await server.start()
     client = await connect(settings, tracing=False)
-    handles = await idle_campaigns(client, ann, ann, ben)
+    handles = await idle_campaigns(client, db, ann, ann, ben)
     try:
         with serve_app(create_app(settings)) as url:
             async with httpx.AsyncClient(base_url=url, headers=bearer(token), timeout=30) as http:

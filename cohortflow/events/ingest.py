@@ -19,6 +19,7 @@ from cohortflow.events.relay import Held, SignalRelay
 from cohortflow.events.schema import AnyEvent, Received, parse_event
 from cohortflow.events.signals import TemporalStatus
 from cohortflow.pseudonymisation import Pseudonymiser
+from cohortflow.storage import campaigns
 from cohortflow.storage.cohorts import touch
 from cohortflow.storage.db import Database
 from cohortflow.storage.events import EventRecord, insert_events, upsert_identities
@@ -95,8 +96,12 @@ class Ingestor:
             new = [r for r in plan.records if r.message_id in inserted and r.type == "track"]
             held, owed = Held(), []
             if self._relay is not None:  # a history import owes nothing
+                # Only customers who entered a campaign can have one running; most events
+                # are other customers', and owe nothing to look up or deliver.
+                entered = await campaigns.entered_customers(session, {r.customer_key for r in new})
                 # Owed in time order: a campaign hears its customer's events as they happened.
-                owed = [_owed(r) for r in sorted(new, key=lambda r: r.occurred_at)]
+                ordered = sorted(new, key=lambda r: r.occurred_at)
+                owed = [_owed(r) for r in ordered if r.customer_key in entered]
                 held = await self._relay.owe(session, owed, now=at)
         for index, event in valid:
             status: Status = "accepted" if event.messageId in inserted else "duplicate"

@@ -208,6 +208,20 @@ async def record_entries(session: AsyncSession, entries: Sequence[EntryRecord]) 
     return [await record_entry(session, **asdict(entry)) for entry in entries]
 
 
+async def entered_customers(session: AsyncSession, customer_keys: Collection[str]) -> set[str]:
+    """Those of ``customer_keys`` that ever entered a campaign: only their events can
+    concern a running campaign (the launcher records an entry before it starts one)."""
+    found: set[str] = set()
+    for chunk in in_list(sorted(customer_keys)):
+        rows = await session.scalars(
+            select(CampaignEntry.customer_key)
+            .where(CampaignEntry.customer_key.in_(chunk))
+            .distinct()
+        )
+        found.update(rows)
+    return found
+
+
 async def count_entries(session: AsyncSession, campaign_id: str) -> int:
     """How many entries the campaign has launched."""
     count = await session.scalar(
