@@ -36,6 +36,7 @@ async def serve(kind: str) -> None:
             workflows=[BareWorkflow],
             activities=[noop],
             max_concurrent_workflow_tasks=settings.worker_workflow_tasks,
+            max_concurrent_workflow_task_polls=settings.worker_workflow_task_polls,
             max_cached_workflows=settings.worker_max_cached_workflows,
         )
         await run_workers([bare], stop)
@@ -52,6 +53,7 @@ async def serve(kind: str) -> None:
             activities=[built.scoring.score_customer],
             max_concurrent_activities=50,
             max_concurrent_workflow_tasks=settings.worker_workflow_tasks,
+            max_concurrent_workflow_task_polls=settings.worker_workflow_task_polls,
             max_cached_workflows=settings.worker_max_cached_workflows,
         ),
         Worker(

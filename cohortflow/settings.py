@@ -59,6 +59,12 @@ class Settings(BaseSettings):
         " GIL): more only makes each slower, while the rest wait on the server, where another"
         " worker may take them.",
     )
+    worker_workflow_task_polls: int = Field(
+        5,
+        ge=1,
+        description="Polls for workflow tasks one worker process keeps open at once (the SDK's"
+        " max_concurrent_workflow_task_polls; the default is the SDK's).",
+    )
     worker_max_cached_workflows: int = Field(
         1000,
         ge=0,

@@ -21,6 +21,7 @@ async def test_worker_settings_reach_the_campaign_worker(
 ) -> None:
     monkeypatch.setenv("COHORTFLOW_WORKER_MAX_CACHED_WORKFLOWS", "123")
     monkeypatch.setenv("COHORTFLOW_WORKER_WORKFLOW_TASKS", "7")
+    monkeypatch.setenv("COHORTFLOW_WORKER_WORKFLOW_TASK_POLLS", "3")
     monkeypatch.setenv("COHORTFLOW_CRM_MAX_CONCURRENT_ACTIVITIES", "45")
     settings = Settings(data_dir=tmp_path)
     await migrate(settings.resolved_database_url)
@@ -36,4 +37,5 @@ async def test_worker_settings_reach_the_campaign_worker(
     assert campaign.get("task_queue") == settings.task_queue
     assert campaign.get("max_cached_workflows") == 123
     assert campaign.get("max_concurrent_workflow_tasks") == 7
+    assert campaign.get("max_concurrent_workflow_task_polls") == 3
     assert crm.get("max_concurrent_activities") == 45

@@ -47,6 +47,7 @@ def build_workers(
     crm_task_queue: str,
     crm_max_concurrent_activities: int = 500,
     workflow_tasks: int = 10,
+    workflow_task_polls: int = 5,
     cached_workflows: int = 1000,
     launch: LaunchActivities | None = None,
     cohorts: CohortEvaluationActivities | None = None,
@@ -79,6 +80,7 @@ def build_workers(
         ],
         max_concurrent_activities=50,
         max_concurrent_workflow_tasks=workflow_tasks,
+        max_concurrent_workflow_task_polls=workflow_task_polls,
         max_cached_workflows=cached_workflows,
     )
     crm = Worker(
@@ -164,6 +166,7 @@ async def serve(settings: Settings, client: Client, stop: asyncio.Event) -> None
         crm_task_queue=settings.crm_task_queue,
         crm_max_concurrent_activities=settings.crm_max_concurrent_activities,
         workflow_tasks=settings.worker_workflow_tasks,
+        workflow_task_polls=settings.worker_workflow_task_polls,
         cached_workflows=settings.worker_max_cached_workflows,
         launch=LaunchActivities(client, db, settings),
         cohorts=CohortEvaluationActivities(cohorts),
