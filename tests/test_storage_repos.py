@@ -120,6 +120,21 @@ def no_busy_wait(db: Database) -> None:
         dbapi_connection.execute("PRAGMA busy_timeout=0")
 
 
+async def holding_a_write(db: Database, release: asyncio.Event) -> asyncio.Task[None]:
+    """A task holding a write transaction of ``db`` (so its turn) until ``release``."""
+    holding = asyncio.Event()
+
+    async def hold() -> None:
+        async with db.transaction() as session:
+            await session.execute(text("SELECT 1"))
+            holding.set()
+            await release.wait()
+
+    holder = asyncio.create_task(hold())
+    await holding.wait()
+    return holder
+
+
 @sqlite_only
 async def test_sqlite_writers_of_one_process_take_turns_before_the_lock(db: Database) -> None:
     # Without SQLite's busy handler to wait in, concurrent writers of one process would
@@ -168,17 +183,9 @@ async def test_sqlite_wait_for_another_process_turn_gives_up_and_gives_it_back(
 ) -> None:
     monkeypatch.setattr("cohortflow.storage.db.SQLITE_BUSY_TIMEOUT_MS", 200)
     other = Database(db.url)
-    holding, release = asyncio.Event(), asyncio.Event()
-
-    async def hold() -> None:
-        async with other.transaction() as session:
-            await session.execute(text("SELECT 1"))
-            holding.set()
-            await release.wait()
-
+    release = asyncio.Event()
     try:
-        holder = asyncio.create_task(hold())
-        await holding.wait()
+        holder = await holding_a_write(other, release)
         with pytest.raises(OperationalError, match="another process"):
             async with asyncio.timeout(5), db.transaction() as session:
                 await session.execute(text("SELECT 1"))
@@ -210,16 +217,8 @@ async def test_sqlite_wait_for_a_write_turn_gives_up_like_sqlite(
     db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("cohortflow.storage.db.SQLITE_BUSY_TIMEOUT_MS", 200)
-    holding, release = asyncio.Event(), asyncio.Event()
-
-    async def hold() -> None:
-        async with db.transaction() as session:
-            await session.execute(text("SELECT 1"))
-            holding.set()
-            await release.wait()
-
-    holder = asyncio.create_task(hold())
-    await holding.wait()
+    release = asyncio.Event()
+    holder = await holding_a_write(db, release)
     with pytest.raises(OperationalError, match="locked"):
         async with asyncio.timeout(5), db.transaction() as session:
             await session.execute(text("SELECT 1"))

@@ -201,19 +201,19 @@ POINT_READ_KEYS = 100
 
 @functools.cache
 def _point_features_sql(n: int) -> str:
-    t = _FEATURES_TABLE
-    columns = ", ".join(c.name for c in (t.c.customer_key, t.c.features, t.c.as_of, t.c.recent))
+    # The columns of the session's statement, in its order.
+    columns = ", ".join(c.name for c in _FEATURES_OF.selected_columns)
     marks = ", ".join("?" * n)
-    return f"SELECT {columns} FROM {t.name} WHERE {t.c.customer_key.name} IN ({marks})"
+    key = _FEATURES_TABLE.c.customer_key.name
+    return f"SELECT {columns} FROM {_FEATURES_TABLE.name} WHERE {key} IN ({marks})"
 
 
 def _point_decoders(db: Database) -> list[Callable[[Any], Any] | None]:
     """The column types' own result processing (JSON, UTC datetimes), as a session does it."""
-    t = _FEATURES_TABLE
     dialect = db.engine.dialect
     return [
         c.type.dialect_impl(dialect).result_processor(dialect, None)
-        for c in (t.c.customer_key, t.c.features, t.c.as_of, t.c.recent)
+        for c in _FEATURES_OF.selected_columns
     ]
 
 

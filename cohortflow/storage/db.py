@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-import fcntl
-import os
+import contextlib
 import sqlite3
-import weakref
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -17,7 +14,6 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -27,6 +23,7 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from cohortflow.observability import trace_statements
+from cohortflow.storage.write_turns import WriteTurns
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
@@ -94,14 +91,6 @@ def _install_sqlite_transaction_control(engine: AsyncEngine) -> None:
         connection.exec_driver_sql(f"BEGIN {mode}")
 
 
-class _WriteTurn:
-    """One event loop's turn to write to a SQLite database, and the task holding it."""
-
-    def __init__(self) -> None:
-        self.lock = asyncio.Lock()
-        self.holder: asyncio.Task[Any] | None = None
-
-
 class Database:
     """An engine and its session factories; one per process and database URL."""
 
@@ -116,13 +105,8 @@ class Database:
         self._read_sessionmaker = async_sessionmaker(reader, expire_on_commit=False)
         self._point_path = _sqlite_file(url)
         self._point_reader: sqlite3.Connection | None = None
-        # SQLite: one write turn per event loop (a Database may outlive a test's loop), and
-        # the task whose turn it is.
-        self._write_turns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _WriteTurn]
-        self._write_turns = weakref.WeakKeyDictionary()
-        # SQLite file: a lock file whose flock is the turn across processes (opened lazily).
-        self._turn_path = None if self._point_path is None else _turn_file(self._point_path)
-        self._turn_fd: int | None = None
+        # SQLite file: writers take turns before they begin (``storage.write_turns``).
+        self._turns = None if self._point_path is None else WriteTurns(self._point_path)
 
     @property
     def dialect(self) -> str:
@@ -136,100 +120,16 @@ class Database:
         On SQLite the transaction holds the database's write lock from its first statement
         (``BEGIN IMMEDIATE``): keep it short, and never wait inside it for another
         transaction of the same database. Writers take turns before they begin, in the
-        process and across processes (SQLite only, :meth:`_write_turn`).
+        process and across processes (a SQLite file only, ``storage.write_turns``).
         """
-        async with self._write_turn(), self.sessionmaker() as session, session.begin():
+        # The wait is read at each call, so a test can shorten it as it shortens SQLite's.
+        turn = (
+            self._turns.take(SQLITE_BUSY_TIMEOUT_MS / 1000)
+            if self._turns is not None
+            else contextlib.nullcontext()
+        )
+        async with turn, self.sessionmaker() as session, session.begin():
             yield session
-
-    @asynccontextmanager
-    async def _write_turn(self) -> AsyncIterator[None]:
-        """On SQLite, the turn to write: writers queue for it, and the one whose turn it is
-        begins at once when the previous one commits. Without it they all queue in
-        SQLite's busy handler, which sleeps (up to 100 ms a time) and retries, so the lock
-        sits unused between writers while they sleep and a burst of writers pays for it in
-        seconds. A process's writers take turns on an asyncio lock; the one holding it then
-        takes the turn across processes, an exclusive ``flock`` on a file beside the
-        database (:meth:`_file_turn`). SQLite's lock still guards the data: whatever does
-        not take the turn (another tool, a migration) meets the busy handler as before.
-        A transaction opened inside one the task already holds (nested: it waits for the
-        outer one's lock in SQLite, as before) skips the turn rather than wait on itself;
-        a wait for the turn gives up after the busy timeout, as SQLite would.
-        """
-        if self.engine.dialect.name != "sqlite":
-            yield
-            return
-        loop = asyncio.get_running_loop()
-        turn = self._write_turns.get(loop)
-        if turn is None:
-            turn = self._write_turns[loop] = _WriteTurn()
-        task = asyncio.current_task()
-        if task is not None and turn.holder is task:
-            yield
-            return
-        deadline = loop.time() + SQLITE_BUSY_TIMEOUT_MS / 1000
-        try:
-            async with asyncio.timeout_at(deadline):
-                await turn.lock.acquire()
-        except TimeoutError as exc:
-            raise _locked("waiting for this process's write turn") from exc
-        turn.holder = task
-        try:
-            async with self._file_turn(deadline):
-                yield
-        finally:
-            turn.holder = None
-            turn.lock.release()
-
-    @asynccontextmanager
-    async def _file_turn(self, deadline: float) -> AsyncIterator[None]:
-        """The turn across processes: an exclusive ``flock`` of the turn file, taken at
-        once if free, else waited for on a thread (the kernel wakes it when the holder
-        lets go, where SQLite's busy handler would poll)."""
-        fd = self._open_turn_file()
-        if fd is not None and not await self._take_file_turn(fd, deadline):
-            fd = None
-        try:
-            yield
-        finally:
-            if fd is not None:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-
-    async def _take_file_turn(self, fd: int, deadline: float) -> bool:
-        """Take the turn file's ``flock``; False where the file system has none (SQLite's
-        busy handler queues the writers then, as before)."""
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            pass
-        except OSError:
-            return False
-        waiting = asyncio.get_running_loop().run_in_executor(None, fcntl.flock, fd, fcntl.LOCK_EX)
-        try:
-            async with asyncio.timeout_at(deadline):
-                await asyncio.shield(waiting)
-        except BaseException as exc:
-            # The thread waits on; when it gets the turn it gives it back. (Meanwhile this
-            # process's next writer may share its claim, a flock being the open file's:
-            # that writer then meets SQLite's busy handler, as before.)
-            waiting.add_done_callback(lambda done: self._give_back(fd, done))
-            if isinstance(exc, TimeoutError):
-                raise _locked("waiting for the write turn of another process") from exc
-            raise
-        return True
-
-    def _open_turn_file(self) -> int | None:
-        if self._turn_fd is None and self._turn_path is not None:
-            try:
-                self._turn_fd = os.open(self._turn_path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError:  # say, a read-only directory: no turn across processes
-                self._turn_path = None
-        return self._turn_fd
-
-    def _give_back(self, fd: int, waited: asyncio.Future[None]) -> None:
-        """Give back a turn a thread took after its writer stopped waiting for it."""
-        if fd == self._turn_fd and not waited.cancelled() and waited.exception() is None:
-            fcntl.flock(fd, fcntl.LOCK_UN)
 
     @asynccontextmanager
     async def read_transaction(self) -> AsyncIterator[AsyncSession]:
@@ -276,25 +176,12 @@ class Database:
 
     async def dispose(self) -> None:
         """Close every pooled connection (and the turn file)."""
-        if self._turn_fd is not None:
-            os.close(self._turn_fd)
-            self._turn_fd = None
+        if self._turns is not None:
+            self._turns.close()
         if self._point_reader is not None:
             self._point_reader.close()
             self._point_reader = None
         await self.engine.dispose()
-
-
-def _turn_file(database: Path) -> Path:
-    """The file whose ``flock`` is the turn to write to SQLite ``database``, beside it."""
-    return database.with_name(f"{database.name}-write-turn")
-
-
-def _locked(why: str) -> OperationalError:
-    """What SQLite's busy handler raises when it gives up, saying ``why``."""
-    return OperationalError(
-        "BEGIN IMMEDIATE", None, sqlite3.OperationalError(f"database is locked ({why})")
-    )
 
 
 def _sqlite_file(url: str) -> Path | None:
